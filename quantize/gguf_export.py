@@ -1,0 +1,266 @@
+"""Export a Hugging Face rank1 checkpoint to GGUF without torch.
+
+Tensors are read memory-mapped from (sharded) safetensors and converted one at a time, in row
+chunks, straight into the output file, so peak memory stays near the size of the largest tensor
+in its output type. F32/F16/BF16/Q8_0 are written here; every other llama.cpp type is made from a
+lossless intermediate by llama.cpp's own quantizer (:mod:`quantize.llama_quantize`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from quantize.architectures import ArchSpec, HParams, arch_spec, extra_tensors, qk_row_order, read_hparams, write_hparams
+from quantize.checkpoint import Checkpoint, open_checkpoint
+from quantize.gguf_types import DIRECT_TYPES, OutputType, parse_types
+from quantize.llama_quantize import quantize_gguf
+from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, load_raw, to_float32
+from quantize.tokenizer_export import write_vocab
+from rank1_local.atomic import atomic_path
+from rank1_local.errors import Rank1Error, UnsupportedModelError
+from rank1_local.hub import resolve_local_or_hub
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
+_CHUNK_ELEMENTS = 1 << 22  # rows are converted in chunks of about 16 MB of float32
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One GGUF tensor: where its data comes from and how rows are reordered."""
+
+    gguf_name: str
+    shape: tuple[int, ...]
+    entry: TensorEntry | None = None
+    row_order: np.ndarray | None = None
+    constant: np.ndarray | None = None  # generated float32 data (e.g. rope_freqs)
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+    @property
+    def n_cols(self) -> int:
+        return self.shape[-1]
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    checkpoint: Checkpoint
+    spec: ArchSpec
+    hparams: HParams
+    jobs: list[TensorJob]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    type: str
+    path: Path
+    n_bytes: int
+    seconds: float
+
+
+def _expected_names(hp: HParams) -> list[str]:
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down"]
+    names = ["token_embd.weight", "output_norm.weight"]
+    names += [f"blk.{i}.{t}.weight" for i in range(hp.n_layers) for t in per_layer]
+    if not hp.tie_word_embeddings:
+        names.append("output.weight")
+    return names
+
+
+def _expected_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    shapes = {"token_embd.weight": (hp.vocab_size, hp.hidden_size)}
+    for i in range(hp.n_layers):
+        shapes[f"blk.{i}.attn_q.weight"] = (hp.n_heads * hp.head_dim, hp.hidden_size)
+        shapes[f"blk.{i}.attn_k.weight"] = (hp.n_kv_heads * hp.head_dim, hp.hidden_size)
+        shapes[f"blk.{i}.attn_v.weight"] = (hp.n_kv_heads * hp.head_dim, hp.hidden_size)
+        shapes[f"blk.{i}.ffn_up.weight"] = (hp.ffn_size, hp.hidden_size)
+    if not hp.tie_word_embeddings:
+        shapes["output.weight"] = (hp.vocab_size, hp.hidden_size)
+    return shapes
+
+
+def plan_export(checkpoint: Checkpoint) -> ExportPlan:
+    """Map every checkpoint tensor to its GGUF tensor, checking names and shapes against config.json."""
+    spec = arch_spec(checkpoint.config)
+    hp = read_hparams(checkpoint.config)
+    name_map = gguf.TensorNameMap(spec.gguf_arch, hp.n_layers)
+    jobs: dict[str, TensorJob] = {}
+    for hf_name, entry in sorted(checkpoint.tensors.items()):
+        if hf_name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        if hf_name == "lm_head.weight" and hp.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedModelError(
+                f"tensor {hf_name!r} has no GGUF counterpart for {spec.hf_architecture} (unexpected checkpoint layout)")
+        if entry.dtype not in FLOAT_DTYPES:
+            raise UnsupportedModelError(f"tensor {hf_name!r} is {entry.dtype}; only F32/F16/BF16 checkpoints are "
+                                        "supported (pre-quantized checkpoints cannot be exported)")
+        row_order = None
+        if spec.permute_qk and ".attn_q." in gguf_name:
+            row_order = qk_row_order(entry.shape[0], hp.n_heads)
+        elif spec.permute_qk and ".attn_k." in gguf_name:
+            row_order = qk_row_order(entry.shape[0], hp.n_kv_heads)
+        jobs[gguf_name] = TensorJob(gguf_name, entry.shape, entry=entry, row_order=row_order)
+    for gguf_name, data in extra_tensors(spec, hp).items():
+        jobs[gguf_name] = TensorJob(gguf_name, data.shape, constant=data)
+
+    missing = [n for n in _expected_names(hp) if n not in jobs]
+    if missing:
+        raise UnsupportedModelError(f"{checkpoint.path}: checkpoint lacks tensor(s) {', '.join(missing[:5])}"
+                                    f"{' …' if len(missing) > 5 else ''} (incomplete or not a {spec.hf_architecture})")
+    for name, want in _expected_shapes(hp).items():
+        if jobs[name].shape != want:
+            raise UnsupportedModelError(
+                f"{checkpoint.path}: tensor {name} has shape {jobs[name].shape}, config.json implies {want}")
+    order = sorted(jobs, key=lambda n: (0, n) if not n.startswith("blk.") else
+                   (1, f"{int(n.split('.')[1]):06d}.{n}"))
+    return ExportPlan(checkpoint, spec, hp, [jobs[n] for n in order])
+
+
+def tensor_type(job: TensorJob, out: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The type one tensor gets in a file of type ``out``: 1-D tensors stay F32, as in llama.cpp."""
+    if len(job.shape) == 1 or job.constant is not None:
+        return gguf.GGMLQuantizationType.F32
+    block, _ = gguf.GGML_QUANT_SIZES[out]
+    if job.n_cols % block:
+        logger.warning("%s: row size %d is not a multiple of %d, writing F16", job.gguf_name, job.n_cols, block)
+        return gguf.GGMLQuantizationType.F16
+    return out
+
+
+def _row_bytes(n_cols: int, qtype: gguf.GGMLQuantizationType) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return n_cols // block * type_size
+
+
+def _encode_rows(rows_f32: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        encoded = np.ascontiguousarray(rows_f32, dtype=np.float32)
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        encoded = rows_f32.astype(np.float16)
+    else:
+        encoded = gguf.quants.quantize(rows_f32, qtype)
+    return encoded.view(np.uint8).reshape(rows_f32.shape[0], -1)
+
+
+def encode_tensor(job: TensorJob, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The tensor's bytes in ``qtype``, as a (rows, row_bytes) uint8 array, built chunk by chunk."""
+    if job.constant is not None:
+        return _encode_rows(job.constant.reshape(job.n_rows, job.n_cols), qtype)
+    assert job.entry is not None
+    raw = load_raw(job.entry).reshape(job.n_rows, job.n_cols)
+    out = np.empty((job.n_rows, _row_bytes(job.n_cols, qtype)), dtype=np.uint8)
+    if job.row_order is None and qtype.name == job.entry.dtype:
+        out[...] = raw.view(np.uint8).reshape(out.shape)  # same type: copy bytes, no rounding at all
+        return out
+    step = max(1, _CHUNK_ELEMENTS // job.n_cols)
+    for r0 in range(0, job.n_rows, step):
+        r1 = min(job.n_rows, r0 + step)
+        rows = raw[job.row_order[r0:r1]] if job.row_order is not None else raw[r0:r1]
+        out[r0:r1] = _encode_rows(to_float32(rows, job.entry.dtype), qtype)
+    return out
+
+
+def write_gguf(plan: ExportPlan, out_type: str, path: Path, *, progress: bool = True) -> None:
+    """Write ``plan`` as one GGUF file of a direct type (F32/F16/BF16/Q8_0) to ``path``."""
+    qtype, file_type = DIRECT_TYPES[out_type]
+    hp = plan.hparams
+    writer = gguf.GGUFWriter(path=None, arch=plan.spec.gguf_name)
+    try:
+        writer.add_name(plan.checkpoint.name)
+        write_hparams(writer, plan.spec, hp)
+        write_vocab(writer, plan.checkpoint.path, hp.vocab_size)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        types = [tensor_type(job, qtype) for job in plan.jobs]
+        for job, ttype in zip(plan.jobs, types):
+            nbytes = job.n_rows * _row_bytes(job.n_cols, ttype)
+            byte_shape = (*job.shape[:-1], _row_bytes(job.n_cols, ttype))
+            writer.add_tensor_info(job.gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=ttype)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(job.n_rows * job.n_cols for job in plan.jobs)
+        with tqdm(total=total, unit="w", unit_scale=True, desc=f"{path.name}", disable=not progress,
+                  leave=False) as bar:
+            for job, ttype in zip(plan.jobs, types):
+                writer.write_tensor_data(encode_tensor(job, ttype))
+                bar.update(job.n_rows * job.n_cols)
+    finally:
+        writer.close()
+
+
+def output_name(model_name: str, out_type: str) -> str:
+    return f"{model_name}-{out_type}.gguf"
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".rank1-write-test-"):
+            pass
+    except OSError as exc:
+        raise Rank1Error(f"output folder {out_dir} is not writable ({exc.strerror or exc})") from None
+
+
+def lossless_type(checkpoint: Checkpoint) -> str:
+    """The GGUF type that holds the checkpoint's weights exactly (source for llama.cpp's quantizer)."""
+    return {"BF16": "BF16", "F16": "F16"}.get(checkpoint.source_dtype, "F32")
+
+
+def load_checkpoint(model: str | Path) -> Checkpoint:
+    path = resolve_local_or_hub(model, allow_patterns=CHECKPOINT_PATTERNS)
+    name = str(model).rstrip("/").split("/")[-1] if not Path(model).expanduser().exists() else path.name
+    return open_checkpoint(path, name=name)
+
+
+def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], *,
+                threads: int | None = None, progress: bool = True) -> list[ExportResult]:
+    """Export ``model`` (local folder or hub id) to one GGUF file per requested type in ``out_dir``."""
+    out_types: list[OutputType] = parse_types(types)
+    out_dir = Path(out_dir).expanduser()
+    checkpoint = load_checkpoint(model)
+    plan = plan_export(checkpoint)
+    _check_writable(out_dir)
+    results: list[ExportResult] = []
+    intermediate: Path | None = None
+    scratch = Path(tempfile.mkdtemp(prefix=".rank1-export-", dir=out_dir))
+    try:
+        for out_type in sorted(out_types, key=lambda t: not t.direct):
+            target = out_dir / output_name(checkpoint.name, out_type.name)
+            start = time.perf_counter()
+            if out_type.direct:
+                with atomic_path(target) as tmp:
+                    write_gguf(plan, out_type.name, tmp, progress=progress)
+            else:
+                if intermediate is None:
+                    source_type = lossless_type(checkpoint)
+                    done = [r.path for r in results if r.type == source_type]
+                    intermediate = done[0] if done else scratch / output_name(checkpoint.name, source_type)
+                    if not done:
+                        write_gguf(plan, source_type, intermediate, progress=progress)
+                with atomic_path(target) as tmp:
+                    quantize_gguf(intermediate, tmp, out_type.name, threads=threads)
+            result = ExportResult(out_type.name, target, target.stat().st_size, time.perf_counter() - start)
+            logger.info("wrote %s (%.1f MB, %.1fs)", target, result.n_bytes / 1e6, result.seconds)
+            results.append(result)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results

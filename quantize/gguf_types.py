@@ -1,0 +1,55 @@
+"""GGUF output types: which we write ourselves and which go through llama.cpp's quantizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+from rank1_local.errors import Rank1Error
+
+# Written directly by our exporter (numpy, no llama.cpp needed): name -> (tensor type, file type)
+DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, int]] = {
+    "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+# Produced by llama_model_quantize (llama.cpp's own quantizer): name -> llama_ftype
+LLAMA_CPP_TYPES: dict[str, int] = {
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
+    "Q2_K": 10, "Q2_K_S": 21, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
+    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ1_S": 24, "IQ1_M": 31, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29,
+    "IQ3_XXS": 23, "IQ3_XS": 22, "IQ3_S": 26, "IQ3_M": 27, "IQ4_NL": 25, "IQ4_XS": 30,
+}
+
+# llama.cpp refuses these without an importance matrix (their 2-bit and smaller tensor types).
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S"})
+
+
+@dataclass(frozen=True)
+class OutputType:
+    name: str
+
+    @property
+    def direct(self) -> bool:
+        return self.name in DIRECT_TYPES
+
+
+def parse_types(spec: str | list[str]) -> list[OutputType]:
+    """Parse ``"F16,Q8_0,q4_k_m"`` into output types, rejecting unknown names up front."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip().upper() for n in names if n.strip()]
+    if not names:
+        raise Rank1Error("no output types given (e.g. --types F16,Q8_0,Q4_K_M)")
+    known = list(DIRECT_TYPES) + list(LLAMA_CPP_TYPES)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise Rank1Error(f"unknown GGUF type(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    needs = [n for n in names if n in NEEDS_IMATRIX]
+    if needs:
+        raise Rank1Error(f"{', '.join(needs)} need(s) an importance matrix, which this exporter does not "
+                         "compute yet; choose Q3_K_M/Q4_K_M/IQ4_XS or larger")
+    return [OutputType(n) for n in dict.fromkeys(names)]

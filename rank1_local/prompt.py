@@ -1,0 +1,49 @@
+"""The rank1 prompt, byte for byte as the official code builds it (see RANK1.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+PROMPT_HEAD = (
+    "Determine if the following passage is relevant to the query. "
+    "Answer only with 'true' or 'false'.\n"
+    "Query: "
+)
+PASSAGE_SEPARATOR = "\nPassage: "
+THINK_OPEN = "\n<think>"
+THINK_CLOSE = "</think>"
+QUERY_PLACEHOLDER = "FILL_QUERY_HERE"
+
+
+def format_passage(passage: str | Mapping[str, str]) -> str:
+    """A passage as rank1 reads it: plain text, or ``title + " " + text`` for a title/text mapping."""
+    if isinstance(passage, Mapping):
+        title = (passage.get("title") or "").strip()
+        text = passage.get("text") or ""
+        return f"{title} {text}" if title else text
+    return passage
+
+
+def format_query(query: str, instruction: str | None = None, template: str | None = None) -> str:
+    """The query part of the prompt.
+
+    ``instruction`` (FollowIR style) is appended after a space unless it equals the query;
+    ``template`` is a dataset prompt in which ``FILL_QUERY_HERE`` is replaced by the query.
+    """
+    if instruction is not None and instruction.strip() and instruction.strip() != query.strip():
+        query = f"{query} {instruction}".strip()
+    if template is not None:
+        if QUERY_PLACEHOLDER not in template:
+            raise ValueError(f"a prompt template must contain {QUERY_PLACEHOLDER!r}")
+        query = template.replace(QUERY_PLACEHOLDER, query)
+    return query
+
+
+def prompt_prefix(query: str) -> str:
+    """The part of the prompt shared by every passage of one (already formatted) query."""
+    return PROMPT_HEAD + query + PASSAGE_SEPARATOR
+
+
+def build_prompt(query: str, passage: str) -> str:
+    """The full rank1 prompt for an already formatted query and passage, ending in ``\\n<think>``."""
+    return prompt_prefix(query) + passage + THINK_OPEN
