@@ -1,0 +1,97 @@
+"""``rank1-quantize``: export rank1 checkpoints to GGUF and verify exports against their source."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rank1_local.errors import Rank1Error
+
+logger = logging.getLogger("rank1-quantize")
+
+
+def _cmd_gguf(args: argparse.Namespace) -> int:
+    from quantize.gguf_export import export_gguf
+    from quantize.verify import verify_gguf, write_report
+
+    results = export_gguf(args.model, args.out, args.types, threads=args.threads, progress=not args.quiet)
+    for r in results:
+        print(f"{r.type:8s} {r.n_bytes / 1e6:10.1f} MB {r.seconds:7.1f} s  {r.path}")
+    if args.verify:
+        source = Path(args.model) if Path(args.model).expanduser().exists() else args.model
+        for r in results:
+            report = verify_gguf(r.path, source, n_prompts=args.verify_prompts, threads=args.threads,
+                                 progress=not args.quiet)
+            json_path, _ = write_report(report)
+            print(f"{r.type:8s} KL {report.kl_mean:.3g}  top-1 {report.top1_agreement:.2%}  "
+                  f"max |Δscore| {report.score_abs_diff_max:.3g}  -> {json_path}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from quantize.verify import render_markdown, verify_gguf, write_report
+
+    report = verify_gguf(args.gguf, args.source, n_prompts=args.prompts, calibration=args.calibration,
+                         threads=args.threads, progress=not args.quiet)
+    json_path, md_path = write_report(report)
+    print(render_markdown(report))
+    print(f"report: {json_path}\n        {md_path}")
+    return 0
+
+
+def _cmd_fixture(args: argparse.Namespace) -> int:
+    from quantize.fixtures import FIXTURES, build_fixture
+
+    for name in args.names or list(FIXTURES):
+        print(f"{name}\t{build_fixture(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rank1-quantize", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("gguf", help="export a Hugging Face checkpoint (folder or hub id) to GGUF")
+    p.add_argument("model", help="local checkpoint folder or hub id, e.g. jhu-clsp/rank1-7b")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--types", default="Q8_0",
+                   help="comma-separated GGUF types: F32,F16,BF16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K,IQ4_XS …")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--verify", action="store_true", help="verify every export against the source afterwards")
+    p.add_argument("--verify-prompts", type=int, default=8)
+    p.set_defaults(func=_cmd_gguf)
+
+    p = sub.add_parser("verify", help="compare a GGUF with its source checkpoint (or another GGUF)")
+    p.add_argument("gguf", type=Path)
+    p.add_argument("--source", required=True, help="checkpoint folder, hub id, or a reference .gguf file")
+    p.add_argument("--prompts", type=int, default=8, help="number of calibration prompts")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="JSONL of {qid, docid, query, text} (default: packaged TREC RAG 2024 sample)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("fixture", help="build offline fixture checkpoints (needs the reference extra)")
+    p.add_argument("names", nargs="*", help="fixture names (default: all)")
+    p.set_defaults(func=_cmd_fixture)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Rank1Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished files are complete and no partial file was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

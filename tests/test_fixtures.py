@@ -1,0 +1,63 @@
+"""The fixture checkpoints are real: real tokenizers, real architectures, the family's structure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantize.checkpoint import open_checkpoint
+from quantize.fixtures.hf_tokenizer import LLAMA3, QWEN2
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("flavor", [QWEN2, LLAMA3], ids=lambda f: f.name)
+def test_tokenizer_reproduces_llama_cpp_reference_ids(flavor, fixture_dir, vocab_test_file):
+    """llama.cpp's .inp/.out files hold texts and the ids the original HF tokenizer gave them."""
+    name = "qwen2-tied" if flavor is QWEN2 else "llama3"
+    tok = transformers.AutoTokenizer.from_pretrained(fixture_dir(name))
+    texts = vocab_test_file(flavor.vocab_gguf, ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    expected = vocab_test_file(flavor.vocab_gguf, ".out").read_text(encoding="utf-8").split("\n")
+    assert len(texts) >= 40
+    for text, ids in zip(texts, expected):
+        assert tok.encode(text, add_special_tokens=False) == [int(x) for x in ids.split()], repr(text)
+
+
+def test_rank1_answer_token_ids(fixture_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(fixture_dir("qwen2-tied"))
+    assert tok.encode(" true") == [830]
+    assert tok.encode(" false") == [895]
+    assert tok.encode("</think>") == tok.encode("</") + tok.encode("think") + tok.encode(">")
+    assert tok.convert_ids_to_tokens(151643) == "<|endoftext|>"
+    assert tok.convert_ids_to_tokens(151664) == "<|file_sep|>"
+
+
+def test_family_structure(fixture_dir):
+    tied = open_checkpoint(fixture_dir("qwen2-tied"))
+    assert tied.config["tie_word_embeddings"] and "lm_head.weight" not in tied.tensors
+    assert "model.layers.0.self_attn.q_proj.bias" in tied.tensors
+    assert tied.source_dtype == "BF16"
+    assert tied.config["hidden_size"] % 256 == 0 and tied.config["intermediate_size"] % 256 == 0
+
+    sharded_dir = fixture_dir("qwen2-untied-sharded")
+    index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    untied = open_checkpoint(sharded_dir)
+    assert "lm_head.weight" in untied.tensors and untied.config["vocab_size"] == 152064
+
+    llama = open_checkpoint(fixture_dir("llama3"))
+    assert llama.config["rope_scaling"]["rope_type"] == "llama3"
+    mistral = open_checkpoint(fixture_dir("mistral"))
+    assert mistral.config["head_dim"] * mistral.config["num_attention_heads"] != mistral.config["hidden_size"]
+
+
+def test_fixture_build_is_deterministic(tmp_path, fixture_dir, monkeypatch):
+    """Rebuilding a random fixture from scratch gives byte-identical weights."""
+    from quantize.fixtures import build_fixture, fixture_cache_dir
+
+    monkeypatch.setenv("RANK1_VOCAB_DIR", str(fixture_cache_dir() / "vocab"))
+    cached = fixture_dir("qwen2-tied")
+    rebuilt = build_fixture("qwen2-tied", cache_dir=tmp_path)
+    for shard in cached.glob("*.safetensors"):
+        assert (rebuilt / shard.name).read_bytes() == shard.read_bytes()
