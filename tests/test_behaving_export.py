@@ -26,7 +26,8 @@ def _score(logits) -> float:
 
 
 def llama_cpp_run(path, pairs):
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    # logits_all: without it llama-cpp-python keeps no logits in `scores`
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     out = []
     try:
         for pair in pairs:

@@ -31,7 +31,7 @@ def test_f32_logits_match_transformers(name, fixture_dir, exported):
             ref, got = source.logits(ids), gguf.logits(ids)
             assert ref.shape == got.shape
             # logits must vary a lot for the 1e-3 bound to mean anything
-            assert ref.std() > 0.5
+            assert np.ptp(ref, axis=-1).min() > 4.0
             assert np.abs(ref - got).max() <= 1e-3, name
     finally:
         gguf.close()

@@ -1,0 +1,133 @@
+"""``rank1-local``: rerank passages with a rank1 GGUF model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rank1_local.errors import Rank1Error
+
+logger = logging.getLogger("rank1-local")
+
+
+def _model(args: argparse.Namespace):
+    from rank1_local.reranker import Rank1
+
+    return Rank1(args.model, n_gpu_layers=args.n_gpu_layers, parallel=args.parallel,
+                 max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, threads=args.threads,
+                 rethink_rounds=args.rethink_rounds, prompt_template=args.prompt, gguf_type=args.gguf_type)
+
+
+def _rerank_query(args: argparse.Namespace) -> int:
+    from rank1_local.io import read_documents
+
+    ids, docs = read_documents(args.docs)
+    with _model(args) as model:
+        ranked = model.rerank(args.query, docs, instruction=args.instruction, top_k=args.top_k)
+        fmt = args.format
+        for rank, r in enumerate(ranked, 1):
+            row = {"docid": ids[r.index], "rank": rank, "score": r.score, "relevant": r.relevant,
+                   "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced, "truncated": r.truncated}
+            if fmt == "jsonl":
+                print(json.dumps(row, ensure_ascii=False))
+            elif fmt == "trec":
+                print(f"{args.qid} Q0 {ids[r.index]} {rank} {r.score:.6f} rank1-local")
+            elif fmt == "table":
+                text = docs[r.index] if isinstance(docs[r.index], str) else docs[r.index]["text"]
+                flags = ("forced " if r.forced else "") + ("truncated" if r.truncated else "")
+                print(f"{rank:4d}  {r.score:.4f}  {ids[r.index]:>8}  {text[:70].replace(chr(10), ' ')}  {flags}")
+        if fmt == "json":
+            print(json.dumps([{"docid": ids[r.index], "score": r.score, "relevant": r.relevant,
+                               "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced}
+                              for r in ranked], ensure_ascii=False, indent=2))
+        logger.info("backend: %s", model.backend)
+    return 0
+
+
+def _rerank_pairs(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rank1_local.io import JsonlAppender, done_keys, read_pairs, result_row
+    from rank1_local.reranker import Pair
+
+    if args.output is None:
+        raise Rank1Error("--pairs needs --output OUT.jsonl")
+    rows = read_pairs(args.pairs)
+    done = done_keys(args.output)
+    todo = [r for r in rows if (r.qid, r.docid) not in done]
+    logger.info("%d pairs, %d already in %s, %d to score", len(rows), len(rows) - len(todo), args.output, len(todo))
+    if not todo:
+        return 0
+    out = JsonlAppender(args.output)
+    tokens = 0
+    try:
+        with _model(args) as model, tqdm(total=len(todo), unit="pair", disable=args.quiet) as bar:
+            def on_result(result):
+                nonlocal tokens
+                row = todo[result.index]
+                out.write(result_row(row.qid, row.docid, result))
+                tokens += result.n_tokens
+                bar.update(1)
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix(tok_s=f"{tokens / elapsed:.1f}")
+
+            model.score_pairs([Pair(r.query, r.passage, r.instruction) for r in todo], on_result=on_result)
+    finally:
+        out.close()
+    return 0
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    if args.pairs is not None:
+        return _rerank_pairs(args)
+    if args.query is None or args.docs is None:
+        raise Rank1Error("give --query and --docs, or --pairs PAIRS.jsonl --output OUT.jsonl")
+    return _rerank_query(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("rerank", help="rerank passages for a query, or score a pairs file")
+    p.add_argument("--model", required=True, help="a .gguf file or a hub id (e.g. jhu-clsp/rank1-0.5b)")
+    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch/export for a hub id (default Q8_0 ≤3B, "
+                                                      "else Q4_K_M)")
+    p.add_argument("--query")
+    p.add_argument("--instruction", default=None)
+    p.add_argument("--docs", type=Path, help=".txt (one per line), .jsonl (text[, title, docid]) or .tsv")
+    p.add_argument("--qid", default="q1", help="query id in --format trec")
+    p.add_argument("--format", choices=["table", "json", "jsonl", "trec"], default="table")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
+    p.add_argument("--output", type=Path, help="JSONL results, appended as pairs finish; re-running resumes")
+    p.add_argument("--parallel", type=int, default=4)
+    p.add_argument("--max-think-tokens", type=int, default=1024)
+    p.add_argument("--rethink-rounds", type=int, default=0)
+    p.add_argument("--n-ctx", type=int, default=4096, help="context per pair")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="0 = CPU, -1 = all layers")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+    p.set_defaults(func=_cmd_rerank)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Rank1Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rows already written are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Result objects of the runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rank1Result:
+    """One scored (query, passage) pair."""
+
+    index: int  # position of the pair in the caller's input
+    score: float  # P(" true") / (P(" true") + P(" false")) after </think>
+    reasoning: str  # the model's reasoning chain (text before </think>)
+    n_tokens: int  # tokens the model generated
+    forced: bool  # reasoning did not close within the budget: the fallback forced the answer
+    truncated: bool  # the passage was cut to fit the context
+    passage_tokens_dropped: int
+    n_prompt_tokens: int
+    seconds: float  # wall time from the pair's start to its score
+
+    @property
+    def relevant(self) -> bool:
+        return self.score > 0.5
+
+
+@dataclass(frozen=True)
+class RunStats:
+    pairs: int
+    prompt_tokens: int  # prompt tokens actually evaluated (shared prefixes once)
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds else 0.0
+
+    @property
+    def generated_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0

@@ -1,0 +1,154 @@
+"""The llama.cpp runtime against an independent transformers reference of the rank1 protocol."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from quantize.fixtures.synthetic_task import eval_pairs, make_pair
+from rank1_local.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
+from rank1_local.reranker import Pair, Rank1
+
+pytest.importorskip("transformers")
+from rank1_reference import Reference  # noqa: E402
+
+PAIRS = eval_pairs()[:16]
+
+
+@pytest.fixture(scope="module")
+def reference(fixture_dir):
+    return Reference(fixture_dir("behaving"))
+
+
+@pytest.fixture(scope="module")
+def f32_model(exported):
+    return exported("behaving", "F32")
+
+
+def _model(path, **kw):
+    kw.setdefault("n_ctx", 512)
+    kw.setdefault("threads", 2)
+    return Rank1(path, f32_kv_cache=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def sequential(f32_model):
+    with _model(f32_model, parallel=1, max_think_tokens=64) as m:
+        return m.score_pairs([(p.query, p.passage) for p in PAIRS])
+
+
+def test_matches_reference_text_and_score(sequential, reference):
+    for pair, got in zip(PAIRS, sequential):
+        ref = reference.score(pair.query, pair.passage, max_think_tokens=64)
+        assert got.reasoning == ref.reasoning == pair.reasoning[: -len("</think>")]
+        assert got.n_tokens == ref.n_tokens
+        assert not got.forced and not ref.forced
+        assert abs(got.score - ref.score) <= 1e-4, (pair, got.score, ref.score)
+
+
+def test_same_ranking_as_reference(f32_model, reference):
+    words = ["horse", "lemon", "apple", "cherry", "banana"]
+    docs = [make_pair("apple", w).passage for w in words]
+    query = make_pair("apple", "apple").query
+    with _model(f32_model, parallel=4, max_think_tokens=64) as m:
+        ranked = m.rerank(query, docs)
+    ref_scores = [reference.score(query, d, max_think_tokens=64).score for d in docs]
+    assert [r.index for r in ranked] == list(np.argsort(-np.array(ref_scores), kind="stable"))
+    assert ranked[0].index == 2 and ranked[0].relevant and not ranked[-1].relevant
+
+
+def test_batched_equals_sequential_in_any_order(f32_model, sequential):
+    order = list(range(len(PAIRS)))
+    random.Random(3).shuffle(order)
+    with _model(f32_model, parallel=8, max_think_tokens=64) as m:
+        shuffled = m.score_pairs([(PAIRS[i].query, PAIRS[i].passage) for i in order])
+    for pos, i in enumerate(order):
+        assert shuffled[pos].index == pos
+        assert shuffled[pos].reasoning == sequential[i].reasoning
+        assert abs(shuffled[pos].score - sequential[i].score) <= 1e-4
+
+
+def test_budget_fallback_matches_reference(f32_model, reference):
+    pairs = PAIRS[:4]
+    with _model(f32_model, parallel=2, max_think_tokens=12) as m:
+        got = m.score_pairs([(p.query, p.passage) for p in pairs])
+    for pair, g in zip(pairs, got):
+        ref = reference.score(pair.query, pair.passage, max_think_tokens=12)
+        assert g.forced and ref.forced and g.n_tokens == ref.n_tokens == 12
+        assert g.reasoning == ref.reasoning
+        assert abs(g.score - ref.score) <= 1e-4
+
+
+def test_rethink_round_matches_reference(f32_model, reference):
+    pair = PAIRS[1]
+    with _model(f32_model, parallel=1, max_think_tokens=80, rethink_rounds=1) as m:
+        (got,) = m.score_pairs([(pair.query, pair.passage)])
+    ref = reference.score(pair.query, pair.passage, max_think_tokens=80, rethink_rounds=1)
+    assert "Wait" in got.reasoning and got.reasoning == ref.reasoning
+    assert got.n_tokens == ref.n_tokens and got.forced == ref.forced
+    assert abs(got.score - ref.score) <= 1e-4
+
+
+def test_predict_and_rank_api(f32_model):
+    with _model(f32_model, parallel=2, max_think_tokens=64) as m:
+        scores = m.predict([(PAIRS[0].query, PAIRS[0].passage), (PAIRS[3].query, PAIRS[3].passage, "")])
+        assert scores.shape == (2,) and scores[0] > 0.9 and scores[1] < 0.1
+        ranked = m.rank(PAIRS[0].query, [PAIRS[3].passage, PAIRS[0].passage], return_documents=True, top_k=1)
+        assert ranked == [{"corpus_id": 1, "score": pytest.approx(scores[0], abs=1e-4), "text": PAIRS[0].passage}]
+
+
+def test_long_passage_is_truncated_not_the_query(f32_model):
+    long_passage = PAIRS[0].passage + " " + " ".join(["filler words keep coming"] * 200)
+    with _model(f32_model, parallel=1, max_think_tokens=32, n_ctx=160) as m:
+        (r,) = m.score_pairs([(PAIRS[0].query, long_passage)])
+        assert r.truncated and r.passage_tokens_dropped > 500 and r.n_prompt_tokens <= 160 - 32
+        with pytest.raises(Rank1Error, match="no room for a passage"):
+            m.score_pairs([(PAIRS[0].query * 40, "short")])
+
+
+@pytest.mark.parametrize("pair, message", [
+    (("", "passage"), "query of pair 0 is empty"),
+    (("query", "   "), "passage of pair 0 is empty"),
+    (("query", b"\xff\xfe bad"), "not valid UTF-8"),
+    (("query", "bad \udcff surrogate"), "not valid UTF-8"),
+])
+def test_bad_inputs(f32_model, pair, message):
+    with _model(f32_model, parallel=1, max_think_tokens=8) as m:
+        with pytest.raises(Rank1Error, match=message):
+            m.score_pairs([pair])
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(ModelNotFoundError):
+        Rank1(tmp_path / "missing.gguf")
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(CorruptFileError, match="not a GGUF"):
+        Rank1(tmp_path / "x.gguf")
+
+
+def test_not_a_rank1_model(fixture_dir, tmp_path):
+    """A vocabulary without single ' true' / ' false' tokens is refused."""
+    import shutil
+
+    from quantize.gguf_export import export_gguf
+
+    model = tmp_path / "no-true"
+    shutil.copytree(fixture_dir("qwen2-tied"), model)
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["model"]["merges"] = [m for m in tok["model"]["merges"]
+                              if "".join(m if isinstance(m, list) else m.split(" ")) not in ("Ġtrue", "Ġfalse")]
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    (result,) = export_gguf(model, tmp_path / "out", "Q8_0", progress=False)
+    with pytest.raises(UnsupportedModelError, match="not a rank1-style model"):
+        Rank1(result.path, n_ctx=256)
+
+
+def test_pair_objects_and_instructions(f32_model, reference):
+    pair = PAIRS[0]
+    with _model(f32_model, parallel=1, max_think_tokens=64) as m:
+        (a,) = m.score_pairs([Pair(pair.query, {"title": "", "text": pair.passage}, instruction=pair.query)])
+    # an instruction equal to the query is not appended; an empty title adds nothing
+    assert abs(a.score - reference.score(pair.query, pair.passage, max_think_tokens=64).score) <= 1e-4
