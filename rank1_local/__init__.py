@@ -2,6 +2,8 @@
 
 from rank1_local.errors import Rank1Error
 from rank1_local.prompt import build_prompt, format_passage, format_query
+from rank1_local.reranker import Pair, Rank1
+from rank1_local.results import Rank1Result, RunStats
 
-__all__ = ["Rank1Error", "build_prompt", "format_passage", "format_query"]
+__all__ = ["Pair", "Rank1", "Rank1Error", "Rank1Result", "RunStats", "build_prompt", "format_passage", "format_query"]
 __version__ = "0.1.0"

@@ -152,3 +152,21 @@ def test_pair_objects_and_instructions(f32_model, reference):
         (a,) = m.score_pairs([Pair(pair.query, {"title": "", "text": pair.passage}, instruction=pair.query)])
     # an instruction equal to the query is not appended; an empty title adds nothing
     assert abs(a.score - reference.score(pair.query, pair.passage, max_think_tokens=64).score) <= 1e-4
+
+
+def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf_constants
+
+    from rank1_local.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelNotFoundError, match="jhu-clsp/rank1-0.5b.*\n.*local"):
+        Rank1("jhu-clsp/rank1-0.5b")
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a passage\n")
+    assert main(["-q", "rerank", "--model", "jhu-clsp/rank1-0.5b", "--query", "q", "--docs", str(docs)]) == 2
+    err = capsys.readouterr().err
+    assert "hf download jhu-clsp/rank1-0.5b" in err and "Traceback" not in err
