@@ -9,7 +9,6 @@ lossless intermediate by llama.cpp's own quantizer (:mod:`quantize.llama_quantiz
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -20,7 +19,8 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from quantize.architectures import ArchSpec, HParams, arch_spec, extra_tensors, qk_row_order, read_hparams, write_hparams
+from quantize.architectures import (ArchSpec, HParams, arch_spec, extra_tensors, qk_row_order, read_hparams,
+                                    write_hparams)
 from quantize.checkpoint import Checkpoint, open_checkpoint
 from quantize.gguf_types import DIRECT_TYPES, OutputType, parse_types
 from quantize.llama_quantize import quantize_gguf

@@ -23,6 +23,7 @@ from rank1_local.errors import Rank1Error
 from rank1_local.hub import resolve_local_or_hub
 from rank1_local.llama_logits import LlamaCppLogits, check_gguf_file
 from rank1_local.prompt import THINK_CLOSE
+from rank1_local.protocol import answer_token_ids, true_false_score
 
 logger = logging.getLogger(__name__)
 
@@ -76,22 +77,6 @@ def kl_divergence(reference_logits: np.ndarray, test_logits: np.ndarray) -> np.n
     return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
-def true_false_score(last_logits: np.ndarray, true_id: int, false_id: int) -> float:
-    """P(" true") / (P(" true") + P(" false")) from a full next-token logit vector."""
-    a, b = float(last_logits[true_id]), float(last_logits[false_id])
-    return float(1.0 / (1.0 + np.exp(b - a)))
-
-
-def answer_token_ids(tokenize) -> tuple[int, int]:
-    ids_true, ids_false = tokenize(" true"), tokenize(" false")
-    # drop a BOS if the tokenizer adds one
-    if len(ids_true) == 2 and len(ids_false) == 2 and ids_true[0] == ids_false[0]:
-        ids_true, ids_false = ids_true[1:], ids_false[1:]
-    if len(ids_true) != 1 or len(ids_false) != 1:
-        raise Rank1Error("the model's tokenizer has no single ' true' / ' false' tokens; not a rank1-style model")
-    return ids_true[0], ids_false[0]
-
-
 def compare(source: LogitSource, gguf: LlamaCppLogits, texts: list[tuple[str, str, str]],
             progress: bool = True) -> list[PromptComparison]:
     true_id, false_id = answer_token_ids(gguf.tokenize)
@@ -104,8 +89,8 @@ def compare(source: LogitSource, gguf: LlamaCppLogits, texts: list[tuple[str, st
             qid=qid, docid=docid, n_tokens=len(ids), tokens_match=gguf.tokenize(text) == ids,
             kl_mean=float(kl.mean()), kl_max=float(kl.max()),
             top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).mean()),
-            score_source=true_false_score(ref[-1], true_id, false_id),
-            score_gguf=true_false_score(got[-1], true_id, false_id)))
+            score_source=true_false_score(float(ref[-1, true_id]), float(ref[-1, false_id])),
+            score_gguf=true_false_score(float(got[-1, true_id]), float(got[-1, false_id]))))
     return rows
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+from rank1_local.errors import UnsupportedModelError
 
 THINK_CLOSE_BYTES = b"</think>"
 RETHINK_SUFFIX = "\nWait"
@@ -37,3 +40,13 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def answer_token_ids(tokenize: Callable[[str], list[int]]) -> tuple[int, int]:
+    """The single-token ids of " true" and " false" (a BOS the tokenizer adds is ignored)."""
+    bos = len(tokenize(""))
+    ids = [tokenize(word)[bos:] for word in (" true", " false")]
+    if any(len(i) != 1 for i in ids):
+        raise UnsupportedModelError("the vocabulary has no single ' true' / ' false' tokens; "
+                                    "this is not a rank1-style model")
+    return ids[0][0], ids[1][0]

@@ -18,6 +18,7 @@ from rank1_local.engine import EngineConfig, LlamaEngine
 from rank1_local.errors import Rank1Error, UnsupportedModelError
 from rank1_local.model_files import resolve_gguf
 from rank1_local.prompt import build_prompt, format_passage, format_query, prompt_prefix
+from rank1_local.protocol import answer_token_ids
 from rank1_local.results import Rank1Result, RunStats
 from rank1_local.scheduler import Job, Scheduler, SchedulerParams
 
@@ -94,12 +95,11 @@ class Rank1:
         return self.engine.backend.description
 
     def _answer_ids(self) -> tuple[int, int]:
-        bos = self.engine.tokenize("")
-        ids = [self.engine.tokenize(w)[len(bos):] for w in (" true", " false")]
-        if any(len(i) != 1 for i in ids):
-            raise UnsupportedModelError(f"{self.model_path.name}: the vocabulary has no single ' true' / ' false' "
-                                        "tokens; this is not a rank1-style model")
-        return ids[0][0], ids[1][0]
+        try:
+            return answer_token_ids(self.engine.tokenize)
+        except UnsupportedModelError as exc:
+            self.engine.close()
+            raise UnsupportedModelError(f"{self.model_path.name}: {exc}") from None
 
     # --- building jobs --------------------------------------------------------------------------
     def _fit(self, query: str, passage: str) -> tuple[str, list[int], int]:

@@ -138,7 +138,8 @@ class Scheduler:
             slot.pending = [token]
         return None
 
-    def run(self, jobs: list[Job], on_result: Callable[[Rank1Result], None] | None = None) -> tuple[list[Rank1Result], RunStats]:
+    def run(self, jobs: list[Job],
+            on_result: Callable[[Rank1Result], None] | None = None) -> tuple[list[Rank1Result], RunStats]:
         start = time.perf_counter()
         queue = deque(jobs)
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]

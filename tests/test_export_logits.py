@@ -15,8 +15,10 @@ PROMPTS = [
     build_prompt("what is the boiling point of water at altitude?",
                  "At higher altitudes the air pressure is lower, so water boils below 100 °C — "
                  "about 95 °C in Denver.\nSee also: pressure cookers."),
-    build_prompt("東京の人口は？ 😀", "Tokyo (東京) has ~14 million residents; the metro area 37M.\n\n    def f(x):\n\treturn x**2"),
-    build_prompt("rank1", "") + "\nThe passage is empty, so it cannot answer the query.\n</think> false",
+    build_prompt("東京の人口は？ 😀",
+                 "Tokyo (東京) has ~14 million residents; the metro area 37M.\n\n    def f(x):\n\treturn x**2"),
+    build_prompt("rank1", "")
+    + "\nThe passage is empty, so it cannot answer the query.\n</think> false",
 ]
 
 
