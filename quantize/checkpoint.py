@@ -35,10 +35,6 @@ class Checkpoint:
                 counts[entry.dtype] = counts.get(entry.dtype, 0) + entry.n_elements
         return max(counts, key=counts.__getitem__) if counts else "F32"
 
-    @property
-    def n_bytes(self) -> int:
-        return sum(e.end - e.begin for e in self.tensors.values())
-
 
 def read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
