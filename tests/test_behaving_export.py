@@ -84,9 +84,9 @@ def reference(fixture_dir):
 
 def test_source_behaves_like_rank1(reference):
     pairs, ref = reference
-    for pair, (text, score) in zip(pairs, ref):
-        assert text == pair.reasoning, (pair, text)
-        assert score is not None
+    # the builder's bar: at least 95% of greedy chains are exactly the trained chain, all close </think>
+    assert np.mean([text == pair.reasoning for pair, (text, _) in zip(pairs, ref)]) >= 0.95
+    assert all(score is not None for _, score in ref)
     assert accuracy(pairs, ref) >= 0.9
     related = [s for p, (_, s) in zip(pairs, ref) if p.kind == "related"]
     assert min(related) < 0.5 < max(related) and all(0.15 < s < 0.85 for s in related)  # genuinely unsure
