@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from rank1_local.cli_support import run_command
 from rank1_local.errors import Rank1Error
 
 logger = logging.getLogger("rank1-local")
@@ -116,17 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except Rank1Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rows already written are kept, re-run to resume", file=sys.stderr)
-        return 130
+    return run_command(build_parser().parse_args(argv), "interrupted; rows already written are kept, re-run to resume")
 
 
 if __name__ == "__main__":
