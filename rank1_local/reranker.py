@@ -135,16 +135,16 @@ class Rank1:
             q = format_query(query, instruction, self.prompt_template)
             queries.append(q)
             prompts.append(self._fit(q, passage))
-        shared: dict[str, int] = {}
+        prefixes: dict[str, list[int]] = {}
         bos = len(self.engine.tokenize(""))
         for q in dict.fromkeys(queries):
+            ids = self.engine.tokenize(prompt_prefix(q))
             # the prefix's last token may merge with the passage's first one: never share it
-            shared[q] = max(bos, len(self.engine.tokenize(prompt_prefix(q))) - 1)
+            prefixes[q] = ids[:max(bos, len(ids) - 1)]
         jobs = []
         for i, (q, (prompt, ids, dropped)) in enumerate(zip(queries, prompts)):
-            n = shared[q]
-            prefix_ids = self.engine.tokenize(prompt_prefix(q))[:n]
-            n = min(n, len(ids) - 1) if ids[:n] == prefix_ids else 0
+            prefix_ids = prefixes[q]
+            n = min(len(prefix_ids), len(ids) - 1) if ids[:len(prefix_ids)] == prefix_ids else 0
             jobs.append(Job(i, prompt, ids, n, dropped > 0, dropped))
             by_query.setdefault(q, []).append(i)
         # keep each query's passages together so its prefix is evaluated once
