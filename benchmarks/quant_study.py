@@ -4,7 +4,8 @@
 2. a pair set with many *uncertain* pairs (same-category topics, trained to P(true) between 0.3 and 0.7)
    and graded qrels from the task's labels;
 3. the transformers fp32 reference run (``rank1-bench reference --engine transformers``);
-4. each type exported with ``rank1-quantize gguf`` and run with the llama.cpp runtime;
+4. each type exported with ``rank1-quantize gguf`` and run with the llama.cpp runtime, and the GPTQ/AWQ
+   checkpoints made by ``rank1-quantize gptq|awq`` run with the transformers backend (float16 on CPU);
 5. ``rank1-bench compare`` of every run against the reference -> results/quant_study.{md,json,png}.
 
 Everything is cached in ``--work`` and every run file is resumable, so an interrupted study picks up where it
@@ -26,6 +27,7 @@ from quantize.fixtures.synthetic_task import CATEGORIES, SyntheticPair, make_pai
 HERE = Path(__file__).resolve().parent
 TYPES = "F32,F16,BF16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K,IQ4_XS"
 IMATRIX_TYPES = "Q4_K_M,Q3_K_M,Q2_K,IQ4_XS,IQ2_M"
+WEIGHT_QUANTS = "gptq-4bit,gptq-8bit,awq-4bit"
 BUDGET = 64
 N_CTX = 512
 logger = logging.getLogger("quant_study")
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--types", default=TYPES)
     parser.add_argument("--imatrix-types", default=IMATRIX_TYPES,
                         help="types also exported with a rank1 importance matrix ('' for none)")
+    parser.add_argument("--weight-quants", default=WEIGHT_QUANTS,
+                        help="GPTQ/AWQ checkpoints to add, METHOD-BITSbit ('' for none; needs the gptq extra)")
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default: the fixture cache)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -76,6 +80,7 @@ def main() -> None:
     from quantize.fixtures import build_fixture, fixture_cache_dir
     from quantize.gguf_export import ImatrixOptions, export_gguf
     from quantize.transformers_rank1 import TransformersRank1
+    from quantize.weight_quant import WeightQuantOptions, export_weight_quant
     from rank1_local.atomic import write_text_atomic
     from rank1_local.reranker import Rank1
     from rank1_local.run_file import score_pairs_file
@@ -102,12 +107,24 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             matrix = folder / f"{source.name}.imatrix.gguf"
             options = None if not variant else ImatrixOptions(matrix if matrix.exists() else "auto")
-            export_gguf(source, folder, gguf_type, threads=args.threads, imatrix=options)
+            export_gguf(source, folder, gguf_type, threads=args.threads, imatrix=options, allow_no_imatrix=True)
         run_file = work / f"{gguf_type}{'+imatrix' if variant else ''}.jsonl"
         score_pairs_file(pairs_file, run_file,
                          lambda g=gguf: Rank1(g, parallel=args.parallel, max_think_tokens=BUDGET, n_ctx=N_CTX,
                                               threads=args.threads),
                          model_arg=str(gguf), engine="llama.cpp", settings=settings)
+        run_files.append(run_file)
+
+    for name in filter(None, (n.strip().lower() for n in args.weight_quants.split(","))):
+        method, bits = name.split("-")
+        folder = work / "weight-quant" / name
+        if not folder.exists():
+            export_weight_quant(source, folder, WeightQuantOptions(method=method, bits=int(bits.removesuffix("bit")),
+                                                                   device="cpu"))
+        run_file = work / f"{name.upper().replace('BIT', 'bit')}.jsonl"
+        score_pairs_file(pairs_file, run_file,
+                         lambda f=folder: TransformersRank1(f, device="cpu", max_think_tokens=BUDGET, n_ctx=N_CTX),
+                         model_arg=str(folder), engine="transformers", settings={**settings, "dtype": "float16"})
         run_files.append(run_file)
 
     ref = read_run(ref_file)
@@ -124,7 +141,9 @@ def main() -> None:
              f"24M-parameter model, where the embedding dominates: ratios between types, not absolute sizes, carry "
              f"over to real rank1 models. `+imatrix` rows were quantized with a rank1 importance matrix "
              f"(`--imatrix auto`: the packaged TREC RAG 2024 calibration prompts with the fixture's own greedy "
-             f"reasoning), the others without. Regenerate with `python benchmarks/quant_study.py`.\n\n")
+             f"reasoning), the others without. GPTQ/AWQ rows are checkpoints made by `rank1-quantize gptq|awq` (group size "
+             f"128, calibrated on the same rank1 texts) and run with `--backend transformers` in float16 on the CPU; "
+             f"their size is the whole checkpoint folder (tokenizer files included). Regenerate with `python benchmarks/quant_study.py`.\n\n")
     table = render_markdown(ref, results).split("\n", 2)[2]  # drop the generic title
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "quant_study.md", intro + table)

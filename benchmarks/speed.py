@@ -150,17 +150,22 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def measure(kind: str, model: str, args: argparse.Namespace, parallel: int, pairs: int) -> dict:
-    """Best of ``args.repeat`` runs (each in a fresh process): the least disturbed by the rest of the machine."""
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--pairs", str(pairs),
-           "--budget", str(args.budget), "--parallel-one", str(parallel), "--threads", str(args.threads)]
-    rows = []
+def measure(kinds: list[str], model: str, args: argparse.Namespace, parallel: int, pairs: int) -> list[dict]:
+    """Best of ``args.repeat`` runs per loop, each in a fresh process. The loops take turns (A, B, A, B …) so
+    that a slow spell on the machine hits both, and the fastest run is the least disturbed one."""
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for _ in range(args.repeat):
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows.append(json.loads(out))
-    row = min(rows, key=lambda r: r["seconds"])
-    row.update(kind=kind, parallel=parallel, repeats=[r["seconds"] for r in rows])
-    return row
+        for kind in kinds:
+            cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--pairs", str(pairs),
+                   "--budget", str(args.budget), "--parallel-one", str(parallel), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            runs[kind].append(json.loads(out))
+    rows = []
+    for kind, done in runs.items():
+        row = min(done, key=lambda r: r["seconds"])
+        row.update(kind=kind, parallel=parallel, repeats=[r["seconds"] for r in done])
+        rows.append(row)
+    return rows
 
 
 def build_model() -> str:
@@ -223,11 +228,10 @@ def main() -> None:
         return
     args.parallel = [int(p) for p in args.parallel.split(",")]
     model = args.model or build_model()
-    rows = [measure("naive", model, args, 1, args.naive_pairs)]
+    rows = measure(["naive"], model, args, 1, args.naive_pairs)
     for p in args.parallel:
-        for kind in ("rank1-local", "raw"):
-            rows.append(measure(kind, model, args, p, args.pairs))
-            print(json.dumps(rows[-1]), flush=True)
+        rows += measure(["rank1-local", "raw"], model, args, p, args.pairs)
+        print("\n".join(json.dumps(r) for r in rows[-2:]), flush=True)
     from rank1_local.atomic import write_text_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

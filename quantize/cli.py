@@ -1,4 +1,4 @@
-"""``rank1-quantize``: export rank1 checkpoints to GGUF and verify exports against their source."""
+"""``rank1-quantize``: export rank1 checkpoints to GGUF, GPTQ and AWQ, and verify exports against their source."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
     elif args.calibration:
         raise Rank1Error("--calibration is used to compute an importance matrix: add --imatrix auto")
     results = export_gguf(args.model, args.out, args.types, threads=args.threads, progress=not args.quiet,
-                          imatrix=imatrix)
+                          imatrix=imatrix, allow_no_imatrix=args.allow_no_imatrix)
     for r in results:
         print(f"{r.type:8s} {r.n_bytes / 1e6:10.1f} MB {r.seconds:7.1f} s  {r.path}")
     if args.verify:
@@ -47,6 +47,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(render_markdown(report))
     print(f"report: {json_path}\n        {md_path}")
     return 0
+
+
+def _cmd_weight_quant(args: argparse.Namespace) -> int:
+    from quantize.weight_quant import WeightQuantOptions, export_weight_quant
+
+    options = WeightQuantOptions(method=args.command, bits=args.bits, group_size=args.group_size,
+                                 calibration=args.calibration, calibration_size=args.calibration_size,
+                                 calibration_seed=args.calibration_seed, calibration_budget=args.calibration_budget,
+                                 device=args.device)
+    r = export_weight_quant(args.model, args.out, options, progress=not args.quiet)
+    print(f"{r.method.upper()} {r.bits}-bit g{r.group_size}  {r.n_bytes / 1e6:.1f} MB  {r.seconds:.0f} s  {r.path}")
+    print(f"calibration: {r.calibration}")
+    return 0
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration pairs JSONL {qid, docid, query, text} (default: packaged TREC RAG 2024 sample)")
+    p.add_argument("--calibration-size", type=int, default=None, help="pairs drawn from the calibration file")
+    p.add_argument("--calibration-seed", type=int, default=0)
+    p.add_argument("--calibration-budget", type=int, default=256,
+                   help="reasoning tokens the source model writes per calibration pair")
 
 
 def _cmd_fixture(args: argparse.Namespace) -> int:
@@ -72,15 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance matrix for llama.cpp-quantized types (needed by IQ1/IQ2/IQ3_XXS/Q2_K_S): 'auto' "
                         "computes it with the source model over rank1 calibration texts (needs the reference "
                         "extra) and saves DIR/<name>.imatrix.gguf; FILE reads llama-imatrix output (.gguf or .dat)")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="calibration pairs JSONL {qid, docid, query, text} (default: packaged TREC RAG 2024 sample)")
-    p.add_argument("--calibration-size", type=int, default=None, help="pairs drawn from the calibration file")
-    p.add_argument("--calibration-seed", type=int, default=0)
-    p.add_argument("--calibration-budget", type=int, default=256,
-                   help="reasoning tokens the source model writes per calibration pair")
+    p.add_argument("--allow-no-imatrix", action="store_true",
+                   help="quantize IQ3_XS/IQ3_S/IQ3_M/IQ4_NL/IQ4_XS without an importance matrix (lower quality)")
+    _add_calibration_args(p)
     p.add_argument("--verify", action="store_true", help="verify every export against the source afterwards")
     p.add_argument("--verify-prompts", type=int, default=8)
     p.set_defaults(func=_cmd_gguf)
+
+    for method, bits_help in (("gptq", "4 or 8"), ("awq", "4")):
+        p = sub.add_parser(method, help=f"{method.upper()} checkpoint for vLLM and transformers (needs the gptq extra)")
+        p.add_argument("model", help="local checkpoint folder or hub id, e.g. jhu-clsp/rank1-7b")
+        p.add_argument("--out", required=True, type=Path, help="new output folder")
+        p.add_argument("--bits", type=int, default=4, help=f"weight bits: {bits_help}")
+        p.add_argument("--group-size", type=int, default=128,
+                       help="columns sharing one scale; must divide the layers' input sizes" +
+                            (" (-1: one group per row)" if method == "gptq" else ""))
+        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+        _add_calibration_args(p)
+        p.set_defaults(func=_cmd_weight_quant)
 
     p = sub.add_parser("verify", help="compare a GGUF with its source checkpoint (or another GGUF)")
     p.add_argument("gguf", type=Path)

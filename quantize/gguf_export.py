@@ -278,10 +278,12 @@ def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
 
 def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], *,
                 threads: int | None = None, progress: bool = True,
-                imatrix: ImatrixOptions | None = None) -> list[ExportResult]:
+                imatrix: ImatrixOptions | None = None, allow_no_imatrix: bool = False) -> list[ExportResult]:
     """Export ``model`` (local folder or hub id) to one GGUF file per requested type in ``out_dir``; types
-    quantized by llama.cpp use the importance matrix when ``imatrix`` is given."""
-    out_types: list[OutputType] = parse_types(types, have_imatrix=imatrix is not None)
+    quantized by llama.cpp use the importance matrix when ``imatrix`` is given (i-quants such as IQ4_XS are
+    refused without one unless ``allow_no_imatrix``)."""
+    out_types: list[OutputType] = parse_types(types, have_imatrix=imatrix is not None,
+                                              allow_no_imatrix=allow_no_imatrix)
     out_dir = Path(out_dir).expanduser()
     checkpoint = load_checkpoint(model)
     plan = plan_export(checkpoint)

@@ -27,6 +27,9 @@ LLAMA_CPP_TYPES: dict[str, int] = {
 
 # llama.cpp refuses these without an importance matrix (their IQ3_XXS, 2-bit and smaller tensor types).
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "IQ3_XXS"})
+# The other i-quants run without one in llama.cpp, but they were designed around an importance matrix and lose
+# more without it: refused unless the user says so (``allow_no_imatrix``).
+MADE_FOR_IMATRIX = frozenset({"IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS"})
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ class OutputType:
         return self.name in DIRECT_TYPES
 
 
-def parse_types(spec: str | list[str], *, have_imatrix: bool = False) -> list[OutputType]:
-    """Parse ``"F16,Q8_0,q4_k_m"`` into output types, rejecting unknown names (and types that need an
-    importance matrix when there is none) up front."""
+def parse_types(spec: str | list[str], *, have_imatrix: bool = False,
+                allow_no_imatrix: bool = False) -> list[OutputType]:
+    """Parse ``"F16,Q8_0,q4_k_m"`` into output types, rejecting unknown names (and, when there is no importance
+    matrix, the types that need one and — unless ``allow_no_imatrix`` — the i-quants made for one) up front."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip().upper() for n in names if n.strip()]
     if not names:
@@ -53,4 +57,8 @@ def parse_types(spec: str | list[str], *, have_imatrix: bool = False) -> list[Ou
     if needs and not have_imatrix:
         raise Rank1Error(f"{', '.join(needs)} need(s) an importance matrix: add --imatrix auto (computed from rank1 "
                          "calibration prompts with the source model) or --imatrix FILE (llama-imatrix output)")
+    made_for = [n for n in names if n in MADE_FOR_IMATRIX]
+    if made_for and not have_imatrix and not allow_no_imatrix:
+        raise Rank1Error(f"{', '.join(made_for)}: i-quants are made for an importance matrix: add --imatrix auto "
+                         "or --imatrix FILE, or --allow-no-imatrix to quantize without one (lower quality)")
     return [OutputType(n) for n in dict.fromkeys(names)]

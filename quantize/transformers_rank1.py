@@ -11,7 +11,9 @@ Needs the ``reference`` extra (torch, transformers); importing this module does 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,7 +72,8 @@ class TransformersRank1(Reranker):
     Args:
         model: checkpoint folder or hub id (unquantized, AWQ or GPTQ).
         device: "cpu", "cuda", "cuda:1" … or "auto" (CUDA when available).
-        dtype: "auto" (float16 on CUDA, float32 on CPU), "float32", "float16" or "bfloat16".
+        dtype: "auto" (float16 on CUDA, float32 on CPU; float16 for AWQ/GPTQ checkpoints everywhere), "float32",
+            "float16" or "bfloat16".
         max_think_tokens, n_ctx, rethink_rounds, prompt_template: as for :class:`rank1_local.Rank1`.
     """
 
@@ -88,18 +91,29 @@ class TransformersRank1(Reranker):
             raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
         self.model_path = path
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        quant = self._quantization_method(path)
         if dtype == "auto":
-            dtype = "float32" if self.device == "cpu" else "float16"
+            dtype = "float32" if self.device == "cpu" and not quant else "float16"
         if dtype not in ("float32", "float16", "bfloat16"):
             raise Rank1Error(f"dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
+        if quant in ("gptq", "awq") and dtype == "float32":
+            # GPTQModel's CPU GPTQ kernel gives wrong logits with float32 activations (seen with 7.6.0).
+            raise Rank1Error(f"{path.name} is a {quant} checkpoint: its kernels run in float16 or bfloat16, "
+                             "not float32 (use dtype auto)")
         self.dtype = dtype
+        if quant:
+            from quantize.weight_quant import prepare_gptqmodel_env
+
+            prepare_gptqmodel_env()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         try:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, dtype)).to(self.device).eval()
+            # GPTQModel (loaded by transformers for AWQ/GPTQ) prints a banner to stdout: keep stdout for results
+            with contextlib.redirect_stdout(sys.stderr):
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=getattr(torch, dtype)).to(self.device).eval()
         except (ImportError, ValueError, RuntimeError) as exc:
-            quant = self._quantization_method(path)
-            hint = f" ({quant} checkpoints need their kernels: see the README's AWQ/GPTQ section)" if quant else ""
+            hint = (f" ({quant} checkpoints need GPTQModel: pip install 'rank1-local[gptq]')"
+                    if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
             raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
                                         f"{self.device}{hint}: {str(exc).splitlines()[0][:300]}") from None
         self.max_think_tokens = max_think_tokens

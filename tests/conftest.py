@@ -39,7 +39,8 @@ def exported(tmp_path_factory, fixture_dir):
     def get(name: str, gguf_type: str) -> Path:
         key = (name, gguf_type)
         if key not in made:
-            (result,) = export_gguf(fixture_dir(name), out / name, gguf_type, progress=False)
+            (result,) = export_gguf(fixture_dir(name), out / name, gguf_type, progress=False,
+                                    allow_no_imatrix=True)
             made[key] = result.path
         return made[key]
 

@@ -26,7 +26,7 @@ def source(fixture_dir):
 @pytest.fixture(scope="module")
 def with_imatrix(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("imatrix")
-    results = export_gguf(source, out, "Q4_K_M,IQ2_XS", imatrix=AUTO, progress=False, threads=1)
+    results = export_gguf(source, out, "Q4_K_M,IQ2_XS,IQ4_XS", imatrix=AUTO, progress=False, threads=1)
     return out, {r.type: r.path for r in results}
 
 
@@ -72,6 +72,20 @@ def test_iq2_needs_an_imatrix(with_imatrix, source, tmp_path, capsys):
     assert quantize_cli(["-q", "gguf", str(source), "--out", str(tmp_path), "--types", "IQ2_XS"]) == 2
     assert "IQ2_XS need(s) an importance matrix: add --imatrix auto" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_iq4_xs_is_made_with_an_imatrix_and_refused_without(with_imatrix, source, tmp_path, capsys):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    _, paths = with_imatrix
+    types = {t.tensor_type for t in GGUFReader(paths["IQ4_XS"]).tensors if len(t.shape) == 2}
+    assert GGMLQuantizationType.IQ4_XS in types
+    assert quantize_cli(["-q", "gguf", str(source), "--out", str(tmp_path), "--types", "Q8_0,IQ4_XS"]) == 2
+    assert "IQ4_XS: i-quants are made for an importance matrix" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written, Q8_0 included
+    assert quantize_cli(["-q", "gguf", str(source), "--out", str(tmp_path), "--types", "IQ4_XS",
+                         "--allow-no-imatrix"]) == 0
+    assert (tmp_path / f"{source.name}-IQ4_XS.gguf").stat().st_size > 0
 
 
 def test_existing_imatrix_file_is_used(with_imatrix, source, tmp_path):
