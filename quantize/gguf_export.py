@@ -288,9 +288,11 @@ def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], 
     checkpoint = load_checkpoint(model)
     plan = plan_export(checkpoint)
     _check_writable(out_dir)
-    matrix = None
+    matrix, matrix_file = None, ""
     if imatrix is not None and any(not t.direct for t in out_types):
         matrix = prepare_imatrix(imatrix, plan, out_dir, progress=progress)
+        auto = str(imatrix.source) == "auto"
+        matrix_file = f"{checkpoint.name}.imatrix.gguf" if auto else Path(imatrix.source).name
     results: list[ExportResult] = []
     intermediate: Path | None = None
     scratch = Path(tempfile.mkdtemp(prefix=".rank1-export-", dir=out_dir))
@@ -309,7 +311,8 @@ def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], 
                     if not done:
                         write_gguf(plan, source_type, intermediate, progress=progress)
                 with atomic_path(target) as tmp:
-                    quantize_gguf(intermediate, tmp, out_type.name, threads=threads, imatrix=matrix)
+                    quantize_gguf(intermediate, tmp, out_type.name, threads=threads, imatrix=matrix,
+                                  imatrix_file=matrix_file)
             result = ExportResult(out_type.name, target, target.stat().st_size, time.perf_counter() - start)
             logger.info("wrote %s (%.1f MB, %.1fs)", target, result.n_bytes / 1e6, result.seconds)
             results.append(result)

@@ -61,9 +61,18 @@ def test_imatrix_file_is_llama_cpp_gguf_format(with_imatrix, source):
 
 def test_imatrix_changes_quantized_bytes(with_imatrix, source, tmp_path):
     _, paths = with_imatrix
+    reader = gguf.GGUFReader(paths["Q4_K_M"])  # recorded as llama-quantize records it
+    assert reader.get_field("quantize.imatrix.file").contents() == f"{source.name}.imatrix.gguf"
+    assert reader.get_field("quantize.imatrix.dataset").contents().startswith("rank1 calibration: 2 pairs")
+    assert reader.get_field("quantize.imatrix.entries_count").contents() > 0
+    assert reader.get_field("quantize.imatrix.chunks_count").contents() == 2
     (plain,) = export_gguf(source, tmp_path, "Q4_K_M", progress=False, threads=1)
-    a, b = paths["Q4_K_M"].read_bytes(), plain.path.read_bytes()
-    assert len(a) == len(b) and a != b
+    with_m = {t.name: t for t in reader.tensors}
+    without = {t.name: t for t in gguf.GGUFReader(plain.path).tensors}
+    assert {n: t.tensor_type for n, t in with_m.items()} == {n: t.tensor_type for n, t in without.items()}
+    changed = [n for n, t in with_m.items() if t.data.tobytes() != without[n].data.tobytes()]
+    assert "blk.0.ffn_down.weight" in changed and all(n.endswith(".weight") for n in changed)
+    assert gguf.GGUFReader(plain.path).get_field("quantize.imatrix.file") is None
 
 
 def test_iq2_needs_an_imatrix(with_imatrix, source, tmp_path, capsys):
@@ -75,11 +84,9 @@ def test_iq2_needs_an_imatrix(with_imatrix, source, tmp_path, capsys):
 
 
 def test_iq4_xs_is_made_with_an_imatrix_and_refused_without(with_imatrix, source, tmp_path, capsys):
-    from gguf import GGMLQuantizationType, GGUFReader
-
     _, paths = with_imatrix
-    types = {t.tensor_type for t in GGUFReader(paths["IQ4_XS"]).tensors if len(t.shape) == 2}
-    assert GGMLQuantizationType.IQ4_XS in types
+    types = {t.tensor_type for t in gguf.GGUFReader(paths["IQ4_XS"]).tensors if len(t.shape) == 2}
+    assert gguf.GGMLQuantizationType.IQ4_XS in types
     assert quantize_cli(["-q", "gguf", str(source), "--out", str(tmp_path), "--types", "Q8_0,IQ4_XS"]) == 2
     assert "IQ4_XS: i-quants are made for an importance matrix" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before anything was written, Q8_0 included
