@@ -79,7 +79,10 @@ def test_budget_fallback_matches_reference(f32_model, reference):
         ref = reference.score(pair.query, pair.passage, max_think_tokens=12)
         assert g.forced and ref.forced and g.n_tokens == ref.n_tokens == 12
         assert g.reasoning == ref.reasoning
-        assert abs(g.score - ref.score) <= 1e-4
+        # the forced answer follows "\n</think>" after a chain cut mid-way: a state the fixture was never trained
+        # on, where llama.cpp/torch fp32 rounding differences grow (seen up to 1.8e-4 on a fresh fixture build);
+        # a wrong fallback prompt moves the score by far more than this
+        assert abs(g.score - ref.score) <= 1e-3
 
 
 def test_rethink_round_matches_reference(f32_model, reference):
