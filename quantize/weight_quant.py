@@ -24,16 +24,15 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from quantize.architectures import arch_spec
-from quantize.checkpoint import open_checkpoint
-from quantize.gguf_export import CHECKPOINT_PATTERNS
+from quantize.gguf_export import load_checkpoint
 from rank1_local.atomic import write_text_atomic
 from rank1_local.errors import Rank1Error
-from rank1_local.hub import is_hub_id, resolve_local_or_hub
+from rank1_local.hub import is_hub_id
+from rank1_local.run_header import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -165,19 +164,13 @@ def _calibration_ids(tokenizer: Any, texts: list[str]) -> list[dict[str, list[in
     return rows
 
 
-def _library_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def model_card(source: str, options: WeightQuantOptions, calibration: str, seconds: float, device: str) -> str:
     """README.md for an export: what it is, how it was made (calibration set included), how to run it."""
     kind = (f"GPTQ {options.bits}-bit (group size {options.group_size}, symmetric, desc_act false)"
             if options.method == "gptq" else
             f"AWQ {options.bits}-bit GEMM (group size {options.group_size}, zero point, fp16)")
-    versions = ", ".join(f"{n} {_library_version(n)}" for n in ("gptqmodel", "torch", "transformers"))
+    installed = library_versions()
+    versions = ", ".join(f"{n} {installed[n]}" for n in ("gptqmodel", "torch", "transformers") if n in installed)
     return f"""---
 base_model: {source if is_hub_id(source) else Path(source).name}
 library_name: transformers
@@ -212,8 +205,8 @@ def export_weight_quant(model: str | Path, out_dir: str | Path, options: WeightQ
                         progress: bool = True) -> WeightQuantResult:
     """Quantize ``model`` (local folder or hub id) with GPTQ or AWQ into the new folder ``out_dir``."""
     out_dir = Path(out_dir).expanduser()
-    path = resolve_local_or_hub(model, allow_patterns=CHECKPOINT_PATTERNS)
-    checkpoint = open_checkpoint(path)
+    checkpoint = load_checkpoint(model)
+    path = checkpoint.path
     arch_spec(checkpoint.config)  # the rank1 architectures only
     check_options(options, checkpoint.config)
     _check_output(out_dir)
@@ -260,7 +253,7 @@ def export_weight_quant(model: str | Path, out_dir: str | Path, options: WeightQ
         record = {"source": source, "method": options.method, "bits": options.bits,
                   "group_size": options.group_size, "calibration": calibration.description,
                   "calibration_seed": options.calibration_seed, "seconds": round(seconds, 1), "device": device,
-                  "gptqmodel": _library_version("gptqmodel")}
+                  "versions": library_versions()}
         write_text_atomic(staging / "rank1_export.json", json.dumps(record, indent=2) + "\n")
         shutil.rmtree(staging / "logs", ignore_errors=True)  # GPTQModel's scratch logs (quant_log.csv stays)
         if out_dir.exists():
