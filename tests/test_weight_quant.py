@@ -58,9 +58,12 @@ def test_gptq_export_is_a_gptq_checkpoint(exports):
     assert (quant["quant_method"], quant["bits"], quant["group_size"]) == ("gptq", 4, 128)
     assert quant["desc_act"] is False and quant["sym"] is True
     assert json.loads((folder / "quantize_config.json").read_text())["bits"] == 4  # auto-gptq's file
-    layout = _tensor_layout(folder)  # down_proj: in 512, out 256; 8 four-bit values per int32
+    # the shapes vLLM's GPTQ/GPTQ-Marlin loaders allocate; down_proj: in 512, out 256, 8 four-bit values per int32
+    layout = _tensor_layout(folder)
     assert layout["model.layers.0.mlp.down_proj.qweight"] == ([512 // 8, 256], "I32")
+    assert layout["model.layers.0.mlp.down_proj.qzeros"] == ([512 // 128, 256 // 8], "I32")
     assert layout["model.layers.0.mlp.down_proj.scales"] == ([512 // 128, 256], "F16")
+    assert layout["model.layers.0.mlp.down_proj.g_idx"] == ([512], "I32")
     assert "model.layers.0.mlp.down_proj.weight" not in layout
     card = (folder / "README.md").read_text()
     record = json.loads((folder / "rank1_export.json").read_text())
@@ -74,8 +77,9 @@ def test_awq_export_is_an_autoawq_gemm_checkpoint(exports):
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert (quant["quant_method"], quant["bits"], quant["group_size"]) == ("awq", 4, 128)
     assert quant["version"] == "gemm" and quant["zero_point"] is True
-    layout = _tensor_layout(folder)  # AWQ packs along the output dimension
+    layout = _tensor_layout(folder)  # AutoAWQ's GEMM layout, packed along the output dimension, as vLLM reads it
     assert layout["model.layers.0.mlp.down_proj.qweight"] == ([512, 256 // 8], "I32")
+    assert layout["model.layers.0.mlp.down_proj.qzeros"] == ([512 // 128, 256 // 8], "I32")
     assert layout["model.layers.0.mlp.down_proj.scales"] == ([512 // 128, 256], "F16")
     assert "AWQ 4-bit" in (folder / "README.md").read_text()
 
