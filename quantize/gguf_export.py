@@ -251,9 +251,10 @@ class ImatrixOptions:
     max_think_tokens: int = 256
 
 
-def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *, progress: bool = True) -> Imatrix:
-    """Load or compute the importance matrix for ``plan``'s model; a computed one is saved as
-    ``<name>.imatrix.gguf`` in ``out_dir`` (reusable with ``--imatrix FILE``)."""
+def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
+                    progress: bool = True) -> tuple[Imatrix, Path]:
+    """Load or compute the importance matrix for ``plan``'s model, and the file it is in; a computed one is saved
+    as ``<name>.imatrix.gguf`` in ``out_dir`` (reusable with ``--imatrix FILE``)."""
     if str(options.source) == "auto":
         from quantize.calibration import rank1_calibration
         from quantize.imatrix import compute_imatrix, write_imatrix
@@ -268,12 +269,13 @@ def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
         write_imatrix(path, imatrix)
         logger.info("importance matrix (%s) saved to %s", calibration.description, path)
     else:
-        imatrix = read_imatrix(Path(options.source).expanduser())
+        path = Path(options.source).expanduser()
+        imatrix = read_imatrix(path)
     weights = {job.gguf_name for job in plan.jobs if len(job.shape) == 2}
     if not weights & set(imatrix.entries):
         raise Rank1Error(f"the importance matrix {options.source} has no entries for this model's tensors "
                          "(was it made for another model?)")
-    return imatrix
+    return imatrix, path
 
 
 def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], *,
@@ -290,9 +292,8 @@ def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], 
     _check_writable(out_dir)
     matrix, matrix_file = None, ""
     if imatrix is not None and any(not t.direct for t in out_types):
-        matrix = prepare_imatrix(imatrix, plan, out_dir, progress=progress)
-        auto = str(imatrix.source) == "auto"
-        matrix_file = f"{checkpoint.name}.imatrix.gguf" if auto else Path(imatrix.source).name
+        matrix, matrix_path = prepare_imatrix(imatrix, plan, out_dir, progress=progress)
+        matrix_file = matrix_path.name
     results: list[ExportResult] = []
     intermediate: Path | None = None
     scratch = Path(tempfile.mkdtemp(prefix=".rank1-export-", dir=out_dir))
