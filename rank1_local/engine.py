@@ -105,6 +105,7 @@ class LlamaEngine:
     def tokenize(self, text: str) -> list[int]:
         """Ids as the HF tokenizer (and so vLLM) makes them: BOS where the model adds one, special
         tokens parsed."""
+        self._check_open()
         data = text.encode("utf-8")
         n_max = len(data) + 16
         buf = (self.lc.llama_token * n_max)()
@@ -140,6 +141,7 @@ class LlamaEngine:
         keyed by the entry's index in ``entries``."""
         if not entries:
             return {}
+        self._check_open()
         if len(entries) > self.n_batch:
             raise ValueError(f"batch of {len(entries)} tokens exceeds n_batch {self.n_batch}")
         b = self._batch
@@ -160,6 +162,10 @@ class LlamaEngine:
                 ptr = self.lc.llama_get_logits_ith(self.ctx, i)
                 out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return out
+
+    def _check_open(self) -> None:
+        if not getattr(self, "ctx", None):
+            raise Rank1Error(f"{self.path.name}: the model was closed; load it again to keep using it")
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:

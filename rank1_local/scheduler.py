@@ -3,7 +3,8 @@
 Sequence 0 holds the prompt prefix shared by the passages of the current query
 (``"Determine…\\nQuery: {q}\\nPassage: "`` as tokens); each of the ``parallel`` slots (sequences
 1..parallel) starts from a copy of it (in the unified KV cache the cells are shared, not copied),
-evaluates its passage, then reasons greedily. All active slots advance together in one
+evaluates its passage, then reasons greedily. When the next query's prefix is loaded, the tokens it shares
+with the previous one (the instruction head) stay in sequence 0's cache. All active slots advance together in one
 ``llama_decode`` call per step, and a finished slot takes the next pair at once.
 """
 
@@ -62,13 +63,18 @@ class Scheduler:
         self.params = params
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self._prefix: list[int] = []  # the tokens sequence 0 holds
 
     def _load_prefix(self, ids: list[int]) -> None:
-        self.engine.seq_remove(PREFIX_SEQ)  # cells still used by running slots stay
-        for start in range(0, len(ids), self.engine.n_batch):
+        """Make sequence 0 hold ``ids``, keeping what it shares with the previous query's prefix (the
+        instruction head and ``Query:``), so only the query-specific tail is evaluated."""
+        keep = common_prefix_len(self._prefix, ids)
+        self.engine.seq_remove(PREFIX_SEQ, keep, -1)  # cells still used by running slots stay
+        for start in range(keep, len(ids), self.engine.n_batch):
             chunk = ids[start:start + self.engine.n_batch]
             self.engine.decode([BatchEntry(t, start + k, PREFIX_SEQ, False) for k, t in enumerate(chunk)])
-        self.prompt_tokens += len(ids)
+        self.prompt_tokens += len(ids) - keep
+        self._prefix = ids
 
     def _start(self, slot: _Slot, job: Job) -> None:
         self.engine.seq_remove(slot.seq)
@@ -142,16 +148,15 @@ class Scheduler:
         start = time.perf_counter()
         queue = deque(jobs)
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
-        prefix: list[int] | None = None
         results: list[Rank1Result] = []
         self.engine.clear()
+        self._prefix = []
         while queue or any(s.job for s in slots):
             for slot in slots:
                 if slot.job is None and queue:
                     job = queue.popleft()
-                    if prefix != job.prompt_ids[:job.shared]:
-                        prefix = job.prompt_ids[:job.shared]
-                        self._load_prefix(prefix)
+                    if self._prefix != job.prompt_ids[:job.shared]:
+                        self._load_prefix(job.prompt_ids[:job.shared])
                     self._start(slot, job)
             # one token per reasoning slot first, then prompt chunks in the room left
             entries: list[BatchEntry] = []

@@ -10,6 +10,8 @@ import pytest
 
 from quantize.fixtures.synthetic_task import eval_pairs, make_pair
 from rank1_local.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
+from rank1_local.prompt import build_prompt, prompt_prefix
+from rank1_local.protocol import common_prefix_len
 from rank1_local.reranker import Pair, Rank1
 
 pytest.importorskip("transformers")
@@ -71,6 +73,26 @@ def test_batched_equals_sequential_in_any_order(f32_model, sequential):
         assert abs(shuffled[pos].score - sequential[i].score) <= 1e-4
 
 
+def test_shared_prefixes_are_evaluated_once(f32_model, sequential):
+    """Each query's prefix is evaluated once, and only the part it does not share with the previous query's
+    (the instruction head, "Query: What is known about the"); passages are evaluated after it."""
+    pairs = [(p.query, p.passage) for p in PAIRS[:8]]
+    with _model(f32_model, parallel=2, max_think_tokens=64) as m:
+        got = m.score_pairs(pairs[::2] + pairs[1::2])  # queries interleaved: jobs are regrouped by query
+        stats = m.last_stats
+        prefixes = [m.engine.tokenize(prompt_prefix(q))[:-1] for q in dict.fromkeys(q for q, _ in pairs)]
+        prompts = {(q, d): len(m.engine.tokenize(build_prompt(q, d))) for q, d in pairs}
+    assert not any(r.forced for r in got)
+    assert len(prefixes) == 2 and 0 < common_prefix_len(*prefixes) < len(prefixes[1])
+    expected = len(prefixes[0]) + len(prefixes[1]) - common_prefix_len(*prefixes)
+    for q, d in pairs:
+        expected += prompts[q, d] - len(prefixes[q != pairs[0][0]])
+    assert stats.prompt_tokens == expected
+    by_pair = {(pairs[::2] + pairs[1::2])[r.index]: r for r in got}
+    for pair, seq in zip(pairs, sequential):
+        assert by_pair[pair].reasoning == seq.reasoning and abs(by_pair[pair].score - seq.score) <= 1e-4
+
+
 def test_budget_fallback_matches_reference(f32_model, reference):
     pairs = PAIRS[:4]
     with _model(f32_model, parallel=2, max_think_tokens=12) as m:
@@ -103,6 +125,8 @@ def test_predict_and_rank_api(f32_model):
         assert scores.shape == (2,) and scores[0] > 0.9 and scores[1] < 0.1
         ranked = m.rank(PAIRS[0].query, [PAIRS[3].passage, PAIRS[0].passage], return_documents=True, top_k=1)
         assert ranked == [{"corpus_id": 1, "score": pytest.approx(scores[0], abs=1e-4), "text": PAIRS[0].passage}]
+    with pytest.raises(Rank1Error, match="model was closed"):  # not a crash on freed llama.cpp memory
+        m.predict([(PAIRS[0].query, PAIRS[0].passage)])
 
 
 def test_long_passage_is_truncated_not_the_query(f32_model):
