@@ -77,8 +77,9 @@ def test_shared_prefixes_are_evaluated_once(f32_model, sequential):
     """Each query's prefix is evaluated once, and only the part it does not share with the previous query's
     (the instruction head, "Query: What is known about the"); passages are evaluated after it."""
     pairs = [(p.query, p.passage) for p in PAIRS[:8]]
+    interleaved = pairs[::2] + pairs[1::2]  # queries alternate: the runtime regroups jobs by query
     with _model(f32_model, parallel=2, max_think_tokens=64) as m:
-        got = m.score_pairs(pairs[::2] + pairs[1::2])  # queries interleaved: jobs are regrouped by query
+        got = m.score_pairs(interleaved)
         stats = m.last_stats
         prefixes = [m.engine.tokenize(prompt_prefix(q))[:-1] for q in dict.fromkeys(q for q, _ in pairs)]
         prompts = {(q, d): len(m.engine.tokenize(build_prompt(q, d))) for q, d in pairs}
@@ -88,7 +89,7 @@ def test_shared_prefixes_are_evaluated_once(f32_model, sequential):
     for q, d in pairs:
         expected += prompts[q, d] - len(prefixes[q != pairs[0][0]])
     assert stats.prompt_tokens == expected
-    by_pair = {(pairs[::2] + pairs[1::2])[r.index]: r for r in got}
+    by_pair = {interleaved[r.index]: r for r in got}
     for pair, seq in zip(pairs, sequential):
         assert by_pair[pair].reasoning == seq.reasoning and abs(by_pair[pair].score - seq.score) <= 1e-4
 
