@@ -14,34 +14,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rank1_local.api import Reranker
+from rank1_local.backends import open_reranker
+from rank1_local.cli import add_scoring_args, scoring_config
 from rank1_local.cli_support import run_command
-from rank1_local.errors import Rank1Error
+from rank1_local.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
+from rank1_local.extras import require
 
 logger = logging.getLogger("rank1-bench")
 
 
-def _reference_model(args: argparse.Namespace) -> Reranker:
+def _reference_model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
     if args.engine == "vllm":
-        from benchmarks.vllm_reference import VllmRank1
-
-        return VllmRank1(args.model, dtype="float16" if args.dtype == "auto" else args.dtype,
-                         max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, rethink_rounds=args.rethink_rounds,
-                         prompt_template=args.prompt, tensor_parallel_size=args.tensor_parallel_size)
-    from quantize.transformers_rank1 import TransformersRank1
-
-    return TransformersRank1(args.model, device=args.device, dtype=args.dtype, max_think_tokens=args.max_think_tokens,
-                             n_ctx=args.n_ctx, rethink_rounds=args.rethink_rounds, prompt_template=args.prompt)
+        settings = {"dtype": "float16" if args.dtype == "auto" else args.dtype,
+                    "tensor_parallel_size": args.tensor_parallel_size}
+    else:
+        settings = {"device": args.device, "dtype": args.dtype}
+    return open_reranker(args.engine, args.model, config, **settings)
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
     from rank1_local.run_file import score_pairs_file
 
-    if args.max_think_tokens < 1 or args.n_ctx <= args.max_think_tokens:
-        raise Rank1Error("--n-ctx must be larger than --max-think-tokens, and both positive")
-    settings = {"max_think_tokens": args.max_think_tokens, "n_ctx": args.n_ctx, "rethink_rounds": args.rethink_rounds,
-                "prompt_template": args.prompt, "dtype": args.dtype}
-    n = score_pairs_file(args.pairs, args.output, lambda: _reference_model(args), model_arg=str(args.model),
-                         engine=args.engine, settings=settings, progress=not args.quiet)
+    config = scoring_config(args)
+    n = score_pairs_file(args.pairs, args.output, lambda: _reference_model(args, config), model_arg=str(args.model),
+                         engine=args.engine, progress=not args.quiet)
     logger.info("%d pairs scored into %s", n, args.output)
     return 0
 
@@ -51,22 +47,21 @@ def load_tokenizer(path: str) -> Callable[[str], list[int]]:
     if path.lower().endswith(".gguf"):
         from llama_cpp import Llama
 
-        from rank1_local.llama_logits import check_gguf_file
+        from rank1_local.gguf_file import check_gguf_file
 
         check_gguf_file(Path(path))
         llm = Llama(model_path=path, vocab_only=True, verbose=False)
         return lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     from rank1_local.hub import resolve_local_or_hub
 
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise Rank1Error("--tokenizer with a checkpoint folder needs transformers (or pass a .gguf file)") from None
-    tok = AutoTokenizer.from_pretrained(resolve_local_or_hub(path))
+    transformers = require("transformers", "reference", "--tokenizer with a checkpoint folder (or pass a .gguf file)")
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_local_or_hub(path))
     return lambda text: tok.encode(text, add_special_tokens=False)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    for module in ("scipy", "ir_measures", "matplotlib"):
+        require(module, "bench", "rank1-bench compare")
     from benchmarks.compare import compare, plot, read_qrels, render_markdown, to_json
     from benchmarks.runfile import read_run
     from rank1_local.atomic import write_text_atomic
@@ -105,10 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (vllm/cuda: float16, cpu: float32), float32, float16, "
                    "bfloat16")
     p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
-    p.add_argument("--max-think-tokens", type=int, default=8192, help="reasoning budget (official: 8192)")
-    p.add_argument("--n-ctx", type=int, default=16000, help="context length (official: 16000)")
-    p.add_argument("--rethink-rounds", type=int, default=0)
-    p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+    add_scoring_args(p, budget=OFFICIAL_BUDGET, n_ctx=OFFICIAL_CONTEXT)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs to shard the model over")
     p.set_defaults(func=_cmd_reference)
 

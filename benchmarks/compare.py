@@ -19,6 +19,7 @@ import numpy as np
 
 from benchmarks.runfile import Key, Run
 from rank1_local.errors import Rank1Error
+from rank1_local.protocol import common_prefix_len
 
 logger = logging.getLogger(__name__)
 TOP_K = 10
@@ -104,12 +105,7 @@ def _ranking(ref: Run, run: Run, common: set[Key]) -> tuple[float | None, float 
 
 
 def _divergence(a: str, b: str, tokenize: Callable[[str], list[int]] | None) -> int:
-    x, y = (tokenize(a), tokenize(b)) if tokenize else (a, b)
-    n = min(len(x), len(y))
-    i = 0
-    while i < n and x[i] == y[i]:
-        i += 1
-    return i
+    return common_prefix_len(tokenize(a), tokenize(b)) if tokenize else common_prefix_len(a, b)
 
 
 def _ndcg(run: Run, common: set[Key], qrels: Sequence[Any]) -> float:

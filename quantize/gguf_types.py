@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import gguf
 
 from rank1_local.errors import Rank1Error
+from rank1_local.gguf_file import LLAMA_FTYPES
 
 # Written directly by our exporter (numpy, no llama.cpp needed): name -> (tensor type, file type)
 DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, int]] = {
@@ -17,13 +18,7 @@ DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, int]] = {
 }
 
 # Produced by llama_model_quantize (llama.cpp's own quantizer): name -> llama_ftype
-LLAMA_CPP_TYPES: dict[str, int] = {
-    "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
-    "Q2_K": 10, "Q2_K_S": 21, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
-    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-    "IQ1_S": 24, "IQ1_M": 31, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29,
-    "IQ3_XXS": 23, "IQ3_XS": 22, "IQ3_S": 26, "IQ3_M": 27, "IQ4_NL": 25, "IQ4_XS": 30,
-}
+LLAMA_CPP_TYPES: dict[str, int] = {name: ftype for name, ftype in LLAMA_FTYPES.items() if name not in DIRECT_TYPES}
 
 # llama.cpp refuses these without an importance matrix (their IQ3_XXS, 2-bit and smaller tensor types).
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "IQ3_XXS"})

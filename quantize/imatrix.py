@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 
 from rank1_local.errors import CorruptFileError, Rank1Error
+from rank1_local.gguf_file import GGUF_MAGIC
 
 logger = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass

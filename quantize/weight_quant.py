@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 from quantize.architectures import arch_spec
 from quantize.gguf_export import load_checkpoint
 from rank1_local.atomic import write_text_atomic
+from rank1_local.backends.hf import prepare_gptqmodel_env
 from rank1_local.errors import Rank1Error
 from rank1_local.hub import is_hub_id
 from rank1_local.run_header import library_versions
@@ -114,14 +116,6 @@ def _check_output(out_dir: Path) -> None:
         raise Rank1Error(f"output folder {out_dir.parent} is not writable")
 
 
-def prepare_gptqmodel_env() -> None:
-    """GPTQModel sizes its CPU worker pool as half the cores but asks for 2 model-loading workers, which fails
-    on 1–3 core machines ("Virtual pool 'model_loader:cpu' requests 2 workers"); its own environment knob sets
-    the pool size. Call before gptqmodel is first imported (transformers imports it to load AWQ/GPTQ)."""
-    if (os.cpu_count() or 1) < 4:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-
-
 def _import_gptqmodel() -> Any:
     try:
         import torch  # noqa: F401
@@ -135,15 +129,24 @@ def _import_gptqmodel() -> Any:
     return gptqmodel
 
 
-def _keep_logs_out_of_cwd(folder: Path) -> None:
+@contextlib.contextmanager
+def logs_redirected(folder: Path) -> Iterator[None]:
     """GPTQModel writes per-layer scratch logs to ``./logs`` of the working directory (a module-level path in
-    ``gptqmodel.looper.loop_processor``); point it into the staging folder instead."""
+    ``gptqmodel.looper.loop_processor``); point it into ``folder`` for the duration, then put it back."""
     try:
         from gptqmodel.looper import loop_processor
     except ImportError:  # another GPTQModel layout: nothing to redirect
+        yield
         return
-    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
-        loop_processor._PROJECT_LOG_DIR = folder
+    if not hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        yield
+        return
+    saved = loop_processor._PROJECT_LOG_DIR
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = saved
 
 
 def _device(requested: str) -> str:
@@ -238,8 +241,7 @@ def export_weight_quant(model: str | Path, out_dir: str | Path, options: WeightQ
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _keep_logs_out_of_cwd(staging / "logs")
-        with quiet:
+        with quiet, logs_redirected(staging / "logs"):
             qmodel = gptqmodel.GPTQModel.load(str(path), gptqmodel.QuantizeConfig(**method_args), device=device,
                                               **load_args)
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 
+from rank1_local.config import ScoringConfig
 from rank1_local.pairs import Pair, Passage
 from rank1_local.results import Rank1Result
 
 
 class Reranker(ABC):
-    """Implementations provide :meth:`score_pairs`; everything else is built on it."""
+    """Implementations set ``config`` and provide :meth:`score_pairs`; everything else is built on it."""
+
+    config: ScoringConfig
 
     @abstractmethod
     def score_pairs(self, pairs: Sequence[Pair | tuple], *,
@@ -25,6 +28,15 @@ class Reranker(ABC):
     @abstractmethod
     def backend(self) -> str:
         """Where the model runs, in words (e.g. "CPU", "GPU offload (24/24 layers)", "transformers cuda float16")."""
+
+    def score_settings(self) -> dict[str, Any]:
+        """Everything that decides the scores besides the model file: the protocol settings, and the numeric
+        precision where the backend chooses it (written in run headers; a resumed run must keep them)."""
+        settings = self.config.to_dict()
+        dtype = getattr(self, "dtype", None)
+        if dtype is not None:
+            settings["dtype"] = dtype
+        return settings
 
     def rerank(self, query: str, documents: Sequence[Passage], *, instruction: str | None = None,
                top_k: int | None = None) -> list[Rank1Result]:

@@ -1,4 +1,4 @@
-"""``rank1-local``: rerank passages with a rank1 GGUF model."""
+"""``rank1-local``: rerank passages with a rank1 model (GGUF in llama.cpp; checkpoints in transformers or vLLM)."""
 
 from __future__ import annotations
 
@@ -7,39 +7,54 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from rank1_local.api import Reranker
+from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli_support import run_command
+from rank1_local.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.errors import Rank1Error
 
 logger = logging.getLogger("rank1-local")
 
 
-def _model(args: argparse.Namespace) -> Reranker:
+def scoring_config(args: argparse.Namespace) -> ScoringConfig:
+    """The protocol settings from the command line (validated: a bad value is a one-line error)."""
+    return ScoringConfig(max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, prompt_template=args.prompt,
+                         rethink_rounds=args.rethink_rounds)
+
+
+def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> None:
+    """The protocol settings' flags (shared by rank1-local and rank1-bench)."""
+    p.add_argument("--max-think-tokens", type=int, default=budget,
+                   help=f"reasoning budget (default {budget}; official {OFFICIAL_BUDGET})")
+    p.add_argument("--n-ctx", type=int, default=n_ctx,
+                   help=f"context per pair, prompt + reasoning (default {n_ctx}; official {OFFICIAL_CONTEXT})")
+    p.add_argument("--rethink-rounds", type=int, default=0,
+                   help="budget forcing: replace </think> with '\\nWait' this many times")
+    p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen backend's engine settings from the command line."""
     if args.backend == "transformers":
-        from quantize.transformers_rank1 import TransformersRank1
-
-        return TransformersRank1(args.model, device=args.device, dtype=args.dtype,
-                                 max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx,
-                                 rethink_rounds=args.rethink_rounds, prompt_template=args.prompt)
-    from rank1_local.reranker import Rank1
-
-    return Rank1(args.model, n_gpu_layers=args.n_gpu_layers, parallel=args.parallel,
-                 max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, threads=args.threads,
-                 rethink_rounds=args.rethink_rounds, prompt_template=args.prompt, gguf_type=args.gguf_type)
+        return {"device": args.device, "dtype": args.dtype}
+    if args.backend == "vllm":
+        return {"dtype": "float16" if args.dtype == "auto" else args.dtype}
+    return {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads,
+            "gguf_type": args.gguf_type}
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """The settings that change scores (a resumed run must keep them)."""
-    return {"max_think_tokens": args.max_think_tokens, "n_ctx": args.n_ctx, "rethink_rounds": args.rethink_rounds,
-            "prompt_template": args.prompt}
+def _model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
+    return open_reranker(args.backend, args.model, config, **engine_settings(args))
 
 
 def _rerank_query(args: argparse.Namespace) -> int:
     from rank1_local.io import read_documents
 
+    config = scoring_config(args)
     ids, docs = read_documents(args.docs)
-    with _model(args) as model:
+    with _model(args, config) as model:
         ranked = model.rerank(args.query, docs, instruction=args.instruction, top_k=args.top_k)
         fmt = args.format
         for rank, r in enumerate(ranked, 1):
@@ -66,9 +81,9 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
 
     if args.output is None:
         raise Rank1Error("--pairs needs --output OUT.jsonl")
-    score_pairs_file(args.pairs, args.output, lambda: _model(args), model_arg=str(args.model),
-                     engine="transformers" if args.backend == "transformers" else "llama.cpp",
-                     settings=_settings(args), progress=not args.quiet)
+    config = scoring_config(args)
+    score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
+                     engine=args.backend, progress=not args.quiet)
     return 0
 
 
@@ -85,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("rerank", help="rerank passages for a query, or score a pairs file")
-    p.add_argument("--model", required=True, help="a .gguf file or a hub id (e.g. jhu-clsp/rank1-0.5b); with "
-                   "--backend transformers a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
-    p.add_argument("--backend", choices=["llama.cpp", "transformers"], default="llama.cpp")
-    p.add_argument("--device", default="auto", help="transformers backend: cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="transformers backend: auto (fp16 on CUDA, fp32 on CPU), "
-                   "float32, float16, bfloat16")
-    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch/export for a hub id (default Q8_0 ≤3B, "
+    p.add_argument("--model", required=True, help="a .gguf file, or a hub id with a published GGUF; with "
+                   "--backend transformers|vllm a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
+    p.add_argument("--backend", choices=BACKENDS, default="llama.cpp")
+    p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
+                   "float16, bfloat16; vllm: auto (float16), float32, bfloat16")
+    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
                                                       "else Q4_K_M)")
     p.add_argument("--query")
     p.add_argument("--instruction", default=None)
@@ -101,13 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
     p.add_argument("--output", type=Path, help="JSONL results, appended as pairs finish; re-running resumes")
-    p.add_argument("--parallel", type=int, default=4)
-    p.add_argument("--max-think-tokens", type=int, default=1024)
-    p.add_argument("--rethink-rounds", type=int, default=0)
-    p.add_argument("--n-ctx", type=int, default=4096, help="context per pair")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="0 = CPU, -1 = all layers")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+    p.add_argument("--parallel", type=int, default=4, help="llama.cpp: pairs decoded together")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp: 0 = CPU, -1 = all layers")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    add_scoring_args(p, budget=1024, n_ctx=4096)
     p.set_defaults(func=_cmd_rerank)
     return parser
 

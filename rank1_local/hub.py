@@ -54,3 +54,10 @@ def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = N
         logger.info("resolving %s on the Hugging Face hub", text)
         return download_snapshot(text, allow_patterns)
     raise ModelNotFoundError(f"{text}: no such file or folder (and not a hub id of the form owner/name)")
+
+
+def hub_is_offline() -> bool:
+    """True when the user asked huggingface-hub to stay offline (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

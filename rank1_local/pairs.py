@@ -1,7 +1,7 @@
-"""Input pairs: validation, query/passage formatting, and fitting a prompt into the context.
+"""From input pairs to prompts: validation, query/passage formatting, fitting the context.
 
-Shared by every backend (llama.cpp, transformers, vLLM reference), so all of them build the exact same
-prompt from the same input.
+Every backend (llama.cpp, transformers, vLLM) goes through :func:`prepare_pairs`, so all of them build the exact
+same prompt token ids from the same input, and every bad input is refused before the first slow step.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from rank1_local.config import FALLBACK_MARGIN, ScoringConfig
 from rank1_local.errors import Rank1Error
 from rank1_local.prompt import build_prompt, format_passage, format_query
 
 Passage = Union[str, Mapping[str, str]]
-FALLBACK_MARGIN = 24  # room for "\n" + cut text re-tokenized + "\n</think>" beyond the budget
+Tokenize = Callable[[str], list[int]]
+Detokenize = Callable[[list[int]], str]
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,14 @@ class Pair:
 
 
 @dataclass(frozen=True)
-class FittedPrompt:
+class PreparedPair:
+    """A pair ready to run: its formatted query, the full prompt and its token ids."""
+
+    index: int  # position in the caller's input
+    query: str  # the query as it appears in the prompt (instruction and template applied)
     prompt: str
     ids: list[int]
-    passage_tokens_dropped: int
+    passage_tokens_dropped: int = 0
 
     @property
     def truncated(self) -> bool:
@@ -76,15 +82,15 @@ def formatted(pair: Pair, index: int, template: str | None) -> tuple[str, str]:
     return format_query(query, instruction, template), passage
 
 
-def fit_prompt(query: str, passage: str, *, tokenize: Callable[[str], list[int]],
-               detokenize: Callable[[list[int]], str], n_ctx: int, max_think_tokens: int) -> FittedPrompt:
+def fit_prompt(index: int, query: str, passage: str, config: ScoringConfig, tokenize: Tokenize,
+               detokenize: Detokenize) -> PreparedPair:
     """The prompt for (query, passage), with the passage cut by tokens so that prompt + reasoning budget
-    fit in ``n_ctx``. The query (with its instruction/template) is never cut."""
-    limit = n_ctx - max_think_tokens - FALLBACK_MARGIN
+    fit in ``config.n_ctx``. The query (with its instruction/template) is never cut."""
+    limit = config.n_ctx - config.max_think_tokens - FALLBACK_MARGIN
     prompt = build_prompt(query, passage)
     ids = tokenize(prompt)
     if len(ids) <= limit:
-        return FittedPrompt(prompt, ids, 0)
+        return PreparedPair(index, query, prompt, ids)
     bos = len(tokenize(""))
     passage_ids = tokenize(passage)[bos:]
     keep = len(passage_ids) - (len(ids) - limit)
@@ -92,8 +98,18 @@ def fit_prompt(query: str, passage: str, *, tokenize: Callable[[str], list[int]]
         prompt = build_prompt(query, detokenize(passage_ids[:keep]))
         ids = tokenize(prompt)
         if len(ids) <= limit:
-            return FittedPrompt(prompt, ids, len(passage_ids) - keep)
+            return PreparedPair(index, query, prompt, ids, len(passage_ids) - keep)
         keep -= max(1, len(ids) - limit)
-    raise Rank1Error(f"the query (with its instruction/template) leaves no room for a passage in a context of "
-                     f"{n_ctx} tokens with a {max_think_tokens}-token reasoning budget; "
+    raise Rank1Error(f"the query of pair {index} (with its instruction/template) leaves no room for a passage in a "
+                     f"context of {config.n_ctx} tokens with a {config.max_think_tokens}-token reasoning budget; "
                      "raise n_ctx or lower max_think_tokens")
+
+
+def prepare_pairs(pairs: Sequence[Pair | Sequence[Any]], config: ScoringConfig, tokenize: Tokenize,
+                  detokenize: Detokenize) -> list[PreparedPair]:
+    """Validate, format and tokenize every pair (all of them before any is scored)."""
+    prepared = []
+    for i, pair in enumerate(normalize_pairs(pairs)):
+        query, passage = formatted(pair, i, config.prompt_template)
+        prepared.append(fit_prompt(i, query, passage, config, tokenize, detokenize))
+    return prepared

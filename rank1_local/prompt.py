@@ -1,8 +1,11 @@
-"""The rank1 prompt, byte for byte as the official code builds it (see RANK1.md)."""
+"""The rank1 prompt, byte for byte as the official code (orionw/rank1, `rank1.py`) builds it: no chat template,
+the tokenizer's own BOS, special tokens written in the text parsed."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from rank1_local.errors import Rank1Error
 
 PROMPT_HEAD = (
     "Determine if the following passage is relevant to the query. "
@@ -34,7 +37,7 @@ def format_query(query: str, instruction: str | None = None, template: str | Non
         query = f"{query} {instruction}".strip()
     if template is not None:
         if QUERY_PLACEHOLDER not in template:
-            raise ValueError(f"a prompt template must contain {QUERY_PLACEHOLDER!r}")
+            raise Rank1Error(f"a prompt template must contain {QUERY_PLACEHOLDER!r}")
         query = template.replace(QUERY_PLACEHOLDER, query)
     return query
 

@@ -1,8 +1,10 @@
-"""Result objects of the runtime."""
+"""Result objects of the runtime, and the one place a result is built."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from rank1_local.pairs import PreparedPair
 
 
 @dataclass(frozen=True)
@@ -10,7 +12,7 @@ class Rank1Result:
     """One scored (query, passage) pair."""
 
     index: int  # position of the pair in the caller's input
-    score: float  # P(" true") / (P(" true") + P(" false")) after </think>
+    score: float  # P(" true") / (P(" true") + P(" false")) at the answer
     reasoning: str  # the model's reasoning chain (text before </think>)
     n_tokens: int  # tokens the model generated
     forced: bool  # reasoning did not close within the budget: the fallback forced the answer
@@ -24,6 +26,13 @@ class Rank1Result:
         return self.score > 0.5
 
 
+def build_result(pair: PreparedPair, *, score: float, reasoning: str, n_tokens: int, forced: bool,
+                 seconds: float) -> Rank1Result:
+    return Rank1Result(index=pair.index, score=float(score), reasoning=reasoning, n_tokens=n_tokens, forced=forced,
+                       truncated=pair.truncated, passage_tokens_dropped=pair.passage_tokens_dropped,
+                       n_prompt_tokens=len(pair.ids), seconds=seconds)
+
+
 @dataclass(frozen=True)
 class RunStats:
     pairs: int
@@ -34,7 +43,3 @@ class RunStats:
     @property
     def pairs_per_second(self) -> float:
         return self.pairs / self.seconds if self.seconds else 0.0
-
-    @property
-    def generated_tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else 0.0

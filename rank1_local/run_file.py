@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def score_pairs_file(pairs_file: Path, output: Path, make_model: Callable[[], Reranker], *, model_arg: str,
-                     engine: str, settings: dict[str, Any], progress: bool = True) -> int:
+                     engine: str, progress: bool = True) -> int:
     """Score the pairs of ``pairs_file`` not yet in ``output``; returns how many were scored now."""
     rows = read_pairs(pairs_file)
     done = done_keys(output)
@@ -37,7 +36,7 @@ def score_pairs_file(pairs_file: Path, output: Path, make_model: Callable[[], Re
         model_file = Path(getattr(model, "model_path", model_arg))
         header = start_run(output, RunHeader(
             model=model_arg, model_file=str(model_file), model_bytes=path_bytes(model_file), engine=engine,
-            backend=model.backend, settings=settings), resuming=bool(done))
+            backend=model.backend, settings=model.score_settings()), resuming=bool(done))
         out = JsonlAppender(output)
         counts = {"pairs": 0, "tokens": 0}
         start = time.perf_counter()

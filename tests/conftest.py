@@ -1,21 +1,30 @@
-"""Shared fixtures: offline fixture checkpoints (cached across runs) and their GGUF exports."""
+"""Shared fixtures: offline fixture checkpoints (cached across runs) and their GGUF exports.
+
+Tests that need a fixture model skip, with the reason, when the ``reference`` extra (torch, transformers) that
+builds them is not installed; the quick tier (``-m quick``) needs neither.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-from quantize.fixtures import build_fixture, fixture_cache_dir
-from quantize.gguf_export import export_gguf
+sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests (fake_engine, rank1_reference)
 
-RANDOM_FIXTURES = ["qwen2-tied", "qwen2-untied-sharded", "llama3", "mistral"]
+HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
 @pytest.fixture(scope="session")
 def fixture_dir():
     """fixture_dir(name) -> folder of a fixture checkpoint (built once, cached). A failed build is
     remembered for the session, so later tests fail at once instead of building it again."""
+    if not HAVE_REFERENCE:
+        pytest.skip("fixture models are built with the reference extra: pip install 'rank1-local[reference]'")
+    from quantize.fixtures import build_fixture
+
     failures: dict[str, Exception] = {}
 
     def get(name: str) -> Path:
@@ -33,6 +42,8 @@ def fixture_dir():
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, fixture_dir):
     """exported(name, type) -> path of the fixture's GGUF export, made once per session."""
+    from quantize.gguf_export import export_gguf
+
     out = tmp_path_factory.mktemp("exports")
     made: dict[tuple[str, str], Path] = {}
 
@@ -48,7 +59,8 @@ def exported(tmp_path_factory, fixture_dir):
 
 
 @pytest.fixture(scope="session")
-def vocab_test_file():
+def vocab_test_file(fixture_dir):
+    from quantize.fixtures import fixture_cache_dir
     from quantize.fixtures.vocab_files import vocab_gguf_path
 
     return lambda name, suffix: vocab_gguf_path(name, fixture_cache_dir(), suffix)

@@ -1,6 +1,6 @@
 """An independent reference of the rank1 protocol in transformers (fp32, greedy), for the tests.
 
-Written from RANK1.md on its own — it shares no code with rank1_local's runtime.
+Written from the official code's rules (orionw/rank1, `rank1.py`) on its own — it shares no code with rank1_local.
 """
 
 from __future__ import annotations

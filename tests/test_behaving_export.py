@@ -69,7 +69,7 @@ def transformers_run(model_dir, pairs):
 
 def accuracy(pairs: list[SyntheticPair], run) -> float:
     ok = 0
-    for pair, (_, score) in zip(pairs, run):
+    for pair, (_, score) in zip(pairs, run, strict=True):
         if score is None:
             continue
         ok += abs(score - pair.target) < 0.15 if pair.kind == "related" else (score > 0.5) == pair.label
@@ -85,11 +85,11 @@ def reference(fixture_dir):
 def test_source_behaves_like_rank1(reference):
     pairs, ref = reference
     # the builder's bar: at least 95% of greedy chains are exactly the trained chain, all close </think>
-    assert np.mean([text == pair.reasoning for pair, (text, _) in zip(pairs, ref)]) >= 0.95
+    assert np.mean([text == pair.reasoning for pair, (text, _) in zip(pairs, ref, strict=True)]) >= 0.95
     assert all(score is not None for _, score in ref)
     assert accuracy(pairs, ref) >= 0.9
     # genuinely unsure where the chain is the trained one (the bar lets a few chains go astray)
-    related = [s for p, (text, s) in zip(pairs, ref) if p.kind == "related" and text == p.reasoning]
+    related = [s for p, (text, s) in zip(pairs, ref, strict=True) if p.kind == "related" and text == p.reasoning]
     assert min(related) < 0.5 < max(related) and all(0.15 < s < 0.85 for s in related)
 
 
@@ -97,8 +97,8 @@ def test_source_behaves_like_rank1(reference):
 def test_export_keeps_accuracy(gguf_type, max_score_diff, reference, exported):
     pairs, ref = reference
     run = llama_cpp_run(exported("behaving", gguf_type), pairs)
-    same_text = np.mean([a[0] == b[0] for a, b in zip(ref, run)])
+    same_text = np.mean([a[0] == b[0] for a, b in zip(ref, run, strict=True)])
     assert same_text >= 0.95
     assert accuracy(pairs, run) >= accuracy(pairs, ref) - 0.02
-    diffs = [abs(a[1] - b[1]) for a, b in zip(ref, run) if a[0] == b[0]]
+    diffs = [abs(a[1] - b[1]) for a, b in zip(ref, run, strict=True) if a[0] == b[0]]
     assert max(diffs) <= max_score_diff

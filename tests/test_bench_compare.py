@@ -55,8 +55,8 @@ def test_known_answers(files):
     assert r.ndcg10_delta == pytest.approx(r.ndcg10_run - r.ndcg10_reference)
     s = [0.9, 0.6, 0.2, 0.1, 0.8, 0.3], [0.8, 0.4, 0.3, 0.05, 0.7, 0.9]
     mean = [sum(x) / 6 for x in s]
-    cov = sum((a - mean[0]) * (b - mean[1]) for a, b in zip(*s))
-    var = [sum((a - m) ** 2 for a in x) for x, m in zip(s, mean)]
+    cov = sum((a - mean[0]) * (b - mean[1]) for a, b in zip(*s, strict=True))
+    var = [sum((a - m) ** 2 for a in x) for x, m in zip(s, mean, strict=True)]
     assert r.pearson == pytest.approx(cov / math.sqrt(var[0] * var[1]))
 
 

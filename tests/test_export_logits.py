@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rank1_local.llama_logits import LlamaCppLogits
+from quantize.gguf_logits import LlamaCppLogits
 from rank1_local.prompt import build_prompt
 
 pytest.importorskip("transformers")

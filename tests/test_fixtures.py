@@ -19,8 +19,8 @@ def test_tokenizer_reproduces_llama_cpp_reference_ids(flavor, fixture_dir, vocab
     tok = transformers.AutoTokenizer.from_pretrained(fixture_dir(name))
     texts = vocab_test_file(flavor.vocab_gguf, ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     expected = vocab_test_file(flavor.vocab_gguf, ".out").read_text(encoding="utf-8").split("\n")
-    assert len(texts) >= 40
-    for text, ids in zip(texts, expected):
+    assert len(texts) >= 40 and len(texts) == len(expected)
+    for text, ids in zip(texts, expected, strict=True):
         assert tok.encode(text, add_special_tokens=False) == [int(x) for x in ids.split()], repr(text)
 
 
@@ -59,5 +59,7 @@ def test_fixture_build_is_deterministic(tmp_path, fixture_dir, monkeypatch):
     monkeypatch.setenv("RANK1_VOCAB_DIR", str(fixture_cache_dir() / "vocab"))
     cached = fixture_dir("qwen2-tied")
     rebuilt = build_fixture("qwen2-tied", cache_dir=tmp_path)
-    for shard in cached.glob("*.safetensors"):
+    shards = sorted(cached.glob("*.safetensors"))
+    assert shards
+    for shard in shards:
         assert (rebuilt / shard.name).read_bytes() == shard.read_bytes()

@@ -2,7 +2,10 @@
 
 import pytest
 
+from rank1_local.errors import Rank1Error
 from rank1_local.prompt import build_prompt, format_passage, format_query
+
+pytestmark = pytest.mark.quick
 
 
 def test_prompt_bytes():
@@ -22,5 +25,5 @@ def test_instruction_and_template():
     assert format_query("q", "q") == "q"
     assert format_query("q", None, "Claim: FILL_QUERY_HERE. Does the passage support it?") == \
         "Claim: q. Does the passage support it?"
-    with pytest.raises(ValueError, match="FILL_QUERY_HERE"):
+    with pytest.raises(Rank1Error, match="FILL_QUERY_HERE"):
         format_query("q", None, "no placeholder")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from quantize.fixtures.synthetic_task import eval_pairs, make_pair
+from rank1_local import Pair, Rank1
 from rank1_local.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
 from rank1_local.prompt import build_prompt, prompt_prefix
 from rank1_local.protocol import common_prefix_len
-from rank1_local.reranker import Pair, Rank1
 
 pytest.importorskip("transformers")
 from rank1_reference import Reference  # noqa: E402
@@ -43,7 +43,7 @@ def sequential(f32_model):
 
 
 def test_matches_reference_text_and_score(sequential, reference):
-    for pair, got in zip(PAIRS, sequential):
+    for pair, got in zip(PAIRS, sequential, strict=True):
         ref = reference.score(pair.query, pair.passage, max_think_tokens=64)
         assert got.reasoning == ref.reasoning
         assert got.n_tokens == ref.n_tokens
@@ -90,7 +90,7 @@ def test_shared_prefixes_are_evaluated_once(f32_model, sequential):
         expected += prompts[q, d] - len(prefixes[q != pairs[0][0]])
     assert stats.prompt_tokens == expected
     by_pair = {interleaved[r.index]: r for r in got}
-    for pair, seq in zip(pairs, sequential):
+    for pair, seq in zip(pairs, sequential, strict=True):
         assert by_pair[pair].reasoning == seq.reasoning and abs(by_pair[pair].score - seq.score) <= 1e-4
 
 
@@ -98,7 +98,7 @@ def test_budget_fallback_matches_reference(f32_model, reference):
     pairs = PAIRS[:4]
     with _model(f32_model, parallel=2, max_think_tokens=12) as m:
         got = m.score_pairs([(p.query, p.passage) for p in pairs])
-    for pair, g in zip(pairs, got):
+    for pair, g in zip(pairs, got, strict=True):
         ref = reference.score(pair.query, pair.passage, max_think_tokens=12)
         assert g.forced and ref.forced and g.n_tokens == ref.n_tokens == 12
         assert g.reasoning == ref.reasoning

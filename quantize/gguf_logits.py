@@ -1,4 +1,4 @@
-"""Full next-token logits from a GGUF model through llama.cpp (for verification and reference tests)."""
+"""Full next-token logits at every position from a GGUF model through llama.cpp (for verifying exports)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rank1_local.errors import CorruptFileError, ModelNotFoundError
+from rank1_local.errors import CorruptFileError
+from rank1_local.gguf_file import GGML_TYPE_F32, check_gguf_file
 
 logger = logging.getLogger(__name__)
-
-GGML_TYPE_F32 = 0
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf_file(path: Path) -> None:
-    """Raise a clear error unless ``path`` is an existing GGUF file."""
-    if not path.exists():
-        raise ModelNotFoundError(f"{path}: no such file")
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path}: is a folder, expected a .gguf file")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise CorruptFileError(f"{path}: not a GGUF file (wrong magic bytes)")
 
 
 class LlamaCppLogits:

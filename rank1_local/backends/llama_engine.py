@@ -2,25 +2,28 @@
 
 One model, one context with a *unified* KV cache (so a prompt prefix copied to several sequences
 is stored once), one reusable batch. Everything above this module works with plain token ids.
+
+llama-cpp-python exposes llama.cpp's C structs through ctypes; a field set by a name the struct does not
+have would be silently ignored, so every field this module sets is checked against the struct first
+(:func:`set_fields`), and a renamed field is a clear error at load time instead of a silent change.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rank1_local.errors import CorruptFileError, Rank1Error
-from rank1_local.llama_logits import check_gguf_file
+from rank1_local.gguf_file import GGML_TYPE_F32, check_gguf_file
 
 logger = logging.getLogger(__name__)
-
-GGML_TYPE_F32 = 0
-GGML_TYPE_F16 = 1
 
 
 @dataclass(frozen=True)
@@ -56,39 +59,52 @@ class BackendInfo:
         return f"GPU offload ({offloaded}/{self.n_layers} layers)"
 
 
+def set_fields(struct: ctypes.Structure, **values: Any) -> None:
+    """Assign struct fields by name, refusing names the ctypes struct does not declare (ctypes would accept
+    them as plain Python attributes and llama.cpp would never see them)."""
+    declared = {name for name, *_ in type(struct)._fields_}
+    unknown = sorted(set(values) - declared)
+    if unknown:
+        raise Rank1Error(f"this llama-cpp-python build has no {type(struct).__name__} field(s) {', '.join(unknown)}; "
+                         "install a llama-cpp-python version within the bounds rank1-local declares")
+    for name, value in values.items():
+        setattr(struct, name, value)
+
+
+@functools.cache
+def _llama_cpp() -> Any:
+    """The llama_cpp module with llama.cpp's backend initialised, once per process."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
 class LlamaEngine:
     def __init__(self, path: str | Path, config: EngineConfig) -> None:
-        import llama_cpp as lc
-
-        self.lc = lc
         self.path = Path(path)
         check_gguf_file(self.path)
+        lc = self.lc = _llama_cpp()
         from llama_cpp import _logger
 
         _logger.set_verbose(config.verbose)  # llama-cpp-python's switch for llama.cpp's stderr log
-        lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF
+        set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
+        cparams = lc.llama_context_default_params()
+        threads = config.n_threads or os.cpu_count() or 1
+        set_fields(cparams, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
+                   n_seq_max=config.n_seq_max, kv_unified=True, n_threads=threads, n_threads_batch=threads,
+                   no_perf=True)
+        if config.f32_kv_cache:
+            set_fields(cparams, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
         self.model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise CorruptFileError(f"{self.path}: llama.cpp could not load this GGUF "
                                    "(unsupported architecture or damaged file)")
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.n_batch
-        cparams.n_ubatch = min(config.n_batch, 512)
-        cparams.n_seq_max = config.n_seq_max
-        cparams.kv_unified = True
-        threads = config.n_threads or os.cpu_count() or 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.no_perf = True
-        if config.f32_kv_cache:
-            cparams.type_k = GGML_TYPE_F32
-            cparams.type_v = GGML_TYPE_F32
         self.ctx = lc.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             lc.llama_model_free(self.model)
+            self.model = None
             raise Rank1Error(f"llama.cpp could not create a context of {config.n_ctx} tokens "
                              f"for {config.n_seq_max} sequences (out of memory?)")
         self.vocab = lc.llama_model_get_vocab(self.model)
@@ -96,7 +112,6 @@ class LlamaEngine:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_batch = config.n_batch
         self.n_ctx = lc.llama_n_ctx(self.ctx)
-        self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
         self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
         self.backend = BackendInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
                                    lc.llama_model_n_layer(self.model))
@@ -115,12 +130,16 @@ class LlamaEngine:
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
+        """The token's text as bytes, special tokens rendered."""
         buf = ctypes.create_string_buffer(64)
         n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         return buf.raw[:n]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", "ignore")
 
     def is_eog(self, token: int) -> bool:
         return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
@@ -168,6 +187,7 @@ class LlamaEngine:
             raise Rank1Error(f"{self.path.name}: the model was closed; load it again to keep using it")
 
     def close(self) -> None:
+        """Free the batch, context and model (the one path that releases llama.cpp memory)."""
         if getattr(self, "_batch", None) is not None:
             self.lc.llama_batch_free(self._batch)
             self._batch = None

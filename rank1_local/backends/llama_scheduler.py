@@ -5,47 +5,67 @@ Sequence 0 holds the prompt prefix shared by the passages of the current query
 1..parallel) starts from a copy of it (in the unified KV cache the cells are shared, not copied),
 evaluates its passage, then reasons greedily. When the next query's prefix is loaded, the tokens it shares
 with the previous one (the instruction head) stay in sequence 0's cache. All active slots advance together in one
-``llama_decode`` call per step, and a finished slot takes the next pair at once.
+``llama_decode`` call per step, and a finished slot takes the next pair at once. What each generated token
+means (go on, read the answer, force it, rethink) is decided by :class:`rank1_local.protocol.ReasoningChain`.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from rank1_local.engine import BatchEntry, LlamaEngine
-from rank1_local.protocol import RETHINK_SUFFIX, THINK_CLOSE_BYTES, common_prefix_len, fallback_prompt, true_false_score
-from rank1_local.results import Rank1Result, RunStats
+from rank1_local.backends.llama_engine import BatchEntry
+from rank1_local.pairs import PreparedPair
+from rank1_local.prompt import prompt_prefix
+from rank1_local.protocol import ReasoningChain, Step, common_prefix_len, true_false_score
+from rank1_local.results import Rank1Result, RunStats, build_result
 
 PREFIX_SEQ = 0
 
 
+class Engine(Protocol):
+    """What the scheduler needs from a decoding engine (:class:`LlamaEngine`, or a scripted one in tests)."""
+
+    n_batch: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+    def piece(self, token: int) -> bytes: ...
+    def is_eog(self, token: int) -> bool: ...
+    def seq_copy(self, src: int, dst: int) -> None: ...
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None: ...
+    def clear(self) -> None: ...
+    def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]: ...
+
+
 @dataclass(frozen=True)
 class Job:
-    index: int
-    prompt: str
-    prompt_ids: list[int]
+    pair: PreparedPair
     shared: int  # leading prompt tokens equal to the query's shared prefix
-    truncated: bool = False
-    passage_tokens_dropped: int = 0
+
+    @property
+    def prefix(self) -> list[int]:
+        return self.pair.ids[:self.shared]
 
 
-@dataclass
-class _Slot:
-    seq: int
-    job: Job | None = None
-    tokens: list[int] = field(default_factory=list)  # tokens already in this sequence's KV cache
-    pending: list[int] = field(default_factory=list)  # tokens to feed next
-    generated: list[int] = field(default_factory=list)
-    text: bytearray = field(default_factory=bytearray)  # decoded reasoning since <think>
-    awaiting_answer: bool = False
-    forced: bool = False
-    rethinks_left: int = 0
-    started: float = 0.0
+def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]) -> list[Job]:
+    """One job per pair, each query's passages together so that the query's prefix is evaluated once."""
+    prefixes: dict[str, list[int]] = {}
+    bos = len(tokenize(""))
+    for query in dict.fromkeys(p.query for p in prepared):
+        ids = tokenize(prompt_prefix(query))
+        # the prefix's last token may merge with the passage's first one: never share it
+        prefixes[query] = ids[:max(bos, len(ids) - 1)]
+    by_query: dict[str, list[Job]] = {}
+    for pair in prepared:
+        prefix = prefixes[pair.query]
+        shared = min(len(prefix), len(pair.ids) - 1) if pair.ids[:len(prefix)] == prefix else 0
+        by_query.setdefault(pair.query, []).append(Job(pair, shared))
+    return [job for jobs in by_query.values() for job in jobs]
 
 
 @dataclass(frozen=True)
@@ -57,8 +77,19 @@ class SchedulerParams:
     false_id: int
 
 
+@dataclass
+class _Slot:
+    seq: int
+    job: Job | None = None
+    chain: ReasoningChain | None = None
+    tokens: list[int] = field(default_factory=list)  # tokens already in this sequence's KV cache
+    pending: list[int] = field(default_factory=list)  # tokens to feed next
+    awaiting_answer: bool = False
+    started: float = 0.0
+
+
 class Scheduler:
-    def __init__(self, engine: LlamaEngine, params: SchedulerParams) -> None:
+    def __init__(self, engine: Engine, params: SchedulerParams) -> None:
         self.engine = engine
         self.params = params
         self.prompt_tokens = 0
@@ -80,12 +111,16 @@ class Scheduler:
         self.engine.seq_remove(slot.seq)
         self.engine.seq_copy(PREFIX_SEQ, slot.seq)
         slot.job = job
-        slot.tokens = job.prompt_ids[:job.shared]
-        slot.pending = job.prompt_ids[job.shared:]
-        slot.generated, slot.text = [], bytearray()
-        slot.awaiting_answer = slot.forced = False
-        slot.rethinks_left = self.params.rethink_rounds
+        slot.chain = ReasoningChain(job.pair.prompt, self.params.max_think_tokens, self.params.rethink_rounds)
+        slot.tokens = job.pair.ids[:job.shared]
+        slot.pending = job.pair.ids[job.shared:]
+        slot.awaiting_answer = False
         slot.started = time.perf_counter()
+
+    def _free(self, slot: _Slot) -> None:
+        self.engine.seq_remove(slot.seq)
+        slot.job = slot.chain = None
+        slot.tokens, slot.pending = [], []
 
     def _continue_from_text(self, slot: _Slot, text: str) -> None:
         """Re-tokenize ``text`` (a full prompt) and feed only what differs from the cache."""
@@ -95,56 +130,42 @@ class Scheduler:
         slot.tokens = slot.tokens[:keep]
         slot.pending = ids[keep:]
 
-    def _force_answer(self, slot: _Slot) -> None:
-        assert slot.job is not None
-        generated = slot.text.decode("utf-8", "replace")
-        slot.forced = slot.awaiting_answer = True
-        self._continue_from_text(slot, fallback_prompt(slot.job.prompt, generated))
-
     def _finish(self, slot: _Slot, logits: np.ndarray) -> Rank1Result:
-        assert slot.job is not None
-        text = bytes(slot.text)
-        cut = text.find(THINK_CLOSE_BYTES)
-        reasoning = (text[:cut] if cut >= 0 else text).decode("utf-8", "replace")
+        assert slot.job is not None and slot.chain is not None
+        chain = slot.chain
         score = true_false_score(float(logits[self.params.true_id]), float(logits[self.params.false_id]))
-        job = slot.job
-        result = Rank1Result(index=job.index, score=score, reasoning=reasoning, n_tokens=len(slot.generated),
-                             forced=slot.forced, truncated=job.truncated,
-                             passage_tokens_dropped=job.passage_tokens_dropped,
-                             n_prompt_tokens=len(job.prompt_ids), seconds=time.perf_counter() - slot.started)
-        self.engine.seq_remove(slot.seq)
-        slot.job = None
+        result = build_result(slot.job.pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
+                              forced=chain.forced, seconds=time.perf_counter() - slot.started)
+        self._free(slot)
         return result
 
     def _step(self, slot: _Slot, logits: np.ndarray) -> Rank1Result | None:
         """Act on the next-token distribution of a slot whose pending tokens were all fed."""
         if slot.awaiting_answer:
             return self._finish(slot, logits)
-        assert slot.job is not None
+        chain = slot.chain
+        assert chain is not None
         token = int(np.argmax(logits))
-        if self.engine.is_eog(token):
-            self._force_answer(slot)
-            return None
-        slot.generated.append(token)
-        self.generated_tokens += 1
-        slot.text += self.engine.piece(token)
-        close = slot.text.find(THINK_CLOSE_BYTES)
-        if close >= 0 and slot.rethinks_left > 0:
-            slot.rethinks_left -= 1
-            del slot.text[close:]
-            slot.text += RETHINK_SUFFIX.encode()
-            self._continue_from_text(slot, slot.job.prompt + slot.text.decode("utf-8", "replace"))
-        elif close >= 0:
+        eog = self.engine.is_eog(token)
+        step = chain.advance(token, b"" if eog else self.engine.piece(token), eog)
+        if not eog:
+            self.generated_tokens += 1
+        if step is Step.CONTINUE:
+            slot.pending = [token]
+        elif step is Step.ANSWER:
             slot.awaiting_answer = True  # the answer's distribution is at the next position
             slot.pending = [token]
-        elif len(slot.generated) >= self.params.max_think_tokens:
-            self._force_answer(slot)
-        else:
-            slot.pending = [token]
+        elif step is Step.RETHINK:
+            self._continue_from_text(slot, chain.continuation_prompt)
+        else:  # Step.FORCE
+            slot.awaiting_answer = True
+            self._continue_from_text(slot, chain.fallback_prompt)
         return None
 
-    def run(self, jobs: list[Job],
-            on_result: Callable[[Rank1Result], None] | None = None) -> tuple[list[Rank1Result], RunStats]:
+    def run(self, jobs: Iterable[Job], on_result: Callable[[Rank1Result], None] | None = None,
+            cancelled: Callable[[Job], bool] | None = None) -> tuple[list[Rank1Result], RunStats]:
+        """Score ``jobs``; results sorted by pair index. ``on_result`` sees each as it finishes; a job for which
+        ``cancelled(job)`` turns true is dropped (its slot freed) and gets no result."""
         start = time.perf_counter()
         queue = deque(jobs)
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
@@ -153,10 +174,14 @@ class Scheduler:
         self._prefix = []
         while queue or any(s.job for s in slots):
             for slot in slots:
-                if slot.job is None and queue:
+                if slot.job is not None and cancelled is not None and cancelled(slot.job):
+                    self._free(slot)
+                while slot.job is None and queue:
                     job = queue.popleft()
-                    if self._prefix != job.prompt_ids[:job.shared]:
-                        self._load_prefix(job.prompt_ids[:job.shared])
+                    if cancelled is not None and cancelled(job):
+                        continue
+                    if self._prefix != job.prefix:
+                        self._load_prefix(job.prefix)
                     self._start(slot, job)
             # one token per reasoning slot first, then prompt chunks in the room left
             entries: list[BatchEntry] = []
@@ -176,7 +201,7 @@ class Scheduler:
                     entries.append(BatchEntry(token, base + k, slot.seq, last))
                 slot.tokens += take
                 slot.pending = slot.pending[len(take):]
-                if len(take) > 1 or not slot.generated:
+                if len(take) > 1 or (slot.chain is not None and slot.chain.n_tokens == 0):
                     self.prompt_tokens += len(take)
             logits = self.engine.decode(entries)
             for i, slot in owners.items():

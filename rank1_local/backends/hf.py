@@ -1,0 +1,215 @@
+"""rank1 on a Hugging Face checkpoint with transformers (``rank1-local rerank --backend transformers``, and the
+reference engine of ``rank1-bench reference`` where vLLM is absent).
+
+The same protocol as the llama.cpp runtime — the same prepared prompts, greedy decoding, the same
+:class:`~rank1_local.protocol.ReasoningChain` deciding after each token — one pair at a time with a KV cache. It
+runs unquantized checkpoints (fp32 on CPU, fp16 on CUDA) and the AWQ/GPTQ checkpoints transformers can load.
+
+Needs the ``reference`` extra (torch, transformers; ``gptq`` for AWQ/GPTQ); importing this module imports neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rank1_local.api import Reranker
+from rank1_local.config import ScoringConfig, split_settings
+from rank1_local.errors import Rank1Error, UnsupportedModelError
+from rank1_local.extras import require
+from rank1_local.hub import resolve_local_or_hub
+from rank1_local.pairs import Pair, PreparedPair, prepare_pairs
+from rank1_local.protocol import ReasoningChain, Step, answer_token_ids, common_prefix_len, true_false_score
+from rank1_local.results import Rank1Result, RunStats, build_result
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class HFSettings:
+    """Engine settings of the transformers backend.
+
+    Args:
+        device: "cpu", "cuda", "cuda:1" … or "auto" (CUDA when available).
+        dtype: "auto" (float16 on CUDA, float32 on CPU; float16 for AWQ/GPTQ checkpoints everywhere), "float32",
+            "float16" or "bfloat16".
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise Rank1Error(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+
+def prepare_gptqmodel_env() -> None:
+    """GPTQModel sizes its CPU worker pool as half the cores but asks for 2 model-loading workers, which fails
+    on 1–3 core machines ("Virtual pool 'model_loader:cpu' requests 2 workers"); its own environment knob sets
+    the pool size. Call before gptqmodel is first imported (transformers imports it to load AWQ/GPTQ)."""
+    if (os.cpu_count() or 1) < 4:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+def quantization_method(path: Path) -> str | None:
+    """``quant_method`` of a checkpoint's ``quantization_config`` (gptq, awq …), or None."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") or {}
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
+class _Sequence:
+    """One growing token sequence and its KV cache."""
+
+    def __init__(self, model: Any, torch: Any, device: str) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.torch, self.device = model, torch, device
+        self.cache = DynamicCache()
+        self.ids: list[int] = []
+
+    def feed(self, ids: list[int]) -> Any:
+        """Make the sequence equal ``ids`` (reusing the cached common prefix); next-token logits (fp32)."""
+        keep = min(common_prefix_len(self.ids, ids), len(ids) - 1)
+        if keep < len(self.ids):
+            self.cache.crop(keep - len(self.ids))  # negative: drop that many (transformers 4.x and 5.x)
+        new = ids[keep:]
+        with self.torch.no_grad():
+            out = self.model(input_ids=self.torch.tensor([new], device=self.device), past_key_values=self.cache,
+                             use_cache=True)
+        self.cache = out.past_key_values
+        self.ids = list(ids)
+        return out.logits[0, -1].float()
+
+
+class TransformersRank1(Reranker):
+    """rank1 on a Hugging Face checkpoint (local folder or hub id) with transformers.
+
+    Args:
+        model: checkpoint folder or hub id (unquantized, AWQ or GPTQ).
+        config: the protocol settings (or their keyword arguments), as for :class:`rank1_local.Rank1`.
+        settings: :class:`HFSettings` (or ``device=``, ``dtype=``).
+    """
+
+    def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: HFSettings | None = None,
+                 **kwargs: Any) -> None:
+        config, settings = split_settings("TransformersRank1", config, settings, HFSettings, kwargs)
+        torch = require("torch", "reference", "the transformers backend")
+        transformers = require("transformers", "reference", "the transformers backend")
+        self.config = config
+        self.torch = torch
+        path = resolve_local_or_hub(model)
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+        self.model_path = path
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+        quant = quantization_method(path)
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "float32" if self.device == "cpu" and not quant else "float16"
+        if quant in ("gptq", "awq") and dtype == "float32":
+            # GPTQModel's CPU GPTQ kernel gives wrong logits with float32 activations (seen with 7.6.0).
+            raise Rank1Error(f"{path.name} is a {quant} checkpoint: its kernels run in float16 or bfloat16, "
+                             "not float32 (use dtype auto)")
+        self.dtype = dtype
+        if quant:
+            prepare_gptqmodel_env()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        try:
+            # GPTQModel (loaded by transformers for AWQ/GPTQ) prints a banner to stdout: keep stdout for results
+            with contextlib.redirect_stdout(sys.stderr):
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        except (ImportError, ValueError, RuntimeError) as exc:
+            hint = (f" ({quant} checkpoints need GPTQModel: pip install 'rank1-local[gptq]')"
+                    if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
+            raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
+                                        f"{self.device}{hint}: {str(exc).splitlines()[0][:300]}") from None
+        self.true_id, self.false_id = answer_token_ids(self._tokenize)
+        self.eos_ids = self._eos_ids()
+        self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+        self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        self.last_stats: RunStats | None = None
+        logger.info("loaded %s with transformers on %s (%s)", path.name, self.device, dtype)
+
+    @property
+    def backend(self) -> str:
+        return f"transformers {self.device} {self.dtype}"
+
+    def _eos_ids(self) -> set[int]:
+        """What ends generation, as vLLM decides it: the tokenizer's and the generation config's EOS."""
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+        return {i for i in ids if i is not None}
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes (byte-level BPE), added tokens as their text."""
+        text = self.tokenizer.convert_ids_to_tokens(token)
+        if token in self._added:
+            return text.encode()
+        try:
+            return bytes(self._byte_decoder[c] for c in text)
+        except KeyError:
+            return self._detokenize([token]).encode()
+
+    def _score_one(self, pair: PreparedPair) -> Rank1Result:
+        started = time.perf_counter()
+        seq = _Sequence(self.model, self.torch, self.device)
+        logits = seq.feed(pair.ids)
+        chain = ReasoningChain(pair.prompt, self.config.max_think_tokens, self.config.rethink_rounds)
+        while True:
+            token = int(logits.argmax())
+            step = chain.advance(token, self._piece(token), token in self.eos_ids)
+            if step is Step.CONTINUE:
+                logits = seq.feed(seq.ids + [token])
+                continue
+            if step is Step.RETHINK:
+                logits = seq.feed(self._tokenize(chain.continuation_prompt))
+                continue
+            if step is Step.ANSWER:
+                logits = seq.feed(seq.ids + [token])
+            else:  # Step.FORCE
+                logits = seq.feed(self._tokenize(chain.fallback_prompt))
+            score = true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
+            return build_result(pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
+                                forced=chain.forced, seconds=time.perf_counter() - started)
+
+    def score_pairs(self, pairs: Sequence[Pair | tuple], *,
+                    on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
+        prepared = prepare_pairs(pairs, self.config, self._tokenize, self._detokenize)
+        start = time.perf_counter()
+        results = []
+        for pair in prepared:
+            result = self._score_one(pair)
+            results.append(result)
+            if on_result:
+                on_result(result)
+        self.last_stats = RunStats(len(results), sum(r.n_prompt_tokens for r in results),
+                                   sum(r.n_tokens for r in results), time.perf_counter() - start)
+        return results
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,114 @@
+"""A scripted decoding engine for scheduler tests: no model, no torch, deterministic.
+
+Tokens: 0 end-of-generation, 1 " true", 2 " false", 3 "</think>", 4 "<think>", then one token per UTF-8 byte.
+Each sequence's KV cache is a list of tokens; a batch entry must continue its sequence exactly (position =
+current length), so any bookkeeping mistake in the scheduler fails loudly. The next token is decided by a
+*behaviour*: ``behaviour(passage, generated_text) -> str`` returns the next token's text ("" = end of generation).
+When a sequence ends in "</think>", the logits of " true" / " false" are ``answer(passage, generated_text)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from rank1_local.backends.llama_engine import BatchEntry
+
+EOG, TRUE, FALSE, CLOSE, OPEN = 0, 1, 2, 3, 4
+SPECIAL = {" true": TRUE, " false": FALSE, "</think>": CLOSE, "<think>": OPEN}
+BYTE0 = 5
+N_VOCAB = BYTE0 + 256
+
+Behaviour = Callable[[str, str], str]
+
+
+def scripted(scripts: dict[str, str], default: str = "\nNo idea.</think>") -> Behaviour:
+    """Each passage (matched by substring) writes its script, then stops (end of generation)."""
+    def behaviour(passage: str, generated: str) -> str:
+        script = next((s for key, s in scripts.items() if key in passage), default)
+        if not script.startswith(generated):
+            return ""
+        rest = script[len(generated):]
+        if not rest:
+            return ""
+        return next((word for word in SPECIAL if rest.startswith(word)), rest.encode()[:1].decode("latin-1"))
+    return behaviour
+
+
+class FakeEngine:
+    def __init__(self, behaviour: Behaviour, *, n_batch: int = 64,
+                 answer: Callable[[str, str], tuple[float, float]] | None = None) -> None:
+        self.behaviour = behaviour
+        self.answer = answer or (lambda passage, generated: (1.0, 0.0) if "relevant" in passage else (0.0, 1.5))
+        self.n_batch = n_batch
+        self.seqs: dict[int, list[int]] = {}
+        self.decode_calls = 0
+        self.batch_sizes: list[int] = []
+        self.evaluated = 0
+
+    # --- tokens ---------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            word = next((w for w in SPECIAL if text.startswith(w, i)), None)
+            if word:
+                ids.append(SPECIAL[word])
+                i += len(word)
+            else:
+                ids += [BYTE0 + b for b in text[i].encode()]
+                i += 1
+        return ids
+
+    def piece(self, token: int) -> bytes:
+        if token == EOG:
+            return b""
+        for word, tid in SPECIAL.items():
+            if tid == token:
+                return word.encode()
+        return bytes([token - BYTE0])
+
+    def detokenize(self, ids: list[int]) -> str:
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", "ignore")
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    # --- KV cache ---------------------------------------------------------------------------------------
+    def seq_copy(self, src: int, dst: int) -> None:
+        self.seqs[dst] = list(self.seqs.get(src, []))
+
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        assert p1 == -1
+        self.seqs[seq] = self.seqs.get(seq, [])[:max(p0, 0)] if p0 >= 0 else []
+
+    def clear(self) -> None:
+        self.seqs.clear()
+
+    # --- decoding ---------------------------------------------------------------------------------------
+    def _next_logits(self, tokens: list[int]) -> np.ndarray:
+        logits = np.full(N_VOCAB, -10.0, dtype=np.float32)
+        text = self.detokenize(tokens)
+        passage = text[text.index("Passage: ") + 9:text.index("\n<think>")]
+        generated = text[text.index("<think>") + len("<think>"):]
+        if tokens[-1] == CLOSE:
+            logits[TRUE], logits[FALSE] = self.answer(passage, generated)
+            return logits
+        nxt = self.behaviour(passage, generated)
+        token = self.tokenize(nxt)[0] if nxt else EOG
+        logits[token] = 10.0
+        return logits
+
+    def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]:
+        assert 0 < len(entries) <= self.n_batch
+        self.decode_calls += 1
+        self.batch_sizes.append(len(entries))
+        out = {}
+        for i, e in enumerate(entries):
+            seq = self.seqs.setdefault(e.seq_id, [])
+            assert e.pos == len(seq), f"sequence {e.seq_id}: token at position {e.pos}, but it holds {len(seq)}"
+            seq.append(e.token)
+            self.evaluated += 1
+            if e.logits:
+                out[i] = self._next_logits(seq)
+        return out

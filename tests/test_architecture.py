@@ -1,0 +1,101 @@
+"""How the packages depend on each other, and what the runtime may import (quick tier)."""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+import rank1_local
+from rank1_local.backends.llama_engine import set_fields
+from rank1_local.errors import Rank1Error
+
+pytestmark = pytest.mark.quick
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("rank1_local", "quantize", "benchmarks")
+ALLOWED = {"benchmarks": {"benchmarks", "quantize", "rank1_local"}, "quantize": {"quantize", "rank1_local"},
+           "rank1_local": {"rank1_local"}}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Our packages a module imports anywhere in its body (lazy imports inside functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found |= {n.split(".")[0] for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {p: set() for p in PACKAGES}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            graph[package] |= imported_packages(path) - {package}
+    return graph
+
+
+def test_packages_import_one_way():
+    graph = import_graph()
+    for package, uses in graph.items():
+        assert uses <= ALLOWED[package], f"{package} imports {sorted(uses - ALLOWED[package])}"
+    assert graph["benchmarks"] >= {"quantize", "rank1_local"} and graph["quantize"] == {"rank1_local"}
+
+
+def test_runtime_imports_no_torch():
+    modules = ["rank1_local", "rank1_local.cli", "rank1_local.backends", "rank1_local.backends.hf",
+               "rank1_local.backends.vllm_runner", "rank1_local.run_file"]
+    code = f"import sys; import {', '.join(modules)}; " \
+           "bad = [m for m in ('torch', 'transformers', 'vllm', 'quantize') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version_is_written_once():
+    assert metadata.version("rank1-local") == rank1_local.__version__
+    project = (ROOT / "pyproject.toml").read_text().split("[project]")[1].split("\n[")[0]
+    assert 'dynamic = ["version"]' in project and "\nversion =" not in project
+
+
+def test_unknown_ctypes_field_is_an_error_not_a_silent_attribute():
+    class Params(ctypes.Structure):
+        _fields_ = [("n_ctx", ctypes.c_uint32), ("kv_unified", ctypes.c_bool)]
+
+    params = Params()
+    set_fields(params, n_ctx=4, kv_unified=True)
+    assert params.n_ctx == 4 and params.kv_unified
+    with pytest.raises(Rank1Error, match="no Params field.s. kv_unfied"):
+        set_fields(params, kv_unfied=True)
+
+
+def test_llama_cpp_structs_have_every_field_we_set():
+    import llama_cpp
+
+    cparams = llama_cpp.llama_context_default_params()
+    set_fields(cparams, n_ctx=8, n_batch=8, n_ubatch=8, n_seq_max=2, kv_unified=True, n_threads=1,
+               n_threads_batch=1, no_perf=True, type_k=0, type_v=0)
+    set_fields(llama_cpp.llama_model_default_params(), n_gpu_layers=0)
+
+
+def test_llama_backend_is_initialised_once(monkeypatch):
+    import llama_cpp
+
+    from rank1_local.backends import llama_engine
+
+    calls = []
+    monkeypatch.setattr(llama_cpp, "llama_backend_init", lambda: calls.append(1))
+    llama_engine._llama_cpp.cache_clear()
+    try:
+        assert llama_engine._llama_cpp() is llama_engine._llama_cpp() is llama_cpp
+        assert calls == [1]
+    finally:
+        llama_engine._llama_cpp.cache_clear()
