@@ -3,6 +3,7 @@ CrossEncoder (``predict(pairs)``, ``rank(query, documents)``) plus ``rerank`` re
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rank1_local.config import ScoringConfig
+from rank1_local.errors import Rank1Error
 from rank1_local.pairs import Pair, Passage
 from rank1_local.results import Rank1Result
 
@@ -28,6 +30,20 @@ class Reranker(ABC):
     @abstractmethod
     def backend(self) -> str:
         """Where the model runs, in words (e.g. "CPU", "GPU offload (24/24 layers)", "transformers cuda float16")."""
+
+    def with_config(self, config: ScoringConfig) -> Reranker:
+        """This reranker under other protocol settings (budget, dataset prompt …), sharing the loaded model; the
+        context length is fixed when the model is loaded. Closing either closes the shared model."""
+        if config.n_ctx != self.config.n_ctx:
+            raise Rank1Error(f"n_ctx is fixed when the model is loaded ({self.config.n_ctx}); load it again for "
+                             f"{config.n_ctx}")
+        self.check_config(config)
+        clone = copy.copy(self)
+        clone.config = config
+        return clone
+
+    def check_config(self, config: ScoringConfig) -> None:
+        """Refuse settings this backend cannot honour (the default: all are fine)."""
 
     def score_settings(self) -> dict[str, Any]:
         """Everything that decides the scores besides the model file: the protocol settings, and the numeric
@@ -48,7 +64,7 @@ class Reranker(ABC):
     def predict(self, sentences: Sequence[Sequence[Any]], batch_size: int | None = None,
                 show_progress_bar: bool = False, **_: Any) -> np.ndarray:
         """CrossEncoder/MTEB style: ``(query, passage)`` or ``(query, passage, instruction)`` -> scores."""
-        return np.array([r.score for r in self.score_pairs(list(sentences))], dtype=np.float32)
+        return np.array([r.score for r in self.score_pairs(list(sentences))], dtype=np.float64)
 
     def rank(self, query: str, documents: Sequence[Passage], top_k: int | None = None,
              return_documents: bool = False, **_: Any) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli_support import run_command
 from rank1_local.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.errors import Rank1Error
+from rank1_local.protocol import PROTOCOLS
 
 logger = logging.getLogger("rank1-local")
 
@@ -21,7 +22,8 @@ logger = logging.getLogger("rank1-local")
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     """The protocol settings from the command line (validated: a bad value is a one-line error)."""
     return ScoringConfig(max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, prompt_template=args.prompt,
-                         rethink_rounds=args.rethink_rounds)
+                         rethink_rounds=args.rethink_rounds, protocol=args.protocol,
+                         truncate_passages=args.truncate_passages)
 
 
 def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> None:
@@ -33,6 +35,12 @@ def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> 
     p.add_argument("--rethink-rounds", type=int, default=0,
                    help="budget forcing: replace </think> with '\\nWait' this many times")
     p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="official",
+                   help="official: the official code's rules (stop strings, top-20 answer, fallback); full: the "
+                        "answer from the full distribution right after </think>")
+    p.add_argument("--truncate-passages", action="store_true",
+                   help="cut passages to fit prompt + budget in the context (default: as the official code, a "
+                        "prompt longer than the context is not run and scores 0.5)")
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,7 +74,8 @@ def _rerank_query(args: argparse.Namespace) -> int:
                 print(f"{args.qid} Q0 {ids[r.index]} {rank} {r.score:.6f} rank1-local")
             elif fmt == "table":
                 text = docs[r.index] if isinstance(docs[r.index], str) else docs[r.index]["text"]
-                flags = ("forced " if r.forced else "") + ("truncated" if r.truncated else "")
+                flags = " ".join(f for f, on in (("forced", r.forced), ("truncated", r.truncated),
+                                                  ("too-long", r.too_long)) if on)
                 print(f"{rank:4d}  {r.score:.4f}  {ids[r.index]:>8}  {text[:70].replace(chr(10), ' ')}  {flags}")
         if fmt == "json":
             print(json.dumps([{"docid": ids[r.index], "score": r.score, "relevant": r.relevant,

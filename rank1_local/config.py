@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from rank1_local.errors import Rank1Error
 from rank1_local.prompt import QUERY_PLACEHOLDER
+from rank1_local.protocol import PROTOCOLS
 
 MAX_BUDGET = 32768
 OFFICIAL_BUDGET = 8192
@@ -30,12 +31,19 @@ class ScoringConfig:
         prompt_template: dataset prompt in which ``FILL_QUERY_HERE`` is replaced by the query.
         rethink_rounds: budget forcing (our design; the official code's version does not run): the first
             ``rethink_rounds`` times the model closes its reasoning, ``</think>`` is replaced by ``\\nWait``.
+        protocol: "official" (the official code's rules: stop strings, top-20 answer at the last generated
+            position, fallback) or "full" (the answer read from the full distribution right after ``</think>``);
+            see :mod:`rank1_local.protocol`.
+        truncate_passages: cut passages (never the query) so that prompt + budget fit ``n_ctx``. Off by default,
+            as in the official code: there a prompt longer than the context is not run and scores 0.5.
     """
 
     max_think_tokens: int = 1024
     n_ctx: int = 4096
     prompt_template: str | None = None
     rethink_rounds: int = 0
+    protocol: str = "official"
+    truncate_passages: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_think_tokens", "n_ctx", "rethink_rounds"):
@@ -49,6 +57,10 @@ class ScoringConfig:
             raise Rank1Error(f"n_ctx ({self.n_ctx}) leaves no room for a prompt next to a reasoning budget of "
                              f"{self.max_think_tokens} tokens: raise n_ctx above "
                              f"{self.max_think_tokens + FALLBACK_MARGIN} or lower max_think_tokens")
+        if self.protocol not in PROTOCOLS:
+            raise Rank1Error(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if not isinstance(self.truncate_passages, bool):
+            raise Rank1Error(f"truncate_passages must be true or false, got {self.truncate_passages!r}")
         if self.rethink_rounds < 0:
             raise Rank1Error(f"rethink_rounds must be 0 or more, got {self.rethink_rounds}")
         if self.prompt_template is not None:

@@ -103,7 +103,7 @@ def read_pairs(path: Path) -> list[PairRow]:
 def result_row(qid: str, docid: str, result: Rank1Result) -> dict[str, Any]:
     return {"qid": qid, "docid": docid, "score": result.score, "relevant": result.relevant,
             "reasoning": result.reasoning, "n_tokens": result.n_tokens, "forced": result.forced,
-            "truncated": result.truncated}
+            "truncated": result.truncated, "too_long": result.too_long}
 
 
 def done_keys(path: Path) -> set[tuple[str, str]]:

@@ -6,6 +6,7 @@ same prompt token ids from the same input, and every bad input is refused before
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -13,6 +14,9 @@ from typing import Any, Union
 from rank1_local.config import FALLBACK_MARGIN, ScoringConfig
 from rank1_local.errors import Rank1Error
 from rank1_local.prompt import build_prompt, format_passage, format_query
+from rank1_local.protocol import NO_SCORE
+
+logger = logging.getLogger(__name__)
 
 Passage = Union[str, Mapping[str, str]]
 Tokenize = Callable[[str], list[int]]
@@ -37,14 +41,16 @@ class PreparedPair:
     prompt: str
     ids: list[int]
     passage_tokens_dropped: int = 0
+    too_long: bool = False  # the prompt does not fit the context: not run, scored 0.5 (as the official code does)
 
     @property
     def truncated(self) -> bool:
         return self.passage_tokens_dropped > 0
 
 
-def check_text(what: str, text: Any) -> str:
-    """``text`` as a non-empty, valid UTF-8 ``str``, or a :class:`Rank1Error` naming ``what``."""
+def check_text(what: str, text: Any, *, allow_empty: bool = False) -> str:
+    """``text`` as a valid UTF-8 ``str`` (non-empty unless ``allow_empty``), or a :class:`Rank1Error` naming
+    ``what``."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -56,7 +62,7 @@ def check_text(what: str, text: Any) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise Rank1Error(f"{what} is not valid UTF-8 (contains unpaired surrogates)") from None
-    if not text.strip():
+    if not text.strip() and not allow_empty:
         raise Rank1Error(f"{what} is empty")
     return text
 
@@ -77,8 +83,12 @@ def formatted(pair: Pair, index: int, template: str | None) -> tuple[str, str]:
     """The pair's query (instruction and template applied) and passage text, validated."""
     query = check_text(f"query of pair {index}", pair.query)
     passage = format_passage(pair.passage) if isinstance(pair.passage, Mapping) else pair.passage
-    passage = check_text(f"passage of pair {index}", passage)
-    instruction = check_text(f"instruction of pair {index}", pair.instruction) if pair.instruction else None
+    passage = check_text(f"passage of pair {index}", passage, allow_empty=True)
+    if not passage.strip():
+        logger.warning("the passage of pair %d is empty; it is scored as the official code does", index)
+    instruction = None
+    if pair.instruction is not None:
+        instruction = check_text(f"instruction of pair {index}", pair.instruction, allow_empty=True)
     return format_query(query, instruction, template), passage
 
 
@@ -107,9 +117,20 @@ def fit_prompt(index: int, query: str, passage: str, config: ScoringConfig, toke
 
 def prepare_pairs(pairs: Sequence[Pair | Sequence[Any]], config: ScoringConfig, tokenize: Tokenize,
                   detokenize: Detokenize) -> list[PreparedPair]:
-    """Validate, format and tokenize every pair (all of them before any is scored)."""
+    """Validate, format and tokenize every pair (all of them before any is scored). With
+    ``config.truncate_passages`` passages are cut to fit; otherwise a prompt that leaves no room in the context
+    for even one generated token is marked ``too_long``."""
     prepared = []
     for i, pair in enumerate(normalize_pairs(pairs)):
         query, passage = formatted(pair, i, config.prompt_template)
-        prepared.append(fit_prompt(i, query, passage, config, tokenize, detokenize))
+        if config.truncate_passages:
+            prepared.append(fit_prompt(i, query, passage, config, tokenize, detokenize))
+            continue
+        prompt = build_prompt(query, passage)
+        ids = tokenize(prompt)
+        too_long = len(ids) > config.n_ctx
+        if too_long:
+            logger.warning("pair %d: its prompt (%d tokens) does not fit the context of %d tokens; it scores %.1f "
+                           "(truncate_passages cuts the passage instead)", i, len(ids), config.n_ctx, NO_SCORE)
+        prepared.append(PreparedPair(i, query, prompt, ids, too_long=too_long))
     return prepared

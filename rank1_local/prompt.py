@@ -19,22 +19,23 @@ QUERY_PLACEHOLDER = "FILL_QUERY_HERE"
 
 
 def format_passage(passage: str | Mapping[str, str]) -> str:
-    """A passage as rank1 reads it: plain text, or ``title + " " + text`` for a title/text mapping."""
+    """A passage as the official ``predict`` reads it: plain text, or for a mapping ``f"{title} {text}"`` whenever it
+    has a ``title`` key (even an empty one: the passage then starts with a space), else its ``text``."""
     if isinstance(passage, Mapping):
-        title = (passage.get("title") or "").strip()
         text = passage.get("text") or ""
-        return f"{title} {text}" if title else text
+        return f"{passage['title']} {text}" if "title" in passage else text
     return passage
 
 
 def format_query(query: str, instruction: str | None = None, template: str | None = None) -> str:
     """The query part of the prompt.
 
-    ``instruction`` (FollowIR style) is appended after a space unless it equals the query;
-    ``template`` is a dataset prompt in which ``FILL_QUERY_HERE`` is replaced by the query.
+    ``instruction`` (FollowIR style), as the official ``predict`` applies it: ``f"{query} {instruction}".strip()``,
+    or ``query.strip()`` when the two are equal (stripped); ``template`` is a dataset prompt in which
+    ``FILL_QUERY_HERE`` is replaced by the query.
     """
-    if instruction is not None and instruction.strip() and instruction.strip() != query.strip():
-        query = f"{query} {instruction}".strip()
+    if instruction is not None:
+        query = query.strip() if query.strip() == instruction.strip() else f"{query} {instruction}".strip()
     if template is not None:
         if QUERY_PLACEHOLDER not in template:
             raise Rank1Error(f"a prompt template must contain {QUERY_PLACEHOLDER!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rank1_local.pairs import PreparedPair
+from rank1_local.protocol import NO_SCORE
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Rank1Result:
     passage_tokens_dropped: int
     n_prompt_tokens: int
     seconds: float  # wall time from the pair's start to its score
+    too_long: bool = False  # the prompt did not fit the context: not run, score 0.5
 
     @property
     def relevant(self) -> bool:
@@ -30,7 +32,12 @@ def build_result(pair: PreparedPair, *, score: float, reasoning: str, n_tokens: 
                  seconds: float) -> Rank1Result:
     return Rank1Result(index=pair.index, score=float(score), reasoning=reasoning, n_tokens=n_tokens, forced=forced,
                        truncated=pair.truncated, passage_tokens_dropped=pair.passage_tokens_dropped,
-                       n_prompt_tokens=len(pair.ids), seconds=seconds)
+                       n_prompt_tokens=len(pair.ids), seconds=seconds, too_long=pair.too_long)
+
+
+def too_long_result(pair: PreparedPair) -> Rank1Result:
+    """The result of a pair whose prompt does not fit the context (the official code scores it 0.5)."""
+    return build_result(pair, score=NO_SCORE, reasoning="", n_tokens=0, forced=False, seconds=0.0)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Tokens: 0 end-of-generation, 1 " true", 2 " false", 3 "</think>", 4 "<think>", t
 Each sequence's KV cache is a list of tokens; a batch entry must continue its sequence exactly (position =
 current length), so any bookkeeping mistake in the scheduler fails loudly. The next token is decided by a
 *behaviour*: ``behaviour(passage, generated_text) -> str`` returns the next token's text ("" = end of generation).
-When a sequence ends in "</think>", the logits of " true" / " false" are ``answer(passage, generated_text)``.
+When a sequence ends in "</think>", the logits of " true" / " false" are ``answer(passage, generated_text)``; elsewhere
+they are ``background`` (by default far below the other tokens' -10, so outside any top 20).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def scripted(scripts: dict[str, str], default: str = "\nNo idea.</think>") -> Be
 
 class FakeEngine:
     def __init__(self, behaviour: Behaviour, *, n_batch: int = 64,
-                 answer: Callable[[str, str], tuple[float, float]] | None = None) -> None:
+                 answer: Callable[[str, str], tuple[float, float]] | None = None,
+                 background: tuple[float, float] = (-20.0, -20.0)) -> None:
         self.behaviour = behaviour
+        self.background = background
         self.answer = answer or (lambda passage, generated: (1.0, 0.0) if "relevant" in passage else (0.0, 1.5))
         self.n_batch = n_batch
         self.seqs: dict[int, list[int]] = {}
@@ -88,13 +91,17 @@ class FakeEngine:
     # --- decoding ---------------------------------------------------------------------------------------
     def _next_logits(self, tokens: list[int]) -> np.ndarray:
         logits = np.full(N_VOCAB, -10.0, dtype=np.float32)
+        # away from the answer, " true" / " false" are far outside the top 20 (unless ``background`` says otherwise)
+        logits[TRUE], logits[FALSE] = self.background
         text = self.detokenize(tokens)
         passage = text[text.index("Passage: ") + 9:text.index("\n<think>")]
         generated = text[text.index("<think>") + len("<think>"):]
+        nxt = self.behaviour(passage, generated)
         if tokens[-1] == CLOSE:
             logits[TRUE], logits[FALSE] = self.answer(passage, generated)
+            if nxt and self.tokenize(nxt)[0] not in (TRUE, FALSE):  # e.g. "\n" after "</think>" instead of an answer
+                logits[self.tokenize(nxt)[0]] = 10.0
             return logits
-        nxt = self.behaviour(passage, generated)
         token = self.tokenize(nxt)[0] if nxt else EOG
         logits[token] = 10.0
         return logits

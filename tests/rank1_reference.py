@@ -1,6 +1,9 @@
-"""An independent reference of the rank1 protocol in transformers (fp32, greedy), for the tests.
+"""An independent reference of the rank1 protocols in transformers (fp32, greedy), for the tests.
 
-Written from the official code's rules (orionw/rank1, `rank1.py`) on its own — it shares no code with rank1_local.
+Written from the official code's rules (orionw/rank1, ``rank1.py``) on its own — it shares no code with
+rank1_local. ``official``: stop once the decoded text contains "</think> true" / "</think> false", at EOS or at
+the budget (every generated token counts); score from the top-20 of the last generated position when both
+answers are there, else the fallback on the cut text. ``full``: the answer right after "</think>".
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 TEMPLATE = ("Determine if the following passage is relevant to the query. Answer only with 'true' or 'false'.\n"
             "Query: {query}\nPassage: {passage}\n<think>")
+STOPS = ("</think> true", "</think> false")
 
 
 @dataclass
@@ -17,6 +21,15 @@ class RefResult:
     reasoning: str
     n_tokens: int
     forced: bool
+
+
+def official_cut(text: str) -> str:
+    text = text.rstrip()
+    if not text.endswith((".", "!", "?")):
+        last = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
+        if last != -1:
+            text = text[:last + 1]
+    return text.strip()
 
 
 class Reference:
@@ -38,37 +51,48 @@ class Reference:
         pair = self.torch.stack([logits[self.true_id], logits[self.false_id]])
         return float(self.torch.softmax(pair.double(), 0)[0])
 
-    def score(self, query, passage, max_think_tokens=1024, rethink_rounds=0) -> RefResult:
+    def _fallback(self, prompt: str, text: str, n_ctx: int) -> float:
+        ids = self.tok.encode(prompt + "\n" + official_cut(text) + "\n</think>")
+        return 0.5 if len(ids) > n_ctx else self._score(self._next_logits(ids))
+
+    def score(self, query, passage, max_think_tokens=1024, rethink_rounds=0, protocol="official",
+              n_ctx=4096) -> RefResult:
         prompt = TEMPLATE.format(query=query, passage=passage)
-        ids = self.tok.encode(prompt)
-        context = list(ids)
+        context = self.tok.encode(prompt)
+        if len(context) > n_ctx:
+            return RefResult(0.5, "", 0, False)
         generated = 0
         base, new_tokens = "", []  # text = base + decode(new_tokens); base changes on rethink
         text = ""
         while True:
-            token = int(self._next_logits(context).argmax())
-            if token == self.tok.eos_token_id or token in self.tok.all_special_ids:
+            logits = self._next_logits(context)
+            token = int(logits.argmax())
+            eos = token == self.tok.eos_token_id
+            if eos and protocol == "full":
                 break
             context.append(token)
             new_tokens.append(token)
             generated += 1
-            text = base + self.tok.decode(new_tokens)
-            if "</think>" in text:
-                if rethink_rounds > 0:
-                    rethink_rounds -= 1
-                    base, new_tokens = text[: text.index("</think>")] + "\nWait", []
-                    text = base
-                    context = self.tok.encode(prompt + base)
-                    continue
-                score = self._score(self._next_logits(context))
-                return RefResult(score, text[: text.index("</think>")], generated, False)
-            if generated >= max_think_tokens:
-                break
-        # forced answer: cut back to the last sentence end, close the reasoning
-        if text and text[-1] not in ".!?":
-            last = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
-            cut = text[: last + 1] if last >= 0 else ""
-        else:
-            cut = text
-        forced_ids = self.tok.encode(prompt + "\n" + cut + "\n</think>")
-        return RefResult(self._score(self._next_logits(forced_ids)), text, generated, True)
+            text = base + self.tok.decode(new_tokens[:-1] if eos else new_tokens)
+            if "</think>" in text and rethink_rounds > 0 and generated < max_think_tokens:
+                rethink_rounds -= 1
+                base, new_tokens = text[: text.index("</think>")] + "\nWait", []
+                text = base
+                context = self.tok.encode(prompt + base)
+                continue
+            reasoning = text[: text.index("</think>")] if "</think>" in text else text
+            if protocol == "full":
+                if "</think>" in text:
+                    return RefResult(self._score(self._next_logits(context)), reasoning, generated, False)
+                if generated >= max_think_tokens or len(context) >= n_ctx:
+                    break
+                continue
+            stop = min([text.index(s) for s in STOPS if s in text], default=-1)
+            if eos or stop >= 0 or generated >= max_think_tokens or len(context) >= n_ctx:
+                top = set(self.torch.topk(logits, 20).indices.tolist())
+                if self.true_id in top and self.false_id in top:
+                    return RefResult(self._score(logits), reasoning, generated, False)
+                out_text = text[:stop] if stop >= 0 else text
+                return RefResult(self._fallback(prompt, out_text, n_ctx), reasoning, generated, True)
+        reasoning = text[: text.index("</think>")] if "</think>" in text else text
+        return RefResult(self._fallback(prompt, text, n_ctx), reasoning, generated, True)

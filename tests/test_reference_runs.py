@@ -12,7 +12,7 @@ from benchmarks.cli import main as bench
 from benchmarks.compare import compare_one
 from benchmarks.runfile import read_run
 from quantize.fixtures.synthetic_task import eval_pairs
-from rank1_local.backends.vllm_runner import Completion, answer_score, read_completion
+from rank1_local.backends.vllm_runner import Completion, read_output, reasoning_of
 from rank1_local.cli import main as rerank
 from rank1_local.run_header import header_path, read_header
 
@@ -72,7 +72,7 @@ def test_transformers_forced_path_matches_reference(fixture_dir):
         got = model.score_pairs([(p.query, p.passage) for p in PAIRS[:3]])
     for p, g in zip(PAIRS[:3], got, strict=True):
         want = ref.score(p.query, p.passage, max_think_tokens=12)
-        assert g.forced and want.forced and g.n_tokens == want.n_tokens == 12
+        assert g.forced == want.forced and g.n_tokens == want.n_tokens == 12
         assert abs(g.score - want.score) <= 1e-5
 
 
@@ -98,14 +98,12 @@ def test_duplicated_pairs_are_refused(tmp_path, capsys):
 TRUE, FALSE = 830, 895
 
 
-def test_vllm_completion_parsing():
+def test_vllm_output_reading():
     lp = math.log
-    closed = Completion([1, 2, 3, 4, 5, TRUE], ["\nThe", " end.", "</", "think", ">", " true"],
-                        [{1: 0.0}, {2: 0.0}, {3: 0.0}, {4: 0.0}, {5: 0.0}, {TRUE: lp(0.6), FALSE: lp(0.2), 7: lp(0.1)}])
-    assert read_completion(closed, TRUE, FALSE) == ("\nThe end.", 5, pytest.approx(0.75))
-    open_ = Completion([1, 2], ["\nThe", " end"], [{1: 0.0}, {2: 0.0}])
-    assert read_completion(open_, TRUE, FALSE) == ("\nThe end", 2, None)
-    no_answer = Completion([3, 4, 5, 9], ["</", "think", ">", "\n"], [{3: 0.0}, {4: 0.0}, {5: 0.0}, {9: lp(0.9)}])
-    assert read_completion(no_answer, TRUE, FALSE) == ("", 3, None)
-    assert answer_score({TRUE: lp(0.3)}, TRUE, FALSE) == 1.0  # false not in the top 20: probability 0
-    assert answer_score({}, TRUE, FALSE) is None
+    closed = Completion([1, 2, TRUE], "\nThe end.", [{1: 0.0}, {2: 0.0}, {TRUE: lp(0.6), FALSE: lp(0.2), 7: lp(0.1)}],
+                        "</think> true")
+    assert read_output(closed, TRUE, FALSE) == pytest.approx(0.75) and reasoning_of(closed.text) == "\nThe end."
+    one_answer = Completion([1, TRUE], "x", [{1: 0.0}, {TRUE: lp(0.9)}])
+    assert read_output(one_answer, TRUE, FALSE) is None  # false not in the top 20: the fallback decides
+    assert read_output(Completion([], "", []), TRUE, FALSE) is None
+    assert reasoning_of("a.</think>\ntrue") == "a."

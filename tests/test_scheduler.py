@@ -1,4 +1,5 @@
-"""The continuous-batching scheduler against a scripted engine (quick tier: no model, no torch)."""
+"""The continuous-batching scheduler and the scoring protocols against a scripted engine (quick tier: no model,
+no torch). Each rule of the official protocol has a case here that fails if the rule changes."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ SCRIPTS = {"relevant": "\nThe passage is relevant.</think>", "off": "\nOff topic
            "long": "\nA long chain: one, two, three, four, five, six. Done.</think>"}
 QUERY_A = "What is known about the apple?"
 QUERY_B = "What is known about the anchor?"
+ANSWER_TOKEN = {"official": 1, "full": 0}  # official counts the answer token among the generated ones
 
 
-def run(engine, pairs, *, parallel=2, budget=64, rethink=0, cancelled=None, on_result=None):
-    config = ScoringConfig(max_think_tokens=budget, n_ctx=512, rethink_rounds=rethink)
+def run(engine, pairs, *, parallel=2, budget=64, rethink=0, cancelled=None, on_result=None, protocol="official",
+        n_ctx=512):
+    config = ScoringConfig(max_think_tokens=budget, n_ctx=n_ctx, rethink_rounds=rethink, protocol=protocol)
     prepared = prepare_pairs(pairs, config, engine.tokenize, engine.detokenize)
-    scheduler = Scheduler(engine, SchedulerParams(parallel, budget, rethink, TRUE, FALSE))
+    scheduler = Scheduler(engine, SchedulerParams(parallel, config, TRUE, FALSE))
     return scheduler.run(make_jobs(prepared, engine.tokenize), on_result=on_result, cancelled=cancelled)
 
 
@@ -33,26 +36,31 @@ def pairs_for(*queries):
     return [(q, d) for q in queries for d in docs]
 
 
-def test_closed_chain_is_scored_at_the_answer():
+def key(results):
+    return [(r.reasoning, r.score, r.n_tokens, r.forced) for r in results]
+
+
+@pytest.mark.parametrize("protocol", ["official", "full"])
+def test_closed_chain_is_scored_at_the_answer(protocol):
     engine = FakeEngine(scripted(SCRIPTS))
-    (r,), stats = run(engine, [(QUERY_A, "a relevant doc")])
+    (r,), stats = run(engine, [(QUERY_A, "a relevant doc")], protocol=protocol)
     assert r.reasoning == "\nThe passage is relevant." and not r.forced
-    assert r.n_tokens == len(engine.tokenize(SCRIPTS["relevant"]))
+    assert r.n_tokens == len(engine.tokenize(SCRIPTS["relevant"])) + ANSWER_TOKEN[protocol]
     assert r.score == pytest.approx(true_false_score(1.0, 0.0))
-    assert stats.generated_tokens == r.n_tokens and stats.pairs == 1
+    assert stats.pairs == 1
 
 
-def test_slots_are_refilled_and_results_keep_input_order():
+@pytest.mark.parametrize("protocol", ["official", "full"])
+def test_slots_are_refilled_and_results_keep_input_order(protocol):
     pairs = pairs_for(QUERY_A)[:3] * 3
     pairs = [(q, f"{d} {i}") for i, (q, d) in enumerate(pairs)]
-    one, _ = run(FakeEngine(scripted(SCRIPTS)), pairs, parallel=1)
+    one, _ = run(FakeEngine(scripted(SCRIPTS)), pairs, parallel=1, protocol=protocol)
     engine = FakeEngine(scripted(SCRIPTS))
-    many, _ = run(engine, pairs, parallel=3)
+    many, _ = run(engine, pairs, parallel=3, protocol=protocol)
     assert [r.index for r in many] == list(range(len(pairs)))
-    assert [(r.reasoning, r.score, r.n_tokens) for r in many] == [(r.reasoning, r.score, r.n_tokens) for r in one]
+    assert key(many) == key(one)
     assert set(engine.seqs) <= {0, 1, 2, 3}  # the prefix sequence and three slots, never more
-    # with three slots busy, steps decode several sequences at once
-    assert engine.decode_calls < sum(r.n_tokens for r in one)
+    assert engine.decode_calls < sum(r.n_tokens for r in one)  # steps decode several sequences at once
 
 
 def test_prompts_longer_than_a_batch_are_fed_in_chunks():
@@ -61,7 +69,7 @@ def test_prompts_longer_than_a_batch_are_fed_in_chunks():
     engine = FakeEngine(scripted(SCRIPTS), n_batch=16)
     narrow, _ = run(engine, pairs, parallel=4)
     assert max(engine.batch_sizes) == 16
-    assert [(r.reasoning, r.score) for r in narrow] == [(r.reasoning, r.score) for r in wide]
+    assert key(narrow) == key(wide)
 
 
 def test_prefix_switch_mid_run_evaluates_each_prefix_once():
@@ -70,7 +78,7 @@ def test_prefix_switch_mid_run_evaluates_each_prefix_once():
     interleaved = pairs[::2] + pairs[1::2]  # queries alternate: jobs are regrouped by query
     got, stats = run(engine, interleaved, parallel=2)
     seq, _ = run(FakeEngine(scripted(SCRIPTS)), interleaved, parallel=1)
-    assert [(r.reasoning, r.score) for r in got] == [(r.reasoning, r.score) for r in seq]
+    assert key(got) == key(seq)
     prefixes = [engine.tokenize(prompt_prefix(q))[:-1] for q in (QUERY_A, QUERY_B)]
     shared = common_prefix_len(*prefixes)
     assert 0 < shared < len(prefixes[1])
@@ -79,25 +87,105 @@ def test_prefix_switch_mid_run_evaluates_each_prefix_once():
     assert stats.prompt_tokens == expected
 
 
-def test_budget_forces_the_answer():
-    engine = FakeEngine(lambda passage, generated: "x" if len(generated) < 10 else ".")
-    (r,), _ = run(engine, [(QUERY_A, "doc")], budget=25)
-    assert r.forced and r.n_tokens == 25 and r.reasoning.startswith("xxxxxxxxxx.")
+class Recorder:
+    """An answer function that records the text the answer was read after."""
+
+    def __init__(self, main=(1.0, 0.0), fallback=(0.3, 0.1)):
+        self.main, self.fallback, self.seen = main, fallback, []
+
+    def __call__(self, passage, generated):
+        self.seen.append(generated)
+        return self.fallback if generated.endswith("\n</think>") and "</think>" not in generated[:-9] \
+            and not generated.endswith(".</think>") else self.main
 
 
-def test_end_of_generation_forces_the_answer_on_the_fallback_prompt():
-    seen = []
+@pytest.mark.parametrize("protocol, forced", [("official", False), ("full", True)])
+def test_budget_end_scored_where_generation_stopped_when_both_answers_are_in_the_top_20(protocol, forced):
+    """Official: a budget that runs out is scored from the last generated position's top 20 when both answers
+    are in it — no fallback. Full: always the fallback."""
+    engine = FakeEngine(lambda passage, generated: "x", background=(-5.0, -6.0), answer=Recorder())
+    (r,), _ = run(engine, [(QUERY_A, "doc")], budget=25, protocol=protocol)
+    assert r.n_tokens == 25 and r.forced is forced
+    assert r.score == pytest.approx(true_false_score(-5.0, -6.0) if not forced else true_false_score(0.3, 0.1))
+
+
+def test_budget_end_without_both_answers_falls_back_with_the_official_cut():
+    recorder = Recorder()
+    engine = FakeEngine(lambda passage, generated: "x" if len(generated) < 10 else " y.z w", answer=recorder)
+    engine.behaviour = lambda passage, generated: ("x" * 10 + " One. two")[len(generated):][:1] or "q"
+    (r,), _ = run(engine, [(QUERY_A, "doc")], budget=20)
+    assert r.forced and r.n_tokens == 20 and r.reasoning.startswith("xxxxxxxxxx One. two")
+    prompt = build_prompt(QUERY_A, "doc")
+    # cut after the last sentence end, then stripped: the text starts without its leading space
+    assert prompt + recorder.seen[-1] == prompt + "\nxxxxxxxxxx One.\n</think>" == fallback_prompt(prompt, r.reasoning)
+    assert r.score == pytest.approx(true_false_score(0.3, 0.1))
+
+
+def test_reasoning_without_a_sentence_end_is_kept_whole():
+    recorder = Recorder()
+    engine = FakeEngine(scripted({"doc": "\n  no sentence end here  "}), answer=recorder)
+    (r,), _ = run(engine, [(QUERY_A, "doc")])
+    assert r.forced
+    assert recorder.seen[-1] == "\nno sentence end here\n</think>"
+
+
+@pytest.mark.parametrize("protocol, n_tokens", [("official", 5), ("full", 4)])
+def test_end_of_generation(protocol, n_tokens):
+    recorder = Recorder()
+    engine = FakeEngine(scripted({"doc": "\nHmm"}), answer=recorder)
+    (r,), _ = run(engine, [(QUERY_A, "doc")], protocol=protocol)
+    assert r.forced and r.n_tokens == n_tokens and r.reasoning == "\nHmm"
+    assert recorder.seen[-1] == "\nHmm\n</think>"
+    assert r.score == pytest.approx(true_false_score(0.3, 0.1))
+
+
+def test_official_goes_on_after_think_close_not_followed_by_an_answer():
+    """'</think>' then '\\n': no stop string, so generation goes on until ' true' follows a '</think>'."""
+    script = "\nFirst.</think>\nSecond.</think> true"
+    answers = {"main": 0}
 
     def answer(passage, generated):
-        seen.append(generated)
-        return 0.3, 0.1
+        answers["main"] += 1
+        return (2.0, 1.0) if generated.count("</think>") == 2 else (-30.0, -30.0)  # after the 1st: '\n' wins
 
-    engine = FakeEngine(scripted({"doc": "\nHmm"}), answer=answer)
+    def behaviour(passage, generated):
+        return scripted({"": script})(passage, generated)
+
+    engine = FakeEngine(behaviour, answer=answer)
     (r,), _ = run(engine, [(QUERY_A, "doc")])
-    assert r.forced and r.n_tokens == 4 and r.reasoning == "\nHmm"
-    prompt = build_prompt(QUERY_A, "doc")
-    assert prompt + seen[-1] == fallback_prompt(prompt, "\nHmm")
-    assert r.score == pytest.approx(true_false_score(0.3, 0.1))
+    assert not r.forced and r.reasoning == "\nFirst."
+    assert r.n_tokens == len(engine.tokenize(script))
+    assert r.score == pytest.approx(true_false_score(2.0, 1.0))
+    (f,), _ = run(FakeEngine(behaviour, answer=answer), [(QUERY_A, "doc")], protocol="full")
+    assert f.n_tokens == len(engine.tokenize("\nFirst.</think>")) and f.score == pytest.approx(0.5)
+
+
+def test_official_answer_outside_the_top_20_goes_to_the_fallback():
+    """A confident answer pushes the other one out of the top 20: the official code falls back (never P=0)."""
+    recorder = Recorder(main=(5.0, -50.0), fallback=(2.0, 1.0))
+    engine = FakeEngine(scripted({"doc": "\nSure.</think>"}), answer=recorder)
+    (r,), _ = run(engine, [(QUERY_A, "doc")])
+    assert r.forced and r.reasoning == "\nSure."
+    # the fallback re-reads the answer after "\nSure.\n</think>" (official text: without the stop string)
+    assert recorder.seen[-1] == "\nSure.\n</think>" and r.score == pytest.approx(true_false_score(2.0, 1.0))
+    (full,), _ = run(FakeEngine(scripted({"doc": "\nSure.</think>"}), answer=Recorder(main=(5.0, -50.0))),
+                     [(QUERY_A, "doc")], protocol="full")
+    assert not full.forced and full.score == pytest.approx(1.0)
+
+
+def test_prompt_longer_than_the_context_scores_half_and_is_flagged():
+    engine = FakeEngine(scripted(SCRIPTS))
+    long_doc = "a relevant doc " + "filler " * 100
+    got, _ = run(engine, [(QUERY_A, long_doc), (QUERY_A, "a relevant doc")], n_ctx=400, budget=64)
+    assert got[0].too_long and got[0].score == 0.5 and got[0].n_tokens == 0 and not got[0].forced
+    assert not got[1].too_long and got[1].score > 0.5
+
+
+def test_official_generation_stops_at_the_context():
+    engine = FakeEngine(lambda passage, generated: "x", background=(-5.0, -6.0))
+    (r,), _ = run(engine, [(QUERY_A, "doc")], budget=300, n_ctx=400)
+    prompt_len = len(engine.tokenize(build_prompt(QUERY_A, "doc")))
+    assert r.n_tokens == 400 - prompt_len and not r.forced
 
 
 def test_rethink_then_budget_in_one_slot():
@@ -117,17 +205,11 @@ def test_rethink_then_budget_in_one_slot():
 def test_cancelled_jobs_get_no_result_and_free_their_slot():
     engine = FakeEngine(scripted(SCRIPTS))
     pairs = pairs_for(QUERY_A, QUERY_B)
-    calls = {"n": 0}
-
-    def cancelled(job):
-        calls["n"] += 1
-        return job.pair.index in (1, 2, 6)
-
-    got, stats = run(engine, pairs, parallel=2, cancelled=cancelled)
+    got, stats = run(engine, pairs, parallel=2, cancelled=lambda job: job.pair.index in (1, 2, 6))
     assert [r.index for r in got] == [0, 3, 4, 5, 7] and stats.pairs == 5
     assert all(engine.seqs.get(s, []) == [] for s in (1, 2))  # every slot freed at the end
     full, _ = run(FakeEngine(scripted(SCRIPTS)), pairs, parallel=2)
-    assert [(r.reasoning, r.score) for r in got] == [(full[r.index].reasoning, full[r.index].score) for r in got]
+    assert key(got) == key([full[r.index] for r in got])
 
 
 def test_cancelling_a_running_job_frees_its_slot_mid_run():
@@ -146,7 +228,8 @@ def test_cancelling_a_running_job_frees_its_slot_mid_run():
 def test_results_arrive_as_they_finish():
     order = []
     engine = FakeEngine(scripted(SCRIPTS))
-    run(engine, [(QUERY_A, "a long doc"), (QUERY_A, "a relevant doc")], parallel=2, on_result=lambda r: order.append(r.index))
+    run(engine, [(QUERY_A, "a long doc"), (QUERY_A, "a relevant doc")], parallel=2,
+        on_result=lambda r: order.append(r.index))
     assert order == [1, 0]  # the short chain finishes first
 
 

@@ -27,8 +27,17 @@ from rank1_local.errors import Rank1Error, UnsupportedModelError
 from rank1_local.extras import require
 from rank1_local.hub import resolve_local_or_hub
 from rank1_local.pairs import Pair, PreparedPair, prepare_pairs
-from rank1_local.protocol import ReasoningChain, Step, answer_token_ids, common_prefix_len, true_false_score
-from rank1_local.results import Rank1Result, RunStats, build_result
+from rank1_local.protocol import (
+    NO_SCORE,
+    ReasoningChain,
+    Step,
+    answer_score,
+    answer_token_ids,
+    common_prefix_len,
+    top_logprobs,
+    true_false_score,
+)
+from rank1_local.results import Rank1Result, RunStats, build_result, too_long_result
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,19 @@ def quantization_method(path: Path) -> str | None:
         return None
     quant = config.get("quantization_config") or {}
     return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """Byte-level BPE's map from each byte to the printable character that stands for it in token strings (the
+    GPT-2 scheme used by the Qwen2, Llama-3 and Tekken tokenizers)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
 
 
 class _Sequence:
@@ -141,9 +163,7 @@ class TransformersRank1(Reranker):
         self.true_id, self.false_id = answer_token_ids(self._tokenize)
         self.eos_ids = self._eos_ids()
         self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-        self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
         self.last_stats: RunStats | None = None
         logger.info("loaded %s with transformers on %s (%s)", path.name, self.device, dtype)
 
@@ -175,14 +195,28 @@ class TransformersRank1(Reranker):
         except KeyError:
             return self._detokenize([token]).encode()
 
+    def _answer(self, logits: Any) -> float:
+        return true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
+
+    def _fallback(self, seq: _Sequence, chain: ReasoningChain) -> float:
+        """The answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
+        chain.forced = True
+        ids = self._tokenize(chain.fallback_prompt)
+        return NO_SCORE if len(ids) > self.config.n_ctx else self._answer(seq.feed(ids))
+
     def _score_one(self, pair: PreparedPair) -> Rank1Result:
+        if pair.too_long:
+            return too_long_result(pair)
         started = time.perf_counter()
+        config = self.config
         seq = _Sequence(self.model, self.torch, self.device)
         logits = seq.feed(pair.ids)
-        chain = ReasoningChain(pair.prompt, self.config.max_think_tokens, self.config.rethink_rounds)
+        chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
+                               official=config.protocol == "official", n_ctx=config.n_ctx)
         while True:
             token = int(logits.argmax())
-            step = chain.advance(token, self._piece(token), token in self.eos_ids)
+            eos = token in self.eos_ids
+            step = chain.advance(token, b"" if eos else self._piece(token), eos, len(seq.ids) + 1)
             if step is Step.CONTINUE:
                 logits = seq.feed(seq.ids + [token])
                 continue
@@ -190,10 +224,13 @@ class TransformersRank1(Reranker):
                 logits = seq.feed(self._tokenize(chain.continuation_prompt))
                 continue
             if step is Step.ANSWER:
-                logits = seq.feed(seq.ids + [token])
+                score = self._answer(seq.feed(seq.ids + [token]))
+            elif step is Step.FINISH:
+                score = answer_score(top_logprobs(logits.cpu().numpy()), self.true_id, self.false_id)
+                if score is None:
+                    score = self._fallback(seq, chain)
             else:  # Step.FORCE
-                logits = seq.feed(self._tokenize(chain.fallback_prompt))
-            score = true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
+                score = self._fallback(seq, chain)
             return build_result(pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
                                 forced=chain.forced, seconds=time.perf_counter() - started)
 

@@ -72,7 +72,7 @@ class Rank1(Reranker):
         self.settings = settings
         self.model_path = resolve_gguf(model, gguf_type=gguf_type)
         self.engine = LlamaEngine(self.model_path, EngineConfig(
-            n_ctx=config.n_ctx * (settings.parallel + 1), n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
+            n_ctx=(config.n_ctx + 1) * (settings.parallel + 1), n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
             n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers, f32_kv_cache=settings.f32_kv_cache))
         try:
             self.true_id, self.false_id = answer_token_ids(self.engine.tokenize)
@@ -92,8 +92,8 @@ class Rank1(Reranker):
         prepared = prepare_pairs(pairs, self.config, self.engine.tokenize, self.engine.detokenize)
         if not prepared:
             return []
-        scheduler = Scheduler(self.engine, SchedulerParams(self.settings.parallel, self.config.max_think_tokens,
-                                                           self.config.rethink_rounds, self.true_id, self.false_id))
+        scheduler = Scheduler(self.engine, SchedulerParams(self.settings.parallel, self.config, self.true_id,
+                                                           self.false_id))
         results, self.last_stats = scheduler.run(make_jobs(prepared, self.engine.tokenize), on_result=on_result)
         return results
 

@@ -20,10 +20,19 @@ from typing import Protocol
 import numpy as np
 
 from rank1_local.backends.llama_engine import BatchEntry
+from rank1_local.config import ScoringConfig
 from rank1_local.pairs import PreparedPair
 from rank1_local.prompt import prompt_prefix
-from rank1_local.protocol import ReasoningChain, Step, common_prefix_len, true_false_score
-from rank1_local.results import Rank1Result, RunStats, build_result
+from rank1_local.protocol import (
+    NO_SCORE,
+    ReasoningChain,
+    Step,
+    answer_score,
+    common_prefix_len,
+    top_logprobs,
+    true_false_score,
+)
+from rank1_local.results import Rank1Result, RunStats, build_result, too_long_result
 
 PREFIX_SEQ = 0
 
@@ -71,8 +80,7 @@ def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]
 @dataclass(frozen=True)
 class SchedulerParams:
     parallel: int
-    max_think_tokens: int
-    rethink_rounds: int
+    config: ScoringConfig
     true_id: int
     false_id: int
 
@@ -111,7 +119,9 @@ class Scheduler:
         self.engine.seq_remove(slot.seq)
         self.engine.seq_copy(PREFIX_SEQ, slot.seq)
         slot.job = job
-        slot.chain = ReasoningChain(job.pair.prompt, self.params.max_think_tokens, self.params.rethink_rounds)
+        config = self.params.config
+        slot.chain = ReasoningChain(job.pair.prompt, config.max_think_tokens, config.rethink_rounds,
+                                    official=config.protocol == "official", n_ctx=config.n_ctx)
         slot.tokens = job.pair.ids[:job.shared]
         slot.pending = job.pair.ids[job.shared:]
         slot.awaiting_answer = False
@@ -124,30 +134,43 @@ class Scheduler:
 
     def _continue_from_text(self, slot: _Slot, text: str) -> None:
         """Re-tokenize ``text`` (a full prompt) and feed only what differs from the cache."""
-        ids = self.engine.tokenize(text)
+        self._continue_from_ids(slot, self.engine.tokenize(text))
+
+    def _continue_from_ids(self, slot: _Slot, ids: list[int]) -> None:
         keep = min(common_prefix_len(slot.tokens, ids), len(ids) - 1)
         self.engine.seq_remove(slot.seq, keep, -1)
         slot.tokens = slot.tokens[:keep]
         slot.pending = ids[keep:]
 
-    def _finish(self, slot: _Slot, logits: np.ndarray) -> Rank1Result:
+    def _finish(self, slot: _Slot, score: float) -> Rank1Result:
         assert slot.job is not None and slot.chain is not None
         chain = slot.chain
-        score = true_false_score(float(logits[self.params.true_id]), float(logits[self.params.false_id]))
         result = build_result(slot.job.pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
                               forced=chain.forced, seconds=time.perf_counter() - slot.started)
         self._free(slot)
         return result
 
+    def _fallback(self, slot: _Slot) -> Rank1Result | None:
+        """Read the answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
+        assert slot.chain is not None
+        slot.chain.forced = True
+        ids = self.engine.tokenize(slot.chain.fallback_prompt)
+        if len(ids) > self.params.config.n_ctx:
+            return self._finish(slot, NO_SCORE)
+        slot.awaiting_answer = True
+        self._continue_from_ids(slot, ids)
+        return None
+
     def _step(self, slot: _Slot, logits: np.ndarray) -> Rank1Result | None:
         """Act on the next-token distribution of a slot whose pending tokens were all fed."""
+        true_id, false_id = self.params.true_id, self.params.false_id
         if slot.awaiting_answer:
-            return self._finish(slot, logits)
+            return self._finish(slot, true_false_score(float(logits[true_id]), float(logits[false_id])))
         chain = slot.chain
         assert chain is not None
         token = int(np.argmax(logits))
         eog = self.engine.is_eog(token)
-        step = chain.advance(token, b"" if eog else self.engine.piece(token), eog)
+        step = chain.advance(token, b"" if eog else self.engine.piece(token), eog, len(slot.tokens) + 1)
         if not eog:
             self.generated_tokens += 1
         if step is Step.CONTINUE:
@@ -157,9 +180,11 @@ class Scheduler:
             slot.pending = [token]
         elif step is Step.RETHINK:
             self._continue_from_text(slot, chain.continuation_prompt)
+        elif step is Step.FINISH:
+            score = answer_score(top_logprobs(logits), true_id, false_id)
+            return self._finish(slot, score) if score is not None else self._fallback(slot)
         else:  # Step.FORCE
-            slot.awaiting_answer = True
-            self._continue_from_text(slot, chain.fallback_prompt)
+            return self._fallback(slot)
         return None
 
     def run(self, jobs: Iterable[Job], on_result: Callable[[Rank1Result], None] | None = None,
@@ -179,6 +204,11 @@ class Scheduler:
                 while slot.job is None and queue:
                     job = queue.popleft()
                     if cancelled is not None and cancelled(job):
+                        continue
+                    if job.pair.too_long:  # never run, as in the official code
+                        results.append(too_long_result(job.pair))
+                        if on_result:
+                            on_result(results[-1])
                         continue
                     if self._prefix != job.prefix:
                         self._load_prefix(job.prefix)

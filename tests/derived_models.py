@@ -1,0 +1,38 @@
+"""Checkpoints derived from a fixture by editing a few weights, to provoke protocol cases on purpose."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def derive(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
+    """Copy the checkpoint ``source`` to ``target`` (once) and apply ``edit`` to its tensors (torch, in place)."""
+    if (target / "model.safetensors").is_file():
+        return target
+    from safetensors.torch import load_file, save_file
+
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    tensors = load_file(str(staging / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def overconfident(tensors: dict) -> None:
+    """Scale the final norm: every logit grows fourfold, greedy choices stay, and a confident answer pushes the
+    other one out of the top 20."""
+    tensors["model.norm.weight"] *= 4.0
+
+
+def answers_muted(tensors: dict) -> None:
+    """Shrink the (tied) embedding rows of " true" (830) and " false" (895): after "</think>" the model writes
+    something else and goes on."""
+    emb = tensors["model.embed_tokens.weight"]
+    emb[830] *= 0.25
+    emb[895] *= 0.25

@@ -1,0 +1,107 @@
+"""vLLM — the official engine — as the judge of the official protocol (runs in the vLLM virtualenv that `.ci/run`
+builds: ``python -m pytest -q -m vllm tests``).
+
+On the behaving fixture (and two checkpoints derived from it that provoke rare cases on purpose), the llama.cpp
+runtime (F32 GGUF) and the transformers backend are compared with the vLLM runner in float32 and in float16 (the
+official dtype). The bar for every case: the same decision, |Δscore| ≤ 1e-3, identical reasoning text, the same
+path (main or fallback).
+"""
+
+from __future__ import annotations
+
+import pytest
+from derived_models import answers_muted, derive, overconfident
+
+from quantize.fixtures.synthetic_task import eval_pairs, make_pair
+from rank1_local import Rank1, ScoringConfig
+from rank1_local.backends.hf import TransformersRank1
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+from rank1_local.backends.vllm_runner import VllmRank1  # noqa: E402
+
+N_CTX = 512
+PAIRS = [(p.query, p.passage) for p in eval_pairs()[:12]]
+LONG = (PAIRS[0][0], PAIRS[0][1] + " " + " ".join(["filler words keep coming"] * 150))
+TOLERANCE = {"float32": 1e-3, "float16": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(fixture_dir, tmp_path_factory):
+    source = fixture_dir("behaving")
+    root = tmp_path_factory.mktemp("derived")
+    return {"behaving": source, "overconfident": derive(source, root / "overconfident", overconfident),
+            "answers-muted": derive(source, root / "answers-muted", answers_muted)}
+
+
+@pytest.fixture(scope="module")
+def ggufs(checkpoints, tmp_path_factory):
+    from quantize.gguf_export import export_gguf
+
+    out = tmp_path_factory.mktemp("gguf")
+    return {name: export_gguf(path, out / name, "F32", progress=False)[0].path for name, path in checkpoints.items()}
+
+
+_judges: dict = {}
+
+
+def judge(checkpoints, name: str, dtype: str) -> VllmRank1:
+    """One vLLM engine per (checkpoint, dtype), loaded once for the module."""
+    if (name, dtype) not in _judges:
+        _judges[(name, dtype)] = VllmRank1(checkpoints[name], ScoringConfig(max_think_tokens=64, n_ctx=N_CTX),
+                                           dtype=dtype, cpu_kv_cache_gib=1)
+    return _judges[(name, dtype)]
+
+
+def compare(got, want, tolerance):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.reasoning == w.reasoning, (g.reasoning, w.reasoning)
+        assert g.forced == w.forced and g.too_long == w.too_long and g.n_tokens == w.n_tokens
+        assert (g.score > 0.5) == (w.score > 0.5)
+        assert abs(g.score - w.score) <= tolerance, (g.score, w.score)
+
+
+def run_all(checkpoints, ggufs, name, config, dtype, pairs):
+    reference = judge(checkpoints, name, dtype).with_config(config).score_pairs(pairs)
+    with Rank1(ggufs[name], config, parallel=4, threads=2, f32_kv_cache=True) as model:
+        llama = model.score_pairs(pairs)
+    with TransformersRank1(checkpoints[name], config, device="cpu", dtype="float32") as model:
+        hf = model.score_pairs(pairs)
+    return reference, llama, hf
+
+
+CASES = {
+    # name: (checkpoint, budget, pairs, what must be true of the vLLM results)
+    "closes normally": ("behaving", 64, PAIRS, lambda rs: all(not r.too_long and "</think>" not in r.reasoning
+                                                               and r.n_tokens < 64 for r in rs)),
+    "forced, cut mid-sentence": ("behaving", 12, PAIRS[:6], lambda rs: all(r.forced and "." in r.reasoning
+                                                                          for r in rs)),
+    "forced, no sentence end": ("behaving", 4, PAIRS[:6], lambda rs: all(r.forced and not any(c in r.reasoning
+                                                                                             for c in ".!?")
+                                                                        for r in rs)),
+    "answer outside the top 20": ("overconfident", 64, PAIRS, lambda rs: any(r.forced for r in rs)),
+    "</think> not followed by an answer": ("answers-muted", 48, PAIRS[:6],
+                                           lambda rs: any(r.n_tokens == 48 or r.forced for r in rs)),
+    "prompt longer than the context": ("behaving", 64, [LONG, PAIRS[0]], lambda rs: rs[0].too_long and
+                                       rs[0].score == 0.5 and not rs[1].too_long),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_runtime_and_transformers_agree_with_vllm(case, dtype, checkpoints, ggufs):
+    name, budget, pairs, holds = CASES[case]
+    config = ScoringConfig(max_think_tokens=budget, n_ctx=N_CTX)
+    reference, llama, hf = run_all(checkpoints, ggufs, name, config, dtype, pairs)
+    assert holds(reference), [(r.reasoning, r.forced, r.n_tokens) for r in reference]
+    compare(llama, reference, TOLERANCE[dtype])
+    compare(hf, reference, TOLERANCE[dtype])
+
+
+def test_vllm_scores_as_the_official_code(checkpoints):
+    """A ranking through vLLM itself: the relevant passage first."""
+    query = make_pair("apple", "apple").query
+    docs = [make_pair("apple", w).passage for w in ("horse", "apple", "cherry")]
+    ranked = judge(checkpoints, "behaving", "float32").rerank(query, docs)
+    assert ranked[0].index == 1 and ranked[0].relevant and not ranked[-1].relevant
