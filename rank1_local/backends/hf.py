@@ -71,6 +71,19 @@ def quantization_method(path: Path) -> str | None:
     return quant.get("quant_method") if isinstance(quant, dict) else None
 
 
+def byte_level_alphabet() -> dict[int, str]:
+    """Byte-level BPE's map from each byte to the printable character that stands for it in token strings (the
+    GPT-2 scheme used by the Qwen2, Llama-3 and Tekken tokenizers)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
 class _Sequence:
     """One growing token sequence and its KV cache."""
 
@@ -141,9 +154,7 @@ class TransformersRank1(Reranker):
         self.true_id, self.false_id = answer_token_ids(self._tokenize)
         self.eos_ids = self._eos_ids()
         self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-        self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
         self.last_stats: RunStats | None = None
         logger.info("loaded %s with transformers on %s (%s)", path.name, self.device, dtype)
 
