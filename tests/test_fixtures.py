@@ -63,3 +63,22 @@ def test_fixture_build_is_deterministic(tmp_path, fixture_dir, monkeypatch):
     assert shards
     for shard in shards:
         assert (rebuilt / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_training_leaves_the_callers_thread_count_alone(fixture_dir):
+    """The behaving fixture trains on a fixed 2 threads and puts the caller's setting back afterwards."""
+    import torch
+
+    from quantize.fixtures.behaving import train
+    from quantize.fixtures.checkpoints import make_config
+    from quantize.fixtures.registry import FIXTURES
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fixture_dir("behaving"))
+    model = transformers.Qwen2ForCausalLM(make_config(FIXTURES["behaving"].shape))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(model, tokenizer, seed=0, steps=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -181,3 +181,15 @@ def test_failure_during_export_leaves_no_output(fixture_dir, tmp_path, monkeypat
     assert quantize(["-q", "gptq", str(fixture_dir("behaving")), "--out", str(out), *CALIBRATION]) == 2
     assert "disk full" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptqmodel_log_folder_is_put_back(tmp_path):
+    pytest.importorskip("gptqmodel")
+    from gptqmodel.looper import loop_processor
+
+    from quantize.weight_quant import logs_redirected
+
+    before = loop_processor._PROJECT_LOG_DIR
+    with logs_redirected(tmp_path / "logs"):
+        assert loop_processor._PROJECT_LOG_DIR == tmp_path / "logs"
+    assert loop_processor._PROJECT_LOG_DIR == before
