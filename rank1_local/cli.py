@@ -13,6 +13,7 @@ from rank1_local.api import Reranker
 from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli_support import run_command
 from rank1_local.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
+from rank1_local.dataset_prompts import dataset_prompt
 from rank1_local.errors import Rank1Error
 from rank1_local.protocol import PROTOCOLS
 
@@ -21,7 +22,15 @@ logger = logging.getLogger("rank1-local")
 
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     """The protocol settings from the command line (validated: a bad value is a one-line error)."""
-    return ScoringConfig(max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, prompt_template=args.prompt,
+    template = args.prompt
+    if args.dataset is not None:
+        if template is not None:
+            raise Rank1Error("give --prompt or --dataset, not both")
+        task, _, subset = args.dataset.partition("/")
+        template = dataset_prompt(task, subset or None)
+        logger.info("%s: %s", args.dataset, "official dataset prompt" if template else "no dataset prompt (as the "
+                    "official evaluation)")
+    return ScoringConfig(max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, prompt_template=template,
                          rethink_rounds=args.rethink_rounds, protocol=args.protocol,
                          truncate_passages=args.truncate_passages)
 
@@ -35,6 +44,8 @@ def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> 
     p.add_argument("--rethink-rounds", type=int, default=0,
                    help="budget forcing: replace </think> with '\\nWait' this many times")
     p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+    p.add_argument("--dataset", default=None, metavar="TASK[/SUBSET]",
+                   help="use the official evaluation's prompt for an MTEB task, e.g. SciFact or BrightRetrieval/aops")
     p.add_argument("--protocol", choices=PROTOCOLS, default="official",
                    help="official: the official code's rules (stop strings, top-20 answer, fallback); full: the "
                         "answer from the full distribution right after </think>")

@@ -41,7 +41,7 @@ class PreparedPair:
     prompt: str
     ids: list[int]
     passage_tokens_dropped: int = 0
-    too_long: bool = False  # the prompt does not fit the context: not run, scored 0.5 (as the official code does)
+    too_long: bool = False  # the prompt fills the context: not run, scored 0.5 (as the official code does)
 
     @property
     def truncated(self) -> bool:
@@ -128,7 +128,7 @@ def prepare_pairs(pairs: Sequence[Pair | Sequence[Any]], config: ScoringConfig, 
             continue
         prompt = build_prompt(query, passage)
         ids = tokenize(prompt)
-        too_long = len(ids) > config.n_ctx
+        too_long = len(ids) >= config.n_ctx  # vLLM refuses a prompt of max_model_len tokens or more
         if too_long:
             logger.warning("pair %d: its prompt (%d tokens) does not fit the context of %d tokens; it scores %.1f "
                            "(truncate_passages cuts the passage instead)", i, len(ids), config.n_ctx, NO_SCORE)

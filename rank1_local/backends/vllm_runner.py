@@ -155,7 +155,7 @@ class VllmRank1(Reranker):
         return [_completion(o.outputs[0]) for o in outputs]
 
     def _fits(self, prompt: str) -> bool:
-        return len(self._tokenize(prompt)) <= self.config.n_ctx
+        return len(self._tokenize(prompt)) < self.config.n_ctx  # vLLM refuses max_model_len tokens or more
 
     def score_pairs(self, pairs: Sequence[Pair | tuple], *,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
