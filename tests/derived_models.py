@@ -25,9 +25,11 @@ def derive(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
 
 
 def overconfident(tensors: dict) -> None:
-    """Scale the final norm: every logit grows fourfold, greedy choices stay, and a confident answer pushes the
-    other one out of the top 20."""
-    tensors["model.norm.weight"] *= 4.0
+    """25 unused token rows (ids 151700–151724) become 0.99 × the (tied) row of " true": wherever the model is
+    confident of " true", they outrank " false" and push it out of the top 20 (greedy choices are unchanged: they
+    stay just below " true")."""
+    emb = tensors["model.embed_tokens.weight"]
+    emb[151700:151725] = 0.99 * emb[830]
 
 
 def answers_muted(tensors: dict) -> None:

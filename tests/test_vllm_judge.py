@@ -23,7 +23,6 @@ from rank1_local.backends.vllm_runner import VllmRank1  # noqa: E402
 N_CTX = 512
 PAIRS = [(p.query, p.passage) for p in eval_pairs()[:12]]
 LONG = (PAIRS[0][0], PAIRS[0][1] + " " + " ".join(["filler words keep coming"] * 150))
-TOLERANCE = {"float32": 1e-3, "float16": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def judge(checkpoints, name: str, dtype: str) -> VllmRank1:
     return _judges[(name, dtype)]
 
 
-def compare(got, want, tolerance):
+def compare(got, want, tolerance=1e-3):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.reasoning == w.reasoning, (g.reasoning, w.reasoning)
@@ -62,13 +61,14 @@ def compare(got, want, tolerance):
         assert abs(g.score - w.score) <= tolerance, (g.score, w.score)
 
 
-def run_all(checkpoints, ggufs, name, config, dtype, pairs):
-    reference = judge(checkpoints, name, dtype).with_config(config).score_pairs(pairs)
-    with Rank1(ggufs[name], config, parallel=4, threads=2, f32_kv_cache=True) as model:
-        llama = model.score_pairs(pairs)
-    with TransformersRank1(checkpoints[name], config, device="cpu", dtype="float32") as model:
-        hf = model.score_pairs(pairs)
-    return reference, llama, hf
+def compare_with_fp16(got, vllm16, vllm32):
+    """llama.cpp computes in float32 whatever the weights: against float16 vLLM it must be as close as float32 vLLM
+    is (plus 1e-3), on the same path wherever vLLM takes the same path in both dtypes."""
+    for g, h, f in zip(got, vllm16, vllm32, strict=True):
+        if (h.reasoning, h.forced, h.n_tokens) != (f.reasoning, f.forced, f.n_tokens):
+            compare([g], [f])  # float16 rounding changed vLLM's own greedy path: follow its float32 run
+            continue
+        compare([g], [h], tolerance=abs(h.score - f.score) + 1e-3)
 
 
 CASES = {
@@ -88,15 +88,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_runtime_and_transformers_agree_with_vllm(case, dtype, checkpoints, ggufs):
+def test_runtime_and_transformers_agree_with_vllm(case, checkpoints, ggufs):
     name, budget, pairs, holds = CASES[case]
     config = ScoringConfig(max_think_tokens=budget, n_ctx=N_CTX)
-    reference, llama, hf = run_all(checkpoints, ggufs, name, config, dtype, pairs)
-    assert holds(reference), [(r.reasoning, r.forced, r.n_tokens) for r in reference]
-    compare(llama, reference, TOLERANCE[dtype])
-    compare(hf, reference, TOLERANCE[dtype])
+    vllm32 = judge(checkpoints, name, "float32").with_config(config).score_pairs(pairs)
+    vllm16 = judge(checkpoints, name, "float16").with_config(config).score_pairs(pairs)
+    assert holds(vllm32) and holds(vllm16), [(r.reasoning, r.forced, r.n_tokens) for r in vllm32]
+    with Rank1(ggufs[name], config, parallel=4, threads=2, f32_kv_cache=True) as model:
+        llama = model.score_pairs(pairs)
+    compare(llama, vllm32)
+    compare_with_fp16(llama, vllm16, vllm32)
+    for dtype, reference in (("float32", vllm32), ("float16", vllm16)):
+        with TransformersRank1(checkpoints[name], config, device="cpu", dtype=dtype) as model:
+            compare(model.score_pairs(pairs), reference)
 
 
 def test_vllm_scores_as_the_official_code(checkpoints):

@@ -78,8 +78,8 @@ class VllmSettings:
         dtype: "float16" (the official setting), "float32", "bfloat16" or "auto".
         tensor_parallel_size: GPUs to shard the model over.
         gpu_memory_utilization: share of GPU memory vLLM may use (CUDA only).
-        cpu_kv_cache_gib: KV cache size on vLLM's CPU build (``VLLM_CPU_KVCACHE_SPACE``; there the memory
-            fraction would mean host RAM), used when the environment does not set it.
+        cpu_kv_cache_gib: KV cache size on vLLM's CPU build, where the memory fraction would mean host RAM (unless
+            ``VLLM_CPU_KVCACHE_SPACE`` is set).
         enable_prefix_caching: off by default, as in the official code.
     """
 
@@ -88,6 +88,12 @@ class VllmSettings:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: int = 4
     enable_prefix_caching: bool = False
+
+
+def _is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 class VllmRank1(Reranker):
@@ -118,12 +124,17 @@ class VllmRank1(Reranker):
         self.config, self.settings = config, settings
         self.dtype = settings.dtype
         self.model_path = resolve_local_or_hub(model)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))  # read by the CPU build only
+        engine: dict[str, Any] = {"gpu_memory_utilization": settings.gpu_memory_utilization}
+        if _is_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # on the CPU build the memory fraction means host RAM (and fails unless that much is free): size the
+            # KV cache itself
+            engine = {"kv_cache_memory_bytes": settings.cpu_kv_cache_gib << 30}
+        # processed logprobs: what vLLM 0.7.2 (the official pin) returned, after allowed_token_ids; current vLLM
+        # returns raw ones by default, where the fallback's other answer is missing
         self.llm = vllm.LLM(model=str(self.model_path), dtype=settings.dtype, max_model_len=config.n_ctx,
                             tensor_parallel_size=settings.tensor_parallel_size,
                             enable_prefix_caching=settings.enable_prefix_caching,
-                            gpu_memory_utilization=settings.gpu_memory_utilization,
-                            logprobs_mode="processed_logprobs")
+                            logprobs_mode="processed_logprobs", **engine)
         self.tokenizer = self.llm.get_tokenizer()
         self.true_id, self.false_id = answer_token_ids(self._tokenize)
         self.last_stats: RunStats | None = None
