@@ -26,7 +26,7 @@ logger = logging.getLogger("rank1-bench")
 def _reference_model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
     if args.engine == "vllm":
         settings = {"dtype": "float16" if args.dtype == "auto" else args.dtype,
-                    "tensor_parallel_size": args.tensor_parallel_size}
+                    "tensor_parallel_size": args.tensor_parallel_size, "enable_prefix_caching": args.prefix_caching}
     else:
         settings = {"device": args.device, "dtype": args.dtype}
     return open_reranker(args.engine, args.model, config, **settings)
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
     add_scoring_args(p, budget=OFFICIAL_BUDGET, n_ctx=OFFICIAL_CONTEXT)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs to shard the model over")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="vllm: enable prefix caching (off by default, as in the official code)")
     p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser("compare", help="compare run files with a reference run")

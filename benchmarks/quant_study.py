@@ -3,14 +3,15 @@
 1. the behaving fixture (a trained 3-layer Qwen2 with the real Qwen2.5 tokenizer, see quantize/fixtures);
 2. a pair set with many *uncertain* pairs (same-category topics, trained to P(true) between 0.3 and 0.7)
    and graded qrels from the task's labels;
-3. the transformers fp32 reference run (``rank1-bench reference --engine transformers``);
+3. the reference: vLLM in float16, the official engine and dtype (``rank1-bench reference --engine vllm``, run with
+   the Python of vLLM's own virtualenv, ``--vllm-python``), or transformers fp32 with ``--reference transformers``;
 4. each type exported with ``rank1-quantize gguf`` and run with the llama.cpp runtime, and the GPTQ/AWQ
    checkpoints made by ``rank1-quantize gptq|awq`` run with the transformers backend (float16 on CPU);
 5. ``rank1-bench compare`` of every run against the reference -> results/quant_study.{md,json,png}.
 
 Everything is cached in ``--work`` and every run file is resumable, so an interrupted study picks up where it
 stopped. Usage:
-    python benchmarks/quant_study.py [--types F16,Q8_0,…] [--work DIR] [--out benchmarks/results]
+    python benchmarks/quant_study.py [--vllm-python .vllm-venv/bin/python] [--types F16,Q8_0,…] [--work DIR] [--out …]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ WEIGHT_QUANTS = "gptq-4bit,gptq-8bit,awq-4bit"
 BUDGET = 64
 N_CTX = 512
 logger = logging.getLogger("quant_study")
+REFERENCES = {"vllm": "vLLM in float16 — the official engine and dtype — on its CPU build",
+              "transformers": "transformers fp32 on the CPU"}
 
 
 def study_pairs() -> list[SyntheticPair]:
@@ -61,6 +64,21 @@ def write_inputs(work: Path) -> tuple[Path, Path]:
     return pairs_file, qrels_file
 
 
+def vllm_reference(python: Path, source: Path, pairs_file: Path, out: Path) -> None:
+    """The float16 vLLM reference run, made by ``rank1-bench reference`` in vLLM's own virtualenv (resumable)."""
+    import subprocess
+
+    if not python.is_file():
+        raise SystemExit(f"{python}: no such Python; build vLLM's virtualenv as the README's Tests section shows, "
+                         "pass --vllm-python, or use --reference transformers")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [str(python), "-m", "benchmarks.cli", "-q", "reference", "--engine", "vllm", "--dtype", "float16",
+           "--model", str(source), "--pairs", str(pairs_file), "--output", str(out),
+           "--max-think-tokens", str(BUDGET), "--n-ctx", str(N_CTX)]
+    logger.info("vLLM reference: %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, env=env, cwd=HERE.parent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", default=TYPES)
@@ -72,6 +90,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--reference", choices=["vllm", "transformers"], default="vllm",
+                        help="vllm: float16 vLLM, the official setting (default); transformers: fp32 on the CPU")
+    parser.add_argument("--vllm-python", type=Path, default=Path(".vllm-venv/bin/python"),
+                        help="the Python of a virtualenv with vLLM and rank1-local (see the README's Tests)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -91,9 +113,14 @@ def main() -> None:
     pairs_file, qrels_file = write_inputs(work)
     config = ScoringConfig(max_think_tokens=BUDGET, n_ctx=N_CTX)
 
-    ref_file = work / "reference-transformers-fp32.jsonl"
-    score_pairs_file(pairs_file, ref_file, lambda: TransformersRank1(source, config, device="cpu", dtype="float32"),
-                     model_arg=str(source), engine="transformers")
+    if args.reference == "vllm":
+        ref_file = work / "reference-vllm-fp16.jsonl"
+        vllm_reference(args.vllm_python, source, pairs_file, ref_file)
+    else:
+        ref_file = work / "reference-transformers-fp32.jsonl"
+        score_pairs_file(pairs_file, ref_file, lambda: TransformersRank1(source, config, device="cpu",
+                                                                         dtype="float32"),
+                         model_arg=str(source), engine="transformers")
     run_files = []
     jobs = [(t, None) for t in args.types.split(",")] + [(t, "imatrix") for t in args.imatrix_types.split(",")]
     for gguf_type, variant in jobs:
@@ -132,7 +159,7 @@ def main() -> None:
     intro = (f"# Quantization study (behaving fixture)\n\n"
              f"{len(ref.rows)} pairs over {len({q for q, _ in ref.rows})} queries, {n_uncertain} of them uncertain "
              f"(same-category topics the fixture was trained to score between 0.3 and 0.7); reasoning budget "
-             f"{BUDGET}. Reference: transformers fp32 on CPU (no GPU here, so no vLLM fp16 run). Every GGUF was "
+             f"{BUDGET}, official protocol. Reference: {REFERENCES[args.reference]}. Every GGUF was "
              f"exported by `rank1-quantize gguf` and run by the llama.cpp runtime (parallel {args.parallel}, "
              f"{args.threads} threads on {platform.machine()}). nDCG@10 uses graded qrels from the task's labels "
              f"(2 same topic, 1 related topic trained towards true, 0 otherwise). Size is the GGUF file of a "

@@ -59,7 +59,8 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "transformers":
         return {"device": args.device, "dtype": args.dtype}
     if args.backend == "vllm":
-        return {"dtype": "float16" if args.dtype == "auto" else args.dtype}
+        return {"dtype": "float16" if args.dtype == "auto" else args.dtype,
+                "enable_prefix_caching": args.prefix_caching}
     return {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads,
             "gguf_type": args.gguf_type}
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
                    "float16, bfloat16; vllm: auto (float16), float32, bfloat16")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="vllm: enable vLLM's prefix caching (off by default, as in the official code)")
     p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
                                                       "else Q4_K_M)")
     p.add_argument("--query")

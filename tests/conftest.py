@@ -17,6 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the test
 HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
+def weight_quant_cache(source: Path) -> Path:
+    """Where the GPTQ/AWQ exports of fixture ``source`` made by the main suite are kept for the vLLM tests."""
+    from quantize.fixtures import fixture_cache_dir
+
+    return fixture_cache_dir() / "weight-quant" / source.name
+
+
 @pytest.fixture(scope="session")
 def fixture_dir():
     """fixture_dir(name) -> folder of a fixture checkpoint (built once, cached). A failed build is

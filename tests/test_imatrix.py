@@ -132,3 +132,15 @@ def test_imatrix_errors(source, tmp_path, capsys):
                          "--calibration", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such calibration file" in capsys.readouterr().err
     assert not out.exists() or not any(p.suffix == ".gguf" for p in out.rglob("*"))
+
+
+def test_calibration_with_rank1_think_tokens(fixture_dir):
+    """Calibration texts of a model with rank1's tokenizer hold <think> and </think> as their special tokens."""
+    import transformers
+
+    think = fixture_dir("behaving-think")
+    calibration = rank1_calibration(think, size=2, seed=0, max_think_tokens=64, progress=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(think)
+    for text in calibration.texts:
+        ids = tokenizer.encode(text)
+        assert 151665 in ids and ids.count(151666) == 1 and ids[-1] in (830, 895)

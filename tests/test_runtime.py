@@ -226,3 +226,17 @@ def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert main(["-q", "rerank", "--model", "jhu-clsp/rank1-0.5b", "--query", "q", "--docs", str(docs)]) == 2
     err = capsys.readouterr().err
     assert "hf download jhu-clsp/rank1-0.5b" in err and "Traceback" not in err
+
+
+def test_rank1_tokenizer_with_think_tokens(fixture_dir, exported):
+    """The behaving fixture fine-tuned with rank1's real tokenizer (<think>, </think> special tokens): the runtime
+    writes </think> as one token and matches the independent reference."""
+    reference = Reference(fixture_dir("behaving-think"))
+    with _model(exported("behaving-think", "F32"), parallel=4, max_think_tokens=64) as m:
+        got = m.score_pairs([(p.query, p.passage) for p in PAIRS[:8]])
+        assert m.engine.tokenize(build_prompt("q", "p"))[-1] == 151665
+    for pair, g in zip(PAIRS[:8], got, strict=True):
+        ref = reference.score(pair.query, pair.passage, max_think_tokens=64)
+        assert g.reasoning == ref.reasoning and g.n_tokens == ref.n_tokens and g.forced == ref.forced
+        assert abs(g.score - ref.score) <= 1e-4
+    assert sum(g.reasoning == p.reasoning.removesuffix("</think>") for g, p in zip(got, PAIRS[:8], strict=True)) >= 7

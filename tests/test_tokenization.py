@@ -25,7 +25,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["qwen2-tied", "llama3", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2-tied", "llama3", "mistral", "behaving-think"])
 def test_gguf_tokenizer_matches_hf(name, fixture_dir, exported):
     hf = transformers.AutoTokenizer.from_pretrained(fixture_dir(name))
     llm = Llama(model_path=str(exported(name, "Q8_0")), vocab_only=True, verbose=False)
@@ -35,5 +35,24 @@ def test_gguf_tokenizer_matches_hf(name, fixture_dir, exported):
             got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             assert got == want, repr(text)
             assert llm.detokenize(got, special=True).decode("utf-8") == hf.decode(want, skip_special_tokens=False)
+    finally:
+        llm.close()
+
+
+def test_rank1_think_tokens_are_single_control_tokens(fixture_dir, exported):
+    """rank1's tokenizer: <think> and </think> are added special tokens 151665/151666; the GGUF marks them CONTROL,
+    the prompt's <think> is one token and the model's </think> renders as text."""
+    import gguf
+
+    hf = transformers.AutoTokenizer.from_pretrained(fixture_dir("behaving-think"))
+    assert hf.convert_tokens_to_ids(["<think>", "</think>"]) == [151665, 151666]
+    assert hf.encode("x\n<think>")[-1] == 151665 and hf.encode("</think> true") == [151666, 830]
+    path = exported("behaving-think", "Q8_0")
+    types = gguf.GGUFReader(path).fields["tokenizer.ggml.token_type"].contents()
+    assert types[151665] == types[151666] == gguf.TokenType.CONTROL
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(b"</think> true", add_bos=True, special=True) == [151666, 830]
+        assert llm.detokenize([151666], special=True) == b"</think>"
     finally:
         llm.close()

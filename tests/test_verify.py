@@ -22,9 +22,9 @@ def test_kl_divergence_basics():
     assert kl_divergence(a, a[:, ::-1])[0] > 0.1
 
 
-def test_f16_verifies_close_to_source(fixture_dir, exported):
-    report = verify_gguf(exported("behaving", "F16"), fixture_dir("behaving"), n_prompts=3, threads=2,
-                         progress=False)
+@pytest.mark.parametrize("name", ["behaving", "behaving-think"])
+def test_f16_verifies_close_to_source(name, fixture_dir, exported):
+    report = verify_gguf(exported(name, "F16"), fixture_dir(name), n_prompts=3, threads=2, progress=False)
     assert report.source_engine == "transformers-fp32"
     assert report.n_prompts == 3 and report.tokenizer_agreement == 1.0
     assert report.kl_mean < 1e-4

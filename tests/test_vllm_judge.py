@@ -9,6 +9,8 @@ path (main or fallback).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from derived_models import answers_muted, derive, overconfident
 
@@ -17,6 +19,7 @@ from rank1_local import Rank1, ScoringConfig
 from rank1_local.backends.hf import TransformersRank1
 
 pytestmark = pytest.mark.vllm
+logger = logging.getLogger(__name__)
 vllm = pytest.importorskip("vllm")
 from rank1_local.backends.vllm_runner import VllmRank1  # noqa: E402
 
@@ -30,7 +33,8 @@ def checkpoints(fixture_dir, tmp_path_factory):
     source = fixture_dir("behaving")
     root = tmp_path_factory.mktemp("derived")
     return {"behaving": source, "overconfident": derive(source, root / "overconfident", overconfident),
-            "answers-muted": derive(source, root / "answers-muted", answers_muted)}
+            "answers-muted": derive(source, root / "answers-muted", answers_muted),
+            "behaving-think": fixture_dir("behaving-think")}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +56,15 @@ def judge(checkpoints, name: str, dtype: str) -> VllmRank1:
     return _judges[(name, dtype)]
 
 
-def compare(got, want, tolerance=1e-3):
+def compare(got, want, tolerance=1e-3) -> float:
+    """Assert the bar; the largest |Δscore| (logged, for the record)."""
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.reasoning == w.reasoning, (g.reasoning, w.reasoning)
         assert g.forced == w.forced and g.too_long == w.too_long and g.n_tokens == w.n_tokens
         assert (g.score > 0.5) == (w.score > 0.5)
         assert abs(g.score - w.score) <= tolerance, (g.score, w.score)
+    return max(abs(g.score - w.score) for g, w in zip(got, want, strict=True))
 
 
 def compare_with_fp16(got, vllm16, vllm32):
@@ -85,6 +91,8 @@ CASES = {
                                            lambda rs: any(r.n_tokens == 48 or r.forced for r in rs)),
     "prompt longer than the context": ("behaving", 64, [LONG, PAIRS[0]], lambda rs: rs[0].too_long and
                                        rs[0].score == 0.5 and not rs[1].too_long),
+    "rank1's tokenizer (<think> tokens)": ("behaving-think", 64, PAIRS, lambda rs: all(not r.forced or r.n_tokens < 64
+                                                                                     for r in rs)),
 }
 
 
@@ -97,11 +105,14 @@ def test_runtime_and_transformers_agree_with_vllm(case, checkpoints, ggufs):
     assert holds(vllm32) and holds(vllm16), [(r.reasoning, r.forced, r.n_tokens) for r in vllm32]
     with Rank1(ggufs[name], config, parallel=4, threads=2, f32_kv_cache=True) as model:
         llama = model.score_pairs(pairs)
-    compare(llama, vllm32)
+    deltas = {"llama.cpp vs vLLM fp32": compare(llama, vllm32),
+              "llama.cpp vs vLLM fp16": max(abs(a.score - b.score) for a, b in zip(llama, vllm16, strict=True))}
     compare_with_fp16(llama, vllm16, vllm32)
     for dtype, reference in (("float32", vllm32), ("float16", vllm16)):
         with TransformersRank1(checkpoints[name], config, device="cpu", dtype=dtype) as model:
-            compare(model.score_pairs(pairs), reference)
+            deltas[f"transformers {dtype} vs vLLM {dtype}"] = compare(model.score_pairs(pairs), reference)
+    logger.info("%s: paths %s; max |Δscore| %s", case, sorted({(r.forced, r.too_long) for r in vllm32}),
+                {k: f"{v:.1e}" for k, v in deltas.items()})
 
 
 def test_vllm_scores_as_the_official_code(checkpoints):
@@ -110,3 +121,19 @@ def test_vllm_scores_as_the_official_code(checkpoints):
     docs = [make_pair("apple", w).passage for w in ("horse", "apple", "cherry")]
     ranked = judge(checkpoints, "behaving", "float32").rerank(query, docs)
     assert ranked[0].index == 1 and ranked[0].relevant and not ranked[-1].relevant
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_and_awq_exports_load_and_score_in_vllm(method, checkpoints):
+    """The 4-bit exports of ``rank1-quantize gptq|awq`` (made by the main suite, which has GPTQModel) run in vLLM's
+    CPU build in float16 and rank like the unquantized model."""
+    from conftest import weight_quant_cache
+
+    folder = weight_quant_cache(checkpoints["behaving"]) / method
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{folder}: made by tests/test_weight_quant.py in the main virtualenv (run it first)")
+    config = ScoringConfig(max_think_tokens=64, n_ctx=N_CTX)
+    got = VllmRank1(folder, config, dtype="float16", cpu_kv_cache_gib=1).score_pairs(PAIRS)
+    want = judge(checkpoints, "behaving", "float16").with_config(config).score_pairs(PAIRS)
+    agree = sum((g.score > 0.5) == (w.score > 0.5) for g, w in zip(got, want, strict=True)) / len(PAIRS)
+    assert agree >= 0.9 and max(abs(g.score - w.score) for g, w in zip(got, want, strict=True)) < 0.1

@@ -5,8 +5,10 @@ reference, and the errors that must come before any work (and never leave a part
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from conftest import weight_quant_cache
 
 from quantize.cli import main as quantize
 from quantize.fixtures.synthetic_task import eval_pairs
@@ -40,8 +42,14 @@ def reference(fixture_dir):
 def exports(fixture_dir, tmp_path_factory):
     pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("weight-quant")
-    return {"gptq": _export(fixture_dir, root / "gptq-4bit", "gptq", "--bits", "4", "--group-size", "128"),
+    made = {"gptq": _export(fixture_dir, root / "gptq-4bit", "gptq", "--bits", "4", "--group-size", "128"),
             "awq": _export(fixture_dir, root / "awq-4bit", "awq")}
+    keep = weight_quant_cache(fixture_dir("behaving"))  # for the vLLM tests, whose virtualenv has no GPTQModel
+    for method, folder in made.items():
+        if not (keep / method / "config.json").is_file():
+            shutil.rmtree(keep / method, ignore_errors=True)
+            shutil.copytree(folder, keep / method)
+    return made
 
 
 def _tensor_layout(folder) -> dict[str, tuple[list[int], str]]:
@@ -193,3 +201,24 @@ def test_gptqmodel_log_folder_is_put_back(tmp_path):
     with logs_redirected(tmp_path / "logs"):
         assert loop_processor._PROJECT_LOG_DIR == tmp_path / "logs"
     assert loop_processor._PROJECT_LOG_DIR == before
+
+
+def test_gptq_export_with_rank1_think_tokens(fixture_dir, tmp_path):
+    """rank1's tokenizer (<think>, </think> as special tokens): the GPTQ export keeps them and scores like the
+    source."""
+    pytest.importorskip("gptqmodel")
+    from rank1_local.backends.hf import TransformersRank1
+
+    source = fixture_dir("behaving-think")
+    out = tmp_path / "think-gptq"
+    assert quantize(["-q", "gptq", str(source), "--out", str(out), *CALIBRATION]) == 0
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    specials = {t["content"]: t["id"] for t in tokenizer["added_tokens"] if t["special"]}
+    assert specials["<think>"] == 151665 and specials["</think>"] == 151666
+    pairs = [(p.query, p.passage) for p in PAIRS[:6]]
+    with TransformersRank1(source, device="cpu", **SETTINGS) as model:
+        want = model.score_pairs(pairs)
+    with TransformersRank1(out, device="cpu", **SETTINGS) as model:
+        got = model.score_pairs(pairs)
+    assert sum((g.score > 0.5) == (w.score > 0.5) for g, w in zip(got, want, strict=True)) >= 5
+    assert sum(g.reasoning == w.reasoning for g, w in zip(got, want, strict=True)) >= 5
