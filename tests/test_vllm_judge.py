@@ -123,17 +123,34 @@ def test_vllm_scores_as_the_official_code(checkpoints):
     assert ranked[0].index == 1 and ranked[0].relevant and not ranked[-1].relevant
 
 
+SCORE_IN_VLLM = """
+import json, sys
+from rank1_local import ScoringConfig
+from rank1_local.backends.vllm_runner import VllmRank1
+pairs = json.loads(sys.argv[2])
+model = VllmRank1(sys.argv[1], ScoringConfig(max_think_tokens=64, n_ctx=512), dtype="float16", cpu_kv_cache_gib=1)
+print(json.dumps([r.score for r in model.score_pairs(pairs)]))
+"""
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_gptq_and_awq_exports_load_and_score_in_vllm(method, checkpoints):
     """The 4-bit exports of ``rank1-quantize gptq|awq`` (made by the main suite, which has GPTQModel) run in vLLM's
-    CPU build in float16 and rank like the unquantized model."""
+    CPU build in float16 and rank like the unquantized model. Each runs in a process of its own: vLLM's in-process
+    engine cannot load a quantized model beside the engines this module keeps."""
+    import json
+    import subprocess
+    import sys
+
     from conftest import weight_quant_cache
 
     folder = weight_quant_cache(checkpoints["behaving"]) / method
     if not (folder / "config.json").is_file():
         pytest.skip(f"{folder}: made by tests/test_weight_quant.py in the main virtualenv (run it first)")
+    out = subprocess.run([sys.executable, "-c", SCORE_IN_VLLM, str(folder), json.dumps(PAIRS)], check=True,
+                         capture_output=True, text=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
     config = ScoringConfig(max_think_tokens=64, n_ctx=N_CTX)
-    got = VllmRank1(folder, config, dtype="float16", cpu_kv_cache_gib=1).score_pairs(PAIRS)
-    want = judge(checkpoints, "behaving", "float16").with_config(config).score_pairs(PAIRS)
-    agree = sum((g.score > 0.5) == (w.score > 0.5) for g, w in zip(got, want, strict=True)) / len(PAIRS)
-    assert agree >= 0.9 and max(abs(g.score - w.score) for g, w in zip(got, want, strict=True)) < 0.1
+    want = [r.score for r in judge(checkpoints, "behaving", "float16").with_config(config).score_pairs(PAIRS)]
+    assert sum((g > 0.5) == (w > 0.5) for g, w in zip(got, want, strict=True)) / len(PAIRS) >= 0.9
+    assert max(abs(g - w) for g, w in zip(got, want, strict=True)) < 0.1
