@@ -57,7 +57,7 @@ class Rank1(Reranker):
     """A rank1 reranker running a GGUF model in llama.cpp.
 
     Args:
-        model: path to a .gguf file or a bundle folder, or a hub id with a published GGUF
+        model: path to a .gguf file, or a hub id with a published GGUF
             (see :func:`rank1_local.model_files.resolve_gguf`).
         config: the protocol settings (:class:`ScoringConfig`); keyword arguments of the same names
             (``max_think_tokens=…``) build one.

@@ -25,7 +25,7 @@ from rank1_local.api import Reranker
 from rank1_local.config import ScoringConfig, split_settings
 from rank1_local.errors import Rank1Error
 from rank1_local.hub import resolve_local_or_hub
-from rank1_local.pairs import Pair, prepare_pairs
+from rank1_local.pairs import Pair, PreparedPair, prepare_pairs
 from rank1_local.prompt import THINK_CLOSE
 from rank1_local.protocol import (
     NO_SCORE,
@@ -168,6 +168,20 @@ class VllmRank1(Reranker):
     def _fits(self, prompt: str) -> bool:
         return len(self._tokenize(prompt)) < self.config.n_ctx  # vLLM refuses max_model_len tokens or more
 
+    def _still_running(self, prepared: list[PreparedPair], carried: dict[int, str],
+                       final: dict[int, Completion]) -> list[int]:
+        """Pairs to generate for next; one whose text so far fills the context ends here (vLLM would refuse it and
+        fail the whole batch), with no position to score from: the fallback decides."""
+        todo = []
+        for i in carried:
+            if i in final:
+                continue
+            if self._fits(prepared[i].prompt + carried[i]):
+                todo.append(i)
+            else:
+                final[i] = Completion([], "", [])
+        return todo
+
     def score_pairs(self, pairs: Sequence[Pair | tuple], *,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
         prepared = prepare_pairs(pairs, self.config, self._tokenize, self._detokenize)
@@ -180,7 +194,7 @@ class VllmRank1(Reranker):
         # budget forcing (our design; the official version does not run): generate to "</think>", append
         # "\nWait" and go on, rethink_rounds times
         for _ in range(self.config.rethink_rounds):
-            todo = [i for i in carried if i not in final]
+            todo = self._still_running(prepared, carried, final)
             outs = self._generate([prepared[i].prompt + carried[i] for i in todo],
                                   [self._params(budget - used[i], [THINK_CLOSE]) for i in todo])
             for i, c in zip(todo, outs, strict=True):
@@ -190,7 +204,7 @@ class VllmRank1(Reranker):
                 else:
                     carried[i] += c.text
                     final[i] = c
-        todo = [i for i in carried if i not in final]
+        todo = self._still_running(prepared, carried, final)
         outs = self._generate([prepared[i].prompt + carried[i] for i in todo],
                               [self._params(budget - used[i], STOP_STRINGS) for i in todo])
         for i, c in zip(todo, outs, strict=True):
