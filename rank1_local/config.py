@@ -70,6 +70,11 @@ class ScoringConfig:
                 raise Rank1Error(f"prompt_template must contain {QUERY_PLACEHOLDER!r} where the query goes, "
                                  f"got {self.prompt_template[:60]!r}")
 
+    def fits(self, n_prompt_tokens: int) -> bool:
+        """Whether a prompt of this many tokens can run: vLLM (the official engine) refuses one of ``n_ctx`` tokens
+        or more, and such a pair scores 0.5 in the official code."""
+        return n_prompt_tokens < self.n_ctx
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as written in run headers (resuming a run with other settings is refused)."""
         return asdict(self)

@@ -128,7 +128,7 @@ def prepare_pairs(pairs: Sequence[Pair | Sequence[Any]], config: ScoringConfig, 
             continue
         prompt = build_prompt(query, passage)
         ids = tokenize(prompt)
-        too_long = len(ids) >= config.n_ctx  # vLLM refuses a prompt of max_model_len tokens or more
+        too_long = not config.fits(len(ids))
         if too_long:
             logger.warning("pair %d: its prompt (%d tokens) does not fit the context of %d tokens; it scores %.1f "
                            "(truncate_passages cuts the passage instead)", i, len(ids), config.n_ctx, NO_SCORE)

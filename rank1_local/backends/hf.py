@@ -202,7 +202,7 @@ class TransformersRank1(Reranker):
         """The answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
         chain.forced = True
         ids = self._tokenize(chain.fallback_prompt)
-        return NO_SCORE if len(ids) >= self.config.n_ctx else self._answer(seq.feed(ids))
+        return self._answer(seq.feed(ids)) if self.config.fits(len(ids)) else NO_SCORE
 
     def _score_one(self, pair: PreparedPair) -> Rank1Result:
         if pair.too_long:

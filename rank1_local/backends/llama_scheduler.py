@@ -155,7 +155,7 @@ class Scheduler:
         assert slot.chain is not None
         slot.chain.forced = True
         ids = self.engine.tokenize(slot.chain.fallback_prompt)
-        if len(ids) >= self.params.config.n_ctx:
+        if not self.params.config.fits(len(ids)):
             return self._finish(slot, NO_SCORE)
         slot.awaiting_answer = True
         self._continue_from_ids(slot, ids)

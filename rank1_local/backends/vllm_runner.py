@@ -166,7 +166,7 @@ class VllmRank1(Reranker):
         return [_completion(o.outputs[0]) for o in outputs]
 
     def _fits(self, prompt: str) -> bool:
-        return len(self._tokenize(prompt)) < self.config.n_ctx  # vLLM refuses max_model_len tokens or more
+        return self.config.fits(len(self._tokenize(prompt)))
 
     def _still_running(self, prepared: list[PreparedPair], carried: dict[int, str],
                        final: dict[int, Completion]) -> list[int]:
