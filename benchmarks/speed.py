@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fixture_gguf import fixture_gguf
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -168,17 +170,6 @@ def measure(kinds: list[str], model: str, args: argparse.Namespace, parallel: in
     return rows
 
 
-def build_model() -> str:
-    from quantize.fixtures import build_fixture, fixture_cache_dir
-    from quantize.gguf_export import export_gguf
-
-    src = build_fixture("rank1-0.5b-shape")
-    target = fixture_cache_dir() / "gguf" / f"{src.name}-Q8_0.gguf"
-    if not target.exists():
-        export_gguf(src, target.parent, "Q8_0", progress=False)
-    return str(target)
-
-
 def render(rows: list[dict], args: argparse.Namespace) -> str:
     by = {(r["kind"], r["parallel"]): r for r in rows}
     lines = [
@@ -242,7 +233,7 @@ def main() -> None:
     if args.render:
         rows = json.loads(args.render.read_text())
     else:
-        model = args.model or build_model()
+        model = args.model or str(fixture_gguf("rank1-0.5b-shape"))
         rows = measure(["naive"], model, args, 1, args.naive_pairs)
         for p in args.parallel:
             rows += measure(["rank1-local", "raw"], model, args, p, args.pairs)

@@ -17,6 +17,12 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
     from quantize.gguf_export import ImatrixOptions, export_gguf
     from quantize.verify import verify_gguf, write_report
 
+    if args.force and args.bundle is None:
+        raise Rank1Error("--force replaces a bundle: it goes with --bundle DIR")
+    if args.bundle is not None:
+        from quantize.export_bundle import check_bundle_folder
+
+        check_bundle_folder(args.bundle, n_types=len([t for t in args.types.split(",") if t.strip()]))
     imatrix = None
     if args.imatrix:
         imatrix = ImatrixOptions(args.imatrix, calibration=args.calibration, size=args.calibration_size,
@@ -27,14 +33,22 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
                           imatrix=imatrix, allow_no_imatrix=args.allow_no_imatrix)
     for r in results:
         print(f"{r.type:8s} {r.n_bytes / 1e6:10.1f} MB {r.seconds:7.1f} s  {r.path}")
+    reports = {}
     if args.verify:
         source = Path(args.model) if Path(args.model).expanduser().exists() else args.model
         for r in results:
-            report = verify_gguf(r.path, source, n_prompts=args.verify_prompts, threads=args.threads,
-                                 progress=not args.quiet)
+            report = reports[r.type] = verify_gguf(r.path, source, n_prompts=args.verify_prompts,
+                                                   threads=args.threads, progress=not args.quiet)
             json_path, _ = write_report(report)
             print(f"{r.type:8s} KL {report.kl_mean:.3g}  top-1 {report.top1_agreement:.2%}  "
                   f"max |Δscore| {report.score_abs_diff_max:.3g}  -> {json_path}")
+    if args.bundle is not None:
+        from quantize.export_bundle import bundle_dir, write_export_bundle
+
+        for r in results:
+            bundle = write_export_bundle(r, args.model, bundle_dir(args.bundle, r, len(results)),
+                                         report=reports.get(r.type), replace=args.force)
+            print(f"{r.type:8s} bundle {bundle.path}{' (with its verification card)' if bundle.verification else ''}")
     return 0
 
 
@@ -99,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p)
     p.add_argument("--verify", action="store_true", help="verify every export against the source afterwards")
     p.add_argument("--verify-prompts", type=int, default=8)
+    p.add_argument("--bundle", type=Path, default=None, metavar="DIR",
+                   help="also write a bundle (GGUF + manifest with SHA-256, source and, with --verify, the verification "
+                        "card) for rank1-local --model DIR on offline machines; one type: DIR is the bundle, several: "
+                        "one bundle per type inside DIR")
+    p.add_argument("--force", action="store_true", help="replace a different bundle already in --bundle DIR")
     p.set_defaults(func=_cmd_gguf)
 
     for method, bits_help in (("gptq", "4 or 8"), ("awq", "4")):

@@ -78,6 +78,7 @@ class ExportResult:
     path: Path
     n_bytes: int
     seconds: float
+    checkpoint: Path | None = None  # the checkpoint folder exported (a hub-cache snapshot for a hub id)
 
 
 def _expected_names(hp: HParams) -> list[str]:
@@ -314,7 +315,8 @@ def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], 
                 with atomic_path(target) as tmp:
                     quantize_gguf(intermediate, tmp, out_type.name, threads=threads, imatrix=matrix,
                                   imatrix_file=matrix_file)
-            result = ExportResult(out_type.name, target, target.stat().st_size, time.perf_counter() - start)
+            result = ExportResult(out_type.name, target, target.stat().st_size, time.perf_counter() - start,
+                                  checkpoint=checkpoint.path)
             logger.info("wrote %s (%.1f MB, %.1fs)", target, result.n_bytes / 1e6, result.seconds)
             results.append(result)
     finally:

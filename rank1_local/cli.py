@@ -11,6 +11,8 @@ from typing import Any
 
 from rank1_local.api import Reranker
 from rank1_local.backends import BACKENDS, open_reranker
+from rank1_local.bundle_commands import add_bundle_commands
+from rank1_local.cache_commands import add_cache_arg, add_cache_parser, cache_path
 from rank1_local.cli_support import run_command
 from rank1_local.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.dataset_prompts import dataset_prompt
@@ -56,13 +58,20 @@ def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The chosen backend's engine settings from the command line."""
+    cache = cache_path(args)
+    if cache is not None and args.backend != "llama.cpp":
+        raise Rank1Error(f"--cache: the judgment cache keys on the GGUF file: llama.cpp backend only (not "
+                         f"{args.backend})")
     if args.backend == "transformers":
         return {"device": args.device, "dtype": args.dtype}
     if args.backend == "vllm":
         return {"dtype": "float16" if args.dtype == "auto" else args.dtype,
                 "enable_prefix_caching": args.prefix_caching}
-    return {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads,
-            "gguf_type": args.gguf_type}
+    settings = {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads,
+                "gguf_type": args.gguf_type}
+    if cache is not None:
+        settings["cache"] = cache
+    return settings
 
 
 def _model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
@@ -116,13 +125,36 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     return _rerank_query(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from rank1_local.extras import require
+
+    require("fastapi", "server", "rank1-local serve")
+    require("uvicorn", "server", "rank1-local serve")
+    from rank1_local.backends.llama import Rank1
+    from rank1_local.server.app import ServerSettings
+    from rank1_local.server.run import API_KEY_ENV, check_binding, serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_binding(args.host, api_key, args.insecure_no_auth)
+    config = scoring_config(args)
+    settings = engine_settings(args)
+    with Rank1(args.model, config, **settings) as model:
+        server = ServerSettings(model_name=args.name or model.model_path.stem, api_key=api_key,
+                                max_documents=args.max_documents, max_total_chars=args.max_chars,
+                                max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+        serve(model, server, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("rerank", help="rerank passages for a query, or score a pairs file")
-    p.add_argument("--model", required=True, help="a .gguf file, or a hub id with a published GGUF; with "
-                   "--backend transformers|vllm a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
+    p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published "
+                   "GGUF; with --backend transformers|vllm a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
     p.add_argument("--backend", choices=BACKENDS, default="llama.cpp")
     p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
@@ -142,8 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="llama.cpp: pairs decoded together")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp: 0 = CPU, -1 = all layers")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)
     p.set_defaults(func=_cmd_rerank)
+
+    p = sub.add_parser("serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
+                                     "across requests (pip install 'rank1-local[server]')")
+    p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published GGUF")
+    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id")
+    p.add_argument("--name", default=None, help="the model name clients see (default: the file name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set RANK1_LOCAL_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without an API key (trusted networks only)")
+    p.add_argument("--max-documents", type=int, default=1000, help="documents per request (more: 413)")
+    p.add_argument("--max-chars", type=int, default=2_000_000,
+                   help="characters of query and documents per request (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body size (more: 413)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight get to finish on shutdown before they are cancelled")
+    p.add_argument("--parallel", type=int, default=8, help="pairs decoded together, across all requests")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="0 = CPU, -1 = all layers")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.set_defaults(backend="llama.cpp")
+    add_scoring_args(p, budget=1024, n_ctx=4096)
+    add_cache_arg(p)
+    p.set_defaults(func=_cmd_serve)
+
+    add_cache_parser(sub)
+    add_bundle_commands(sub)
     return parser
 
 

@@ -51,6 +51,17 @@ def file_digest(path: Path, memo: Path | None = None) -> str:
         return known
     logger.info("hashing %s (once; remembered by path, size and mtime)", path.name)
     digest = sha256_file(path)
+    _store(memo, key, digest)
+    return digest
+
+
+def remember_digest(path: Path, digest: str, memo: Path | None = None) -> None:
+    """Record the SHA-256 of a file the caller has just written and hashed (e.g. while copying it), so that
+    :func:`file_digest` does not read it again."""
+    _store(memo or digest_memo_path(), _memo_key(path), digest)
+
+
+def _store(memo: Path, key: str, digest: str) -> None:
     entries = _read_memo(memo)  # read again: another process may have added entries meanwhile
     entries = {k: v for k, v in entries.items() if Path(k.split("|", 1)[0]).exists()}
     entries[key] = digest
@@ -59,4 +70,3 @@ def file_digest(path: Path, memo: Path | None = None) -> str:
         write_text_atomic(memo, json.dumps(entries, indent=0, sort_keys=True))
     except OSError as exc:
         logger.debug("cannot write the digest memo %s: %s", memo, exc)
-    return digest

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from rank1_local.errors import CorruptFileError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 GGML_TYPE_F32 = 0  # ggml_type of a float32 tensor (KV cache type in llama_context_params)
@@ -32,3 +35,18 @@ LLAMA_FTYPES: dict[str, int] = {
     "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31,
     "BF16": 32,
 }
+
+
+def read_file_type(path: Path) -> str | None:
+    """The type a GGUF file declares in its ``general.file_type`` metadata (``Q8_0``, ``BF16`` …), None when it
+    declares none (or one we do not know)."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).get_field("general.file_type")
+        value = int(field.contents()) if field is not None else None
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        logger.debug("cannot read general.file_type of %s: %s", path, exc)
+        return None
+    names = {v: k for k, v in LLAMA_FTYPES.items()}
+    return names.get(value) if value is not None else None

@@ -1,7 +1,9 @@
-"""Find the GGUF file for a model argument: a local file, or a GGUF published in a hub repository.
+"""Find the GGUF file for a model argument: a local file, a bundle folder, or a GGUF published in a hub repository.
 
 A hub repository is searched for a file of exactly the wanted type (``F16`` is not ``BF16``; split files
-``-00001-of-000NN.gguf`` are fetched whole). Offline, the local Hugging Face cache is searched instead.
+``-00001-of-000NN.gguf`` are fetched whole). Offline (``HF_HUB_OFFLINE=1``, or the hub unreachable: checked at once,
+see :func:`rank1_local.hub.check_hub`), the local Hugging Face cache is searched instead. A bundle folder
+(:mod:`rank1_local.bundle`) is checked against its manifest and needs no network at all.
 The runtime never exports: a checkpoint without a published GGUF is exported once with ``rank1-quantize gguf``
 (the toolchain), and the error says so. Default type: Q8_0 up to 3B parameters, Q4_K_M above.
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from rank1_local.bundle import open_bundle
 from rank1_local.errors import ModelNotFoundError
 from rank1_local.gguf_file import LLAMA_FTYPES, check_gguf_file
-from rank1_local.hub import hub_is_offline, is_hub_id
+from rank1_local.hub import HubAccess, cached_snapshot, check_hub, hub_cache_dir, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +61,11 @@ def select_gguf(files: list[str], wanted: str) -> list[str]:
 
 
 def resolve_gguf(model: str | Path, gguf_type: str | None = None) -> Path:
-    """A local .gguf file as given, or a published GGUF of ``gguf_type`` from a hub repository."""
+    """A local .gguf file as given, the GGUF of a bundle folder (checked against its manifest), or a published GGUF
+    of ``gguf_type`` from a hub repository."""
     path = Path(model).expanduser()
+    if path.is_dir():
+        return open_bundle(path, gguf_type)
     if path.exists():
         check_gguf_file(path)
         return path
@@ -66,42 +73,108 @@ def resolve_gguf(model: str | Path, gguf_type: str | None = None) -> Path:
     if not is_hub_id(text):
         raise ModelNotFoundError(f"{text}: no such GGUF file (and not a hub id of the form owner/name)")
     wanted = (gguf_type or default_type(text)).upper()
-    return _published_gguf(text, wanted)
+    return find_published_gguf(text, wanted).paths[0]
 
 
-def _export_hint(repo_id: str, wanted: str) -> str:
+@dataclass(frozen=True)
+class PublishedGguf:
+    """A GGUF of one type published in a hub repository, fetched or found in the local cache."""
+
+    repo_id: str
+    revision: str | None  # the commit
+    type: str
+    files: list[str]  # names in the repository, first part first
+    paths: list[Path]  # the local copies, same order
+    sha256: list[str | None]  # as the hub lists them (LFS), None when unknown (offline)
+
+
+def check_type(gguf_type: str) -> str:
+    """``gguf_type`` upper-cased, if llama.cpp knows it."""
+    wanted = gguf_type.upper()
+    if wanted not in LLAMA_FTYPES:
+        raise ModelNotFoundError(f"unknown GGUF type {gguf_type!r}; known: {', '.join(LLAMA_FTYPES)}")
+    return wanted
+
+
+def export_hint(repo_id: str, wanted: str, bundle: Path | None = None) -> str:
+    """The toolchain command that makes the missing GGUF (into a bundle folder when ``bundle`` is given)."""
     name = repo_id.split("/")[-1]
+    if bundle is not None:
+        return (f"export it once with the toolchain (the runtime never exports): rank1-quantize gguf {repo_id} "
+                f"--out models --types {wanted} --bundle {bundle}")
     return (f"export it once with the toolchain: rank1-quantize gguf {repo_id} --out models --types {wanted}, "
             f"then pass models/{name}-{wanted}.gguf")
 
 
-def _published_gguf(repo_id: str, wanted: str) -> Path:
-    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+def find_published_gguf(repo_id: str, wanted: str, *, bundle_hint: Path | None = None) -> PublishedGguf:
+    """The GGUF file(s) of type ``wanted`` in hub repository ``repo_id``: downloaded (into the Hugging Face cache)
+    when the hub can be reached, else from the local cache. ``bundle_hint`` only changes the error's export command."""
+    access = check_hub()
+    if access.online:
+        try:
+            return _from_hub(repo_id, wanted, bundle_hint)
+        except _ListingFailed as exc:  # the hub answered the probe but not this request: the cache may still help
+            logger.warning("cannot list %s on the hub (%s); looking in the local cache", repo_id, exc)
+            access = HubAccess(False, f"listing {repo_id} failed: {exc}")
+    return _from_cache(repo_id, wanted, access, bundle_hint)
 
-    files: list[str] | None = None
-    if not hub_is_offline():
-        try:
-            files = list_repo_files(repo_id)
-        except Exception as exc:  # unreachable hub, unknown repo: the local cache may still help
-            logger.info("cannot list %s on the hub (%s); looking in the local cache", repo_id, type(exc).__name__)
-    if files is None:
-        try:
-            snapshot = Path(snapshot_download(repo_id, local_files_only=True))
-        except Exception:
-            raise ModelNotFoundError(
-                f"could not reach the Hugging Face hub for {repo_id} and it is not in the local cache.\n"
-                f"On a connected machine run `hf download {repo_id} --include '*{wanted}*.gguf'` (then copy "
-                f"~/.cache/huggingface), or pass a local .gguf file instead of the hub id.") from None
-        local = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf")]
-        chosen = select_gguf(local, wanted)
-        if not chosen:
-            raise ModelNotFoundError(f"the cached copy of {repo_id} holds no {wanted} GGUF; " + _export_hint(repo_id,
-                                                                                                            wanted))
-        return snapshot / chosen[0]
-    chosen = select_gguf(files, wanted)
+
+class _ListingFailed(Exception):
+    """The hub could not list a repository (network error, server error)."""
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _from_hub(repo_id: str, wanted: str, bundle_hint: Path | None) -> PublishedGguf:
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{repo_id} is gated on the Hugging Face hub: accept its terms and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id}: no such repository on the Hugging Face hub (or a private one: log in "
+                                 "with hf auth login)") from None
+    except Exception as exc:
+        raise _ListingFailed(_reason(exc)) from None
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    chosen = select_gguf(list(siblings), wanted)
     if not chosen:
-        types = sorted({t for t in map(gguf_file_type, files) if t})
+        types = sorted({t for t in map(gguf_file_type, siblings) if t})
         have = f"it has {', '.join(types)}" if types else "it publishes no GGUF files"
-        raise ModelNotFoundError(f"{repo_id} has no {wanted} GGUF ({have}); " + _export_hint(repo_id, wanted))
-    paths = [Path(hf_hub_download(repo_id, f)) for f in chosen]
-    return paths[0]
+        raise ModelNotFoundError(f"{repo_id} has no {wanted} GGUF ({have}); " +
+                                 export_hint(repo_id, wanted, bundle_hint))
+    paths = []
+    for name in chosen:
+        try:
+            paths.append(Path(hf_hub_download(repo_id, name, revision=info.sha)))
+        except Exception as exc:
+            raise ModelNotFoundError(f"downloading {name} from {repo_id} failed ({_reason(exc)})") from None
+    sha256 = [getattr(getattr(siblings[n], "lfs", None), "sha256", None) for n in chosen]
+    return PublishedGguf(repo_id, info.sha, wanted, chosen, paths, sha256)
+
+
+def _from_cache(repo_id: str, wanted: str, access: HubAccess, bundle_hint: Path | None) -> PublishedGguf:
+    snapshot = cached_snapshot(repo_id)
+    if snapshot is None:
+        raise ModelNotFoundError(
+            f"{repo_id} is not in the local cache ({hub_cache_dir()}) and the hub cannot be used ({access.reason}).\n"
+            f"On a connected machine run `rank1-local pull {repo_id} --type {wanted}` and copy the bundle folder it "
+            f"writes (or `hf download {repo_id} --include '*{wanted}*.gguf'` and copy ~/.cache/huggingface), or pass "
+            "a local .gguf file or bundle folder instead of the hub id.")
+    local = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf") if p.is_file())
+    chosen = select_gguf(local, wanted)
+    if not chosen:
+        types = sorted({t for t in map(gguf_file_type, local) if t})
+        have = f"it holds {', '.join(types)}" if types else "it holds no GGUF files"
+        raise ModelNotFoundError(
+            f"the cached copy of {repo_id} ({snapshot}) holds no {wanted} GGUF ({have}) and the hub cannot be used "
+            f"({access.reason}); download it on a connected machine (`hf download {repo_id} --include "
+            f"'*{wanted}*.gguf'`), or if it publishes none, " + export_hint(repo_id, wanted, bundle_hint))
+    logger.info("%s: using the cached %s", repo_id, ", ".join(chosen))
+    return PublishedGguf(repo_id, snapshot.name, wanted, chosen, [snapshot / c for c in chosen], [None] * len(chosen))

@@ -22,6 +22,7 @@ class Rank1Result:
     n_prompt_tokens: int
     seconds: float  # wall time from the pair's start to its score
     too_long: bool = False  # the prompt did not fit the context: not run, score 0.5
+    cached: bool = False  # served from the judgment cache (``seconds`` is then the lookup time)
 
     @property
     def relevant(self) -> bool:
@@ -29,10 +30,10 @@ class Rank1Result:
 
 
 def build_result(pair: PreparedPair, *, score: float, reasoning: str, n_tokens: int, forced: bool,
-                 seconds: float) -> Rank1Result:
+                 seconds: float, cached: bool = False) -> Rank1Result:
     return Rank1Result(index=pair.index, score=float(score), reasoning=reasoning, n_tokens=n_tokens, forced=forced,
                        truncated=pair.truncated, passage_tokens_dropped=pair.passage_tokens_dropped,
-                       n_prompt_tokens=len(pair.ids), seconds=seconds, too_long=pair.too_long)
+                       n_prompt_tokens=len(pair.ids), seconds=seconds, too_long=pair.too_long, cached=cached)
 
 
 def too_long_result(pair: PreparedPair) -> Rank1Result:

@@ -46,7 +46,8 @@ def score_pairs_file(pairs_file: Path, output: Path, make_model: Callable[[], Re
                     row = todo[result.index]
                     out.write(result_row(row.qid, row.docid, result))
                     counts["pairs"] += 1
-                    counts["tokens"] += result.n_tokens
+                    if not result.cached:  # generated in this run (a cache hit generated nothing)
+                        counts["tokens"] += result.n_tokens
                     bar.update(1)
                     elapsed = bar.format_dict["elapsed"] or 1e-9
                     bar.set_postfix(tok_s=f"{counts['tokens'] / elapsed:.1f}")

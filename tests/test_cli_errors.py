@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -91,3 +92,11 @@ def test_prompt_and_dataset_together_are_refused(docs, capsys):
     assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs), "--prompt",
                    "FILL_QUERY_HERE", "--dataset", "SciFact"]) == 2
     assert "give --prompt or --dataset, not both" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_public_address_without_a_key():
+    pytest.importorskip("fastapi")
+    out = subprocess.run([sys.executable, "-m", "rank1_local.cli", "serve", "--model", "no-such.gguf",
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "refusing to serve on 0.0.0.0 without an API key" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -20,12 +20,16 @@ BACKENDS = ("llama.cpp", "transformers", "vllm")
 
 
 def open_reranker(backend: str, model: str | Path, config: ScoringConfig, **settings: Any) -> Reranker:
-    """Load ``model`` on ``backend`` with the protocol ``config`` and the backend's own engine settings."""
+    """Load ``model`` on ``backend`` with the protocol ``config`` and the backend's own engine settings
+    (``cache=``, a judgment cache or its path, is for llama.cpp only)."""
+    cache = settings.pop("cache", None)
+    if cache is not None and backend != "llama.cpp":
+        raise Rank1Error(f"the judgment cache keys on the GGUF file: llama.cpp backend only (not {backend})")
     if backend == "llama.cpp":
         from rank1_local.backends.llama import LlamaSettings, Rank1
 
         gguf_type = settings.pop("gguf_type", None)
-        return Rank1(model, config, LlamaSettings(**settings), gguf_type=gguf_type)
+        return Rank1(model, config, LlamaSettings(**settings), gguf_type=gguf_type, cache=cache)
     if backend == "transformers":
         from rank1_local.backends.hf import HFSettings, TransformersRank1
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from rank1_local.api import Reranker
 from rank1_local.backends.llama_engine import EngineConfig, LlamaEngine
 from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, make_jobs
 from rank1_local.config import ScoringConfig, split_settings
 from rank1_local.errors import Rank1Error, UnsupportedModelError
+from rank1_local.judgment_cache import CacheScope, JudgmentCache, score_with_cache
 from rank1_local.model_files import resolve_gguf
-from rank1_local.pairs import Pair, prepare_pairs
+from rank1_local.pairs import Pair, PreparedPair, prepare_pairs
 from rank1_local.protocol import answer_token_ids
 from rank1_local.results import Rank1Result, RunStats
 
@@ -63,10 +66,13 @@ class Rank1(Reranker):
             (``max_think_tokens=…``) build one.
         settings: engine settings (:class:`LlamaSettings`); keyword arguments of the same names build one.
         gguf_type: the GGUF type to fetch for a hub id.
+        cache: a judgment cache (:class:`~rank1_local.judgment_cache.JudgmentCache`, or the path of its SQLite
+            file): pairs already judged by this model file under the same settings are served from it.
     """
 
     def __init__(self, model: str | Path, config: ScoringConfig | None = None,
-                 settings: LlamaSettings | None = None, *, gguf_type: str | None = None, **kwargs: object) -> None:
+                 settings: LlamaSettings | None = None, *, gguf_type: str | None = None,
+                 cache: str | Path | JudgmentCache | None = None, **kwargs: object) -> None:
         config, settings = split_settings("Rank1", config, settings, LlamaSettings, kwargs)
         self.config = config
         self.settings = settings
@@ -80,23 +86,56 @@ class Rank1(Reranker):
             self.engine.close()
             raise UnsupportedModelError(f"{self.model_path.name}: {exc}") from None
         self.last_stats: RunStats | None = None
+        self.cache = cache if cache is None or isinstance(cache, JudgmentCache) else JudgmentCache(cache)
+        self._scopes: dict[ScoringConfig, CacheScope] = {}  # shared with with_config clones, keyed by config
         logger.info("loaded %s on %s", self.model_path.name, self.engine.backend.description)
 
     @property
     def backend(self) -> str:
         return self.engine.backend.description
 
+    def cache_settings(self) -> dict[str, Any]:
+        """What the judgment cache keys on besides the model file and the prompt: the protocol settings and the
+        engine facts that can change greedy decoding's numerics (where it runs, the KV cache type, the versions
+        of llama.cpp and of rank1-local)."""
+        from rank1_local import __version__
+
+        try:
+            llama_cpp_version = metadata.version("llama-cpp-python")
+        except metadata.PackageNotFoundError:
+            llama_cpp_version = "unknown"
+        return {**self.score_settings(), "engine": {
+            "backend": self.engine.backend.description, "f32_kv_cache": self.settings.f32_kv_cache,
+            "llama_cpp": llama_cpp_version, "rank1_local": __version__}}
+
+    def cache_scope(self) -> CacheScope | None:
+        """The judgment cache's scope for this model and the current config (None without a cache)."""
+        if self.cache is None:
+            return None
+        scope = self._scopes.get(self.config)
+        if scope is None:
+            scope = self._scopes[self.config] = self.cache.scope(self.model_path, self.cache_settings())
+        return scope
+
     def score_pairs(self, pairs: Sequence[Pair | tuple], *,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs; results come back in input order. ``on_result`` sees each as it finishes."""
+        """Score pairs; results come back in input order. ``on_result`` sees each as it finishes. With a judgment
+        cache, pairs already judged come from it and ``last_stats`` counts only the pairs decoded."""
         prepared = prepare_pairs(pairs, self.config, self.engine.tokenize, self.engine.detokenize)
         if not prepared:
             return []
-        scheduler = Scheduler(self.engine, SchedulerParams(self.settings.parallel, self.config, self.true_id,
-                                                           self.false_id))
-        results, self.last_stats = scheduler.run(make_jobs(prepared, self.engine.tokenize), on_result=on_result)
-        return results
+        self.last_stats = RunStats(0, 0, 0, 0.0)
+
+        def run(todo: list[PreparedPair], on_done: Callable[[Rank1Result], None] | None) -> list[Rank1Result]:
+            scheduler = Scheduler(self.engine, SchedulerParams(self.settings.parallel, self.config, self.true_id,
+                                                               self.false_id))
+            results, self.last_stats = scheduler.run(make_jobs(todo, self.engine.tokenize), on_result=on_done)
+            return results
+
+        return score_with_cache(prepared, self.cache_scope(), run, on_result)
 
     def close(self) -> None:
         self.engine.close()
+        if self.cache is not None:  # writes its pending hit counts; a shared cache opens again when next used
+            self.cache.close()
 

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,17 +51,36 @@ class Engine(Protocol):
     def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Job:
     pair: PreparedPair
     shared: int  # leading prompt tokens equal to the query's shared prefix
+    config: ScoringConfig | None = None  # the protocol settings of this pair (None: the scheduler's)
+    owner: Any = None  # who submitted it (the server's request), for on_result and cancelled
 
     @property
     def prefix(self) -> list[int]:
         return self.pair.ids[:self.shared]
 
 
-def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]) -> list[Job]:
+class JobSource(Protocol):
+    """Where the scheduler takes its next job: ``None`` means none now (``block=False``) or none ever again."""
+
+    def next_job(self, block: bool) -> Job | None: ...
+
+
+class ListSource:
+    """A fixed list of jobs, in order."""
+
+    def __init__(self, jobs: Iterable[Job]) -> None:
+        self._jobs = deque(jobs)
+
+    def next_job(self, block: bool) -> Job | None:
+        return self._jobs.popleft() if self._jobs else None
+
+
+def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]], *,
+              config: ScoringConfig | None = None, owner: Any = None) -> list[Job]:
     """One job per pair, each query's passages together so that the query's prefix is evaluated once."""
     prefixes: dict[str, list[int]] = {}
     bos = len(tokenize(""))
@@ -73,7 +92,7 @@ def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]
     for pair in prepared:
         prefix = prefixes[pair.query]
         shared = min(len(prefix), len(pair.ids) - 1) if pair.ids[:len(prefix)] == prefix else 0
-        by_query.setdefault(pair.query, []).append(Job(pair, shared))
+        by_query.setdefault(pair.query, []).append(Job(pair, shared, config, owner))
     return [job for jobs in by_query.values() for job in jobs]
 
 
@@ -102,6 +121,7 @@ class Scheduler:
         self.params = params
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.active = 0  # slots holding a pair
         self._prefix: list[int] = []  # the tokens sequence 0 holds
 
     def _load_prefix(self, ids: list[int]) -> None:
@@ -119,7 +139,8 @@ class Scheduler:
         self.engine.seq_remove(slot.seq)
         self.engine.seq_copy(PREFIX_SEQ, slot.seq)
         slot.job = job
-        config = self.params.config
+        self.active += 1
+        config = job.config or self.params.config
         slot.chain = ReasoningChain(job.pair.prompt, config.max_think_tokens, config.rethink_rounds,
                                     official=config.protocol == "official", n_ctx=config.n_ctx)
         slot.tokens = job.pair.ids[:job.shared]
@@ -129,6 +150,7 @@ class Scheduler:
 
     def _free(self, slot: _Slot) -> None:
         self.engine.seq_remove(slot.seq)
+        self.active -= 1
         slot.job = slot.chain = None
         slot.tokens, slot.pending = [], []
 
@@ -154,8 +176,9 @@ class Scheduler:
         """Read the answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
         assert slot.chain is not None
         slot.chain.forced = True
+        assert slot.job is not None
         ids = self.engine.tokenize(slot.chain.fallback_prompt)
-        if not self.params.config.fits(len(ids)):
+        if not (slot.job.config or self.params.config).fits(len(ids)):
             return self._finish(slot, NO_SCORE)
         slot.awaiting_answer = True
         self._continue_from_ids(slot, ids)
@@ -191,28 +214,49 @@ class Scheduler:
             cancelled: Callable[[Job], bool] | None = None) -> tuple[list[Rank1Result], RunStats]:
         """Score ``jobs``; results sorted by pair index. ``on_result`` sees each as it finishes; a job for which
         ``cancelled(job)`` turns true is dropped (its slot freed) and gets no result."""
-        start = time.perf_counter()
-        queue = deque(jobs)
-        slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
         results: list[Rank1Result] = []
+
+        def collect(job: Job, result: Rank1Result) -> None:
+            results.append(result)
+            if on_result:
+                on_result(result)
+
+        stats = self.serve(ListSource(jobs), collect, cancelled)
+        return sorted(results, key=lambda r: r.index), stats
+
+    def serve(self, source: JobSource, on_result: Callable[[Job, Rank1Result], None],
+              cancelled: Callable[[Job], bool] | None = None) -> RunStats:
+        """Score jobs from ``source`` until it has none left (it may block while it waits for more, as the
+        server's queue does): a free slot takes the next job at once. ``on_result(job, result)`` sees each result."""
+        start = time.perf_counter()
+        n_results = 0
+        slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
         self.engine.clear()
         self._prefix = []
-        while queue or any(s.job for s in slots):
+        self.active = 0
+        exhausted = False
+        while True:
             for slot in slots:
                 if slot.job is not None and cancelled is not None and cancelled(slot.job):
                     self._free(slot)
-                while slot.job is None and queue:
-                    job = queue.popleft()
+                while slot.job is None and not exhausted:
+                    job = source.next_job(block=not any(s.job for s in slots))
+                    if job is None:
+                        exhausted = not any(s.job for s in slots)
+                        break
                     if cancelled is not None and cancelled(job):
                         continue
                     if job.pair.too_long:  # never run, as in the official code
-                        results.append(too_long_result(job.pair))
-                        if on_result:
-                            on_result(results[-1])
+                        n_results += 1
+                        on_result(job, too_long_result(job.pair))
                         continue
                     if self._prefix != job.prefix:
                         self._load_prefix(job.prefix)
                     self._start(slot, job)
+            if not self.active:
+                if exhausted:
+                    break
+                continue
             # one token per reasoning slot first, then prompt chunks in the room left
             entries: list[BatchEntry] = []
             owners: dict[int, _Slot] = {}
@@ -235,10 +279,10 @@ class Scheduler:
                     self.prompt_tokens += len(take)
             logits = self.engine.decode(entries)
             for i, slot in owners.items():
+                job = slot.job
+                assert job is not None
                 result = self._step(slot, logits[i])
                 if result is not None:
-                    results.append(result)
-                    if on_result:
-                        on_result(result)
-        stats = RunStats(len(results), self.prompt_tokens, self.generated_tokens, time.perf_counter() - start)
-        return sorted(results, key=lambda r: r.index), stats
+                    n_results += 1
+                    on_result(job, result)
+        return RunStats(n_results, self.prompt_tokens, self.generated_tokens, time.perf_counter() - start)

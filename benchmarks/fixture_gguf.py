@@ -1,0 +1,18 @@
+"""The fixture GGUFs the benchmarks run on (built offline once, kept in the fixture cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def fixture_gguf(name: str = "behaving", gguf_type: str = "Q8_0") -> Path:
+    """The GGUF export of fixture ``name`` (``behaving``: a small trained rank1-format reranker that closes its
+    reasoning; ``rank1-0.5b-shape``: random weights in rank1-0.5b's exact shape)."""
+    from quantize.fixtures import build_fixture, fixture_cache_dir
+    from quantize.gguf_export import export_gguf
+
+    src = build_fixture(name)
+    target = fixture_cache_dir() / "gguf" / f"{src.name}-{gguf_type}.gguf"
+    if not target.exists():
+        export_gguf(src, target.parent, gguf_type, progress=False, allow_no_imatrix=True)
+    return target

@@ -1,0 +1,507 @@
+"""The judgment cache: exact reuse, keys, several processes, and files it cannot use (which never fail a request).
+
+The quick tier runs the store on hand-made pairs and results with a small fake "model file"; the full tier runs
+``Rank1`` and the CLI on the behaving fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rank1_local.config import ScoringConfig
+from rank1_local.judgment_cache import CacheFileError, JudgmentCache, score_with_cache
+from rank1_local.pairs import PreparedPair
+from rank1_local.results import Rank1Result, build_result
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGGER = "rank1_local.judgment_cache"
+SETTINGS = ScoringConfig(max_think_tokens=64, n_ctx=512).to_dict()
+
+quick = pytest.mark.quick
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Digest memos and default cache paths under the test's folder, not the user's."""
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    return path
+
+
+def pair(index: int, prompt: str, *, too_long: bool = False, dropped: int = 0) -> PreparedPair:
+    return PreparedPair(index, "q", prompt, list(range(len(prompt) % 50 + 3)), passage_tokens_dropped=dropped,
+                        too_long=too_long)
+
+
+def judged(p: PreparedPair, score: float | None = None) -> Rank1Result:
+    """A made-up result for ``p``, fixed by its prompt."""
+    h = hashlib.sha256(p.prompt.encode()).digest()
+    value = score if score is not None else struct.unpack("<Q", h[:8])[0] / 2**64
+    return build_result(p, score=value, reasoning=f"réflexion 🤔 {p.prompt}\n\x00end", n_tokens=h[8],
+                        forced=bool(h[9] & 1), seconds=1.5)
+
+
+def same_judgment(a: Rank1Result, b: Rank1Result) -> bool:
+    return (struct.pack("<d", a.score) == struct.pack("<d", b.score) and a.reasoning == b.reasoning
+            and a.n_tokens == b.n_tokens and a.forced == b.forced)
+
+
+def file_state(path: Path) -> tuple[str, list[str]]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), sorted(p.name for p in path.parent.glob(path.name + "*"))
+
+
+# -- keys ------------------------------------------------------------------------------------------------------------
+
+
+@quick
+def test_keys_change_with_each_setting_the_model_and_the_prompt(tmp_path, model_file):
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    base = cache.scope(model_file, SETTINGS)
+    key = base.key("prompt")
+    assert cache.scope(model_file, dict(reversed(list(SETTINGS.items())))).key("prompt") == key  # canonical JSON
+    changed = {"max_think_tokens": 65, "n_ctx": 1024, "prompt_template": "FILL_QUERY_HERE?", "rethink_rounds": 1,
+               "protocol": "full", "truncate_passages": True}
+    assert set(changed) == set(SETTINGS)  # a new protocol setting needs a line here
+    keys = {cache.scope(model_file, {**SETTINGS, name: value}).key("prompt") for name, value in changed.items()}
+    keys |= {cache.scope(model_file, {**SETTINGS, "engine": {"backend": "CPU"}}).key("prompt")}
+    assert key not in keys and len(keys) == len(changed) + 1
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(model_file.read_bytes()[:-1] + b"!")
+    assert cache.scope(other, SETTINGS).key("prompt") != key
+    assert base.key("prompt ") != key and base.key("Prompt") != key
+    copy = tmp_path / "copy.gguf"  # the key follows the file's content, not its name
+    copy.write_bytes(model_file.read_bytes())
+    assert cache.scope(copy, SETTINGS).key("prompt") == key
+
+
+# -- the store ------------------------------------------------------------------------------------------------------
+
+
+@quick
+def test_round_trip_is_exact(tmp_path, model_file):
+    pairs = [pair(0, "a"), pair(1, "b ünïcödé 日本 🤖", dropped=7), pair(2, "c")]
+    with JudgmentCache(tmp_path / "c.sqlite3") as cache:
+        scope = cache.scope(model_file, SETTINGS)
+        assert scope.lookup(pairs) == {}
+        stored = {p.index: judged(p) for p in pairs}
+        stored[2] = judged(pairs[2], score=float.fromhex("0x1.5555555555555p-2"))
+        for p in pairs:
+            scope.store(p, stored[p.index])
+    again = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, SETTINGS)  # another object: read from the file
+    moved = [dataclasses.replace(p, index=p.index + 10) for p in reversed(pairs)]
+    got = again.lookup(moved)
+    assert sorted(got) == [10, 11, 12]
+    for p in moved:
+        hit, want = got[p.index], stored[p.index - 10]
+        assert same_judgment(hit, want) and hit.cached and not want.cached
+        assert hit.index == p.index and hit.truncated == want.truncated
+        assert hit.passage_tokens_dropped == p.passage_tokens_dropped
+        assert hit.n_prompt_tokens == len(p.ids) and 0 <= hit.seconds < 1
+    assert (again.hits, again.misses) == (3, 0)
+
+
+@quick
+def test_too_long_pairs_and_non_finite_scores_are_not_stored(tmp_path, model_file):
+    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, SETTINGS)
+    long, nan = pair(0, "long", too_long=True), pair(1, "nan")
+    scope.store(long, judged(long, score=0.5))
+    scope.store(nan, judged(nan, score=float("nan")))
+    assert scope.lookup([long, nan]) == {} and (scope.hits, scope.misses) == (0, 1)  # too long: not even looked up
+    assert scope.cache.stats().rows == 0
+
+
+@quick
+def test_stats_count_rows_models_and_hits_and_clear_empties(tmp_path, model_file):
+    path = tmp_path / "c.sqlite3"
+    assert not JudgmentCache(path).stats().exists and not path.exists()  # stats does not create the file
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"another model")
+    cache = JudgmentCache(path)
+    a, b = cache.scope(model_file, SETTINGS), cache.scope(other, SETTINGS)
+    for i in range(5):
+        a.store(pair(i, f"p{i}"), judged(pair(i, f"p{i}")))
+    b.store(pair(0, "p0"), judged(pair(0, "p0")))
+    a.lookup([pair(0, "p0"), pair(1, "p1")])
+    a.lookup([pair(0, "p0")])
+    stats = cache.stats()
+    assert (stats.rows, stats.models, stats.hits) == (6, 2, 3)
+    assert sorted(stats.rows_per_model.values()) == [1, 5] and stats.oldest <= stats.newest
+    assert cache.clear(b.model_digest) == 1 and cache.stats().rows == 5
+    assert cache.clear() == 5 and cache.stats().rows == 0
+    assert a.lookup([pair(0, "p0")]) == {}
+
+
+@quick
+def test_score_with_cache_scores_only_misses_and_keeps_order(tmp_path, model_file):
+    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, SETTINGS)
+    calls: list[list[str]] = []
+
+    def scorer(todo, on_done):
+        calls.append([p.prompt for p in todo])
+        out = []
+        for p in reversed(todo):  # finishes out of order, like the scheduler
+            out.append(judged(p))
+            if on_done is not None:
+                on_done(out[-1])
+        return sorted(out, key=lambda r: r.index)
+
+    first = [pair(0, "a"), pair(1, "b"), pair(2, "c", too_long=True)]
+    seen: list[Rank1Result] = []
+    results = score_with_cache(first, scope, scorer, seen.append)
+    assert calls == [["a", "b", "c"]] and [r.index for r in results] == [0, 1, 2]
+    assert sorted(r.index for r in seen) == [0, 1, 2] and not any(r.cached for r in results)
+
+    second = [pair(0, "d"), pair(1, "b"), pair(2, "c", too_long=True), pair(3, "a")]
+    seen.clear()
+    results = score_with_cache(second, scope, scorer, seen.append)
+    assert calls[1] == ["d", "c"]  # the too-long pair goes to the scorer (which gives 0.5 without running it)
+    assert [r.index for r in results] == [0, 1, 2, 3] and [r.cached for r in results] == [False, True, False, True]
+    assert sorted(r.index for r in seen) == [0, 1, 2, 3]
+    assert same_judgment(results[3], judged(first[0]))
+    assert score_with_cache(second, None, scorer) == scorer(second, None)  # no scope: the scorer alone
+
+
+@quick
+def test_interrupted_scoring_keeps_what_finished(tmp_path, model_file):
+    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, SETTINGS)
+
+    def dies(todo, on_done):
+        on_done(judged(todo[0]))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_with_cache([pair(0, "a"), pair(1, "b")], scope, dies)
+    assert list(scope.lookup([pair(0, "a"), pair(1, "b")])) == [0]
+
+
+# -- several writers ------------------------------------------------------------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_judgment_cache import SETTINGS, judged, pair, same_judgment
+from rank1_local.judgment_cache import JudgmentCache
+
+w, path, model, go = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+while not go.exists():
+    time.sleep(0.005)
+cache = JudgmentCache(path, timeout=60.0)  # a loaded CI machine must not time out
+scope = cache.scope(model, SETTINGS)
+mine = [pair(i, f"writer {{w}} pair {{i}}") for i in range(150)]
+mine += [pair(1000 + i, f"shared {{i}}") for i in range(50)]  # the same rows from every writer
+for k, p in enumerate(mine):
+    scope.store(p, judged(p))
+    if k % 10 == 9:
+        got = scope.lookup(mine[:k + 1])
+        assert len(got) == k + 1 and all(same_judgment(got[q.index], judged(q)) for q in mine[:k + 1])
+cache.close()
+print("ok", w)
+"""
+
+
+@quick
+def test_concurrent_writers_in_several_processes(tmp_path, model_file):
+    path, go = tmp_path / "c.sqlite3", tmp_path / "go"
+    JudgmentCache(path).scope(model_file, SETTINGS)  # the model digest is remembered once, not by every writer
+    script = WRITER.format(tests=str(ROOT / "tests"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(w), str(path), str(model_file), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for w in range(4)]
+    time.sleep(0.5)
+    go.touch()
+    for w, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.split() == ["ok", str(w)], err
+        assert "WARNING" not in err, err  # nobody waited past the timeout or lost the cache
+    every = [pair(i, f"writer {w} pair {i}") for w in range(4) for i in range(150)]
+    every += [pair(1000 + i, f"shared {i}") for i in range(50)]
+    every = [dataclasses.replace(p, index=k) for k, p in enumerate(every)]
+    got = JudgmentCache(path).scope(model_file, SETTINGS).lookup(every)
+    assert len(got) == len(every) and all(same_judgment(got[p.index], judged(p)) for p in every)
+    assert JudgmentCache(path).stats().rows == len(every)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@quick
+def test_threads_share_one_cache(tmp_path, model_file):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    scope = cache.scope(model_file, SETTINGS)
+
+    def work(t: int) -> int:
+        mine = [pair(i, f"thread {t} pair {i}") for i in range(40)]
+        for p in mine:
+            scope.store(p, judged(p))
+        return len(scope.lookup(mine))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(work, range(4))) == [40] * 4
+    assert cache.stats().rows == 160 and scope.hits == 160
+
+
+# -- files the cache cannot use -------------------------------------------------------------------------------------
+
+
+def _truncated_db(path: Path, model_file: Path) -> None:
+    with JudgmentCache(path) as cache:
+        scope = cache.scope(model_file, SETTINGS)
+        for i in range(200):
+            scope.store(pair(i, f"p{i} " + "x" * 1000), judged(pair(i, f"p{i}")))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 3])
+
+
+BAD_FILES = {
+    "random bytes": lambda path, _: path.write_bytes(bytes((i * 7919 + 13) % 256 for i in range(40000))),
+    "text file": lambda path, _: path.write_text("my notes, not a database\n" * 100),
+    "truncated database": _truncated_db,
+    "another program's database": lambda path, _: sqlite3.connect(path).executescript(
+        "CREATE TABLE t (x); INSERT INTO t VALUES (1);").close(),
+}
+
+
+@quick
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_unusable_file_warns_once_scores_without_cache_and_is_left_alone(tmp_path, model_file, kind, caplog):
+    path = tmp_path / "c.sqlite3"
+    BAD_FILES[kind](path, model_file)
+    before = file_state(path)
+    cache = JudgmentCache(path)
+    scope = cache.scope(model_file, SETTINGS)
+    pairs = [pair(0, "p0"), pair(1, "p1")]
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(3):
+            results = score_with_cache(pairs, scope, lambda todo, on_done: [judged(p) for p in todo])
+            assert [r.index for r in results] == [0, 1] and not any(r.cached for r in results)
+        scope.store(pairs[0], judged(pairs[0]))
+        cache.close()
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(path) in warnings[0].getMessage() and "continues without the cache" in warnings[0].getMessage()
+    assert not cache.enabled and scope.misses == 6
+    assert file_state(path) == before  # not rewritten, not deleted, no journal files left
+
+    with pytest.raises(CacheFileError, match="--force"):
+        cache.stats()
+    with pytest.raises(CacheFileError, match="cannot be used as a judgment cache"):
+        cache.clear()
+    assert file_state(path) == before
+    assert cache.clear(force=True) == 0  # only when asked: replaced by an empty cache that works
+    scope = cache.scope(model_file, SETTINGS)
+    scope.store(pairs[0], judged(pairs[0]))
+    assert list(scope.lookup(pairs)) == [0] and cache.stats().rows == 1
+
+
+@quick
+def test_newer_schema_is_not_touched(tmp_path, model_file, caplog):
+    path = tmp_path / "c.sqlite3"
+    JudgmentCache(path).scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p")))
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE rank1_meta SET value = '99' WHERE name = 'schema_version'")
+    before = file_state(path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert JudgmentCache(path).scope(model_file, SETTINGS).lookup([pair(0, "p")]) == {}
+    assert "schema version 99" in caplog.text and file_state(path) == before
+
+
+@quick
+def test_unwritable_place_scores_without_cache(tmp_path, model_file, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    scope = JudgmentCache(blocker / "c.sqlite3").scope(model_file, SETTINGS)  # its folder cannot be made
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert score_with_cache([pair(0, "p")], scope, lambda todo, _: [judged(p) for p in todo])[0].index == 0
+    assert "continues without the cache" in caplog.text
+
+
+@quick
+def test_read_only_file_is_still_read(tmp_path, model_file, monkeypatch, caplog):
+    path = tmp_path / "c.sqlite3"
+    cache = JudgmentCache(path)
+    scope = cache.scope(model_file, SETTINGS)
+    scope.store(pair(0, "old"), judged(pair(0, "old")))
+    real = cache._connection()
+
+    class ReadOnly:  # the file's writes fail as on a read-only mount (root ignores permission bits)
+        def execute(self, sql, *args):
+            if sql.split()[0] in ("BEGIN", "INSERT", "UPDATE"):
+                raise sqlite3.OperationalError("attempt to write a readonly database")
+            return real.execute(sql, *args)
+
+    monkeypatch.setattr(cache, "_connection", ReadOnly)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(2):
+            results = score_with_cache([pair(0, "old"), pair(1, "new")], scope,
+                                       lambda todo, on_done: [judged(p) for p in todo])
+            assert [r.cached for r in results] == [True, False]
+    assert caplog.text.count("read-only") == 1 and cache.enabled
+    monkeypatch.undo()
+    assert list(scope.lookup([pair(1, "new")])) == []  # not stored
+
+
+@quick
+def test_locked_database_never_fails_a_request(tmp_path, model_file, caplog):
+    path = tmp_path / "c.sqlite3"
+    with JudgmentCache(path) as first:
+        first.scope(model_file, SETTINGS).store(pair(0, "old"), judged(pair(0, "old")))
+    cache = JudgmentCache(path, timeout=0.2)
+    scope = cache.scope(model_file, SETTINGS)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            results = score_with_cache([pair(0, "old"), pair(1, "new")], scope,
+                                       lambda todo, on_done: [judged(p) for p in todo])
+            assert [r.cached for r in results] == [True, False]  # WAL: reading goes on while another writes
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert "locked" in caplog.text and cache.enabled  # only busy: the cache is not switched off
+    scope.store(pair(1, "new"), judged(pair(1, "new")))
+    assert sorted(scope.lookup([pair(0, "old"), pair(1, "new")])) == [0, 1]
+    cache.close()
+
+    hog = sqlite3.connect(path, isolation_level=None)  # a connection that keeps the file to itself
+    hog.execute("PRAGMA locking_mode = EXCLUSIVE")
+    hog.execute("BEGIN EXCLUSIVE")
+    hog.execute("UPDATE judgments SET hits = hits")
+    hog.execute("COMMIT")
+    try:
+        locked_out = JudgmentCache(path, timeout=0.2).scope(model_file, SETTINGS)
+        results = score_with_cache([pair(0, "old")], locked_out, lambda todo, _: [judged(p) for p in todo])
+        assert not results[0].cached and locked_out.cache.enabled
+    finally:
+        hog.close()
+    assert list(locked_out.lookup([pair(0, "old")])) == [0]  # works again once the lock is gone
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+
+@quick
+def test_cache_commands(tmp_path, model_file, capsys):
+    from rank1_local.cli import main
+
+    path = tmp_path / "c.sqlite3"
+    scope = JudgmentCache(path).scope(model_file, SETTINGS)
+    for i in range(3):
+        scope.store(pair(i, f"p{i}"), judged(pair(i, f"p{i}")))
+    scope.cache.close()
+    assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows"], stats["models"], stats["rows_per_model"]) == (3, 1, {scope.model_digest: 3})
+    assert main(["cache", "stats", "--cache", str(path)]) == 0
+    assert "rows    3" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache", str(path), "--model", str(model_file)]) == 0
+    assert "removed 3 judgments" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache", str(path)]) == 0
+    assert "removed 0 judgments" in capsys.readouterr().out
+
+    path.write_text("not a database")
+    assert main(["cache", "stats", "--cache", str(path)]) == 2
+    assert "not a SQLite database" in capsys.readouterr().err and path.read_text() == "not a database"
+
+
+@quick
+def test_cache_flag_defaults_and_other_backends(tmp_path, home, capsys):
+    from rank1_local.cli import build_parser, main
+
+    parse = build_parser().parse_args
+    from rank1_local.cache_commands import cache_path
+
+    assert cache_path(parse(["rerank", "--model", "m"])) is None
+    assert cache_path(parse(["rerank", "--model", "m", "--cache"])) == home / "judgments.sqlite3"
+    assert cache_path(parse(["rerank", "--model", "m", "--cache", str(tmp_path / "x.db")])) == tmp_path / "x.db"
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a passage\n")
+    for backend in ("transformers", "vllm"):
+        assert main(["rerank", "--model", "m", "--backend", backend, "--cache", "--query", "q",
+                     "--docs", str(docs)]) == 2
+        assert "llama.cpp backend only" in capsys.readouterr().err
+
+
+# -- full tier: Rank1 and the CLI on the behaving fixture -----------------------------------------------------------
+
+COMMON = {"n_ctx": 512, "threads": 2, "max_think_tokens": 64, "parallel": 4}
+
+
+@pytest.fixture(scope="module")
+def gguf(exported):
+    return exported("behaving", "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def fixture_pairs():
+    from quantize.fixtures.synthetic_task import eval_pairs
+
+    return [(p.query, p.passage) for p in eval_pairs()[:6]]
+
+
+def test_rank1_second_run_is_served_from_the_cache(gguf, fixture_pairs, tmp_path):
+    from rank1_local import Rank1
+
+    path = tmp_path / "c.sqlite3"
+    with Rank1(gguf, cache=path, **COMMON) as model:
+        first = model.score_pairs(fixture_pairs)
+        assert model.last_stats.pairs == len(fixture_pairs) and not any(r.cached for r in first)
+        seen: list[Rank1Result] = []
+        start = time.perf_counter()
+        second = model.score_pairs(fixture_pairs, on_result=seen.append)
+        seconds = time.perf_counter() - start
+        assert model.last_stats.pairs == 0 and model.last_stats.generated_tokens == 0  # nothing decoded
+        assert seconds < 0.5 and sorted(r.index for r in seen) == list(range(len(fixture_pairs)))
+        for a, b in zip(first, second, strict=True):
+            assert same_judgment(a, b) and b.cached
+            assert dataclasses.replace(b, cached=False, seconds=a.seconds) == a
+
+        longer = model.with_config(dataclasses.replace(model.config, max_think_tokens=63))
+        assert not any(r.cached for r in longer.score_pairs(fixture_pairs[:2]))  # other settings: misses
+        assert model.cache_scope().hits == len(fixture_pairs) and longer.cache_scope().misses == 2
+        assert "engine" in model.cache_settings() and model.cache_settings()["max_think_tokens"] == 64
+
+    with Rank1(gguf, cache=JudgmentCache(path), **COMMON) as again:  # another load, another object
+        assert all(r.cached for r in again.score_pairs(fixture_pairs[::-1]))
+    assert JudgmentCache(path).stats().rows == len(fixture_pairs) + 2
+
+
+def test_cli_rerank_with_cache_then_stats_and_clear(gguf, fixture_pairs, tmp_path, capsys):
+    from rank1_local.cli import main
+
+    path = tmp_path / "c.sqlite3"
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(p for _, p in fixture_pairs[:4]) + "\n")
+    args = ["-q", "rerank", "--model", str(gguf), "--query", fixture_pairs[0][0], "--docs", str(docs),
+            "--format", "json", "--max-think-tokens", "64", "--n-ctx", "512", "--threads", "2", "--cache", str(path)]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["rows"] == 4 and stats["models"] == 1 and stats["hits"] == 4
+    assert main(["cache", "clear", "--cache", str(path)]) == 0
+    assert "removed 4 judgments" in capsys.readouterr().out
+    assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 0
