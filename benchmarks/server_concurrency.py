@@ -27,10 +27,12 @@ from benchmarks.fixture_gguf import fixture_gguf
 from benchmarks.server_process import ServerProcess
 
 HERE = Path(__file__).resolve().parent
-# Scores may move in the last digits with the batch's composition (which other pairs share a llama_decode call):
-# llama.cpp's CPU kernels are not batch-invariant. A mixed-up result would differ in its reasoning (the fixture
-# names both topic words) and by far more than this.
-TOLERANCE = 1e-3
+# Scores move in their last digits with the batch's composition (which other pairs share a llama_decode call, and
+# whether a query's prefix was evaluated alone or inside the batch): llama.cpp's CPU kernels are not batch-invariant,
+# and the float16 KV cache rounds the different float32 values differently. The behaving fixture is built to be
+# sensitive (its "related" pairs sit near 0.5). A mixed-up result differs in its reasoning (the fixture names both
+# topic words) and in its score by far more than this.
+TOLERANCE = 1e-2
 
 
 def workload(n_queries: int, n_docs: int) -> list[tuple[str, list[str]]]:
@@ -110,8 +112,9 @@ def render(rows: list[dict], library_s: float, n_pairs: int, args) -> str:
         "in the benchmark process, the server in its own. The library scores all pairs in one "
         f"`score_pairs` call: **{lib_rate:.2f} pairs/s** ({library_s:.1f} s). Each client sends its next request as "
         "soon as the last one is answered. Every server result is checked against the library's: the same reasoning "
-        f"text and a score within {TOLERANCE:g} (the largest difference is shown: llama.cpp's kernels are not "
-        "batch-invariant, so a score moves in its last digits with the other pairs in its batch).",
+        f"text (it names both topic words, so a mixed-up result cannot pass) and a score within {TOLERANCE:g}. The "
+        "largest difference is shown: llama.cpp's kernels are not batch-invariant and the KV cache is float16, so a "
+        "score moves in its last digits with the other pairs in its batch.",
         "",
         "| clients | pairs/s | vs library | p50 latency s | p95 latency s | max \\|Δscore\\| | mismatches |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -137,7 +140,9 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fixture", default="behaving", help="behaving (small, trained: closes its reasoning) or "
-                        "rank1-0.5b-shape (random weights at rank1-0.5b's size: every pair runs to the budget)")
+                        "rank1-0.5b-shape (random weights at rank1-0.5b's size: every pair runs to the budget; its "
+                        "near-uniform logits make greedy text flip with the last digits, so results are not "
+                        "comparable across batch compositions and the work per pair varies)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/server_concurrency-FIXTURE.md")
     args = parser.parse_args()

@@ -1,4 +1,5 @@
-"""``rank1-local``: rerank passages with a rank1 model (GGUF in llama.cpp; checkpoints in transformers or vLLM)."""
+"""``rank1-local``: rerank with a rank1 model (GGUF in llama.cpp; checkpoints in transformers or vLLM), serve it over
+HTTP, keep its judgments in a cache, and bundle it for offline use."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ tests/test_server.py."""
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, mak
 from rank1_local.backends.llama_service import BatchService, RoundRobinQueue, ServiceStopped, Ticket
 from rank1_local.config import ScoringConfig
 from rank1_local.pairs import prepare_pairs
+from rank1_local.prompt import prompt_prefix
 
 pytestmark = pytest.mark.quick
 
@@ -145,6 +147,10 @@ def test_concurrent_requests_share_one_batch():
         assert c.done.wait(30)
         assert sorted(map(key, c.results)) == sorted(map(key, direct(pairs)))
     assert max(len(s) for s in engine.seqs_per_call) == 8  # eight clients' pairs decoded in one call
+    # round-robin interleaves the queries, yet sequence 0 is loaded once (the first query's prefix); other queries
+    # evaluate their part of the prefix in their own slot, within the shared batch
+    first_prefix = engine.tokenize(prompt_prefix(requests[0][0][0]))[:-1]
+    assert sum(1 for s in engine.seqs_per_call if s == {0}) == math.ceil(len(first_prefix) / engine.n_batch)
     service.stop(1.0)
 
 

@@ -4,7 +4,9 @@ Sequence 0 holds the prompt prefix shared by the passages of the current query
 (``"Determine…\\nQuery: {q}\\nPassage: "`` as tokens); each of the ``parallel`` slots (sequences
 1..parallel) starts from a copy of it (in the unified KV cache the cells are shared, not copied),
 evaluates its passage, then reasons greedily. When the next query's prefix is loaded, the tokens it shares
-with the previous one (the instruction head) stay in sequence 0's cache. All active slots advance together in one
+with the previous one (the instruction head) stay in sequence 0's cache; when queries interleave (the server's
+requests), a pair copies the prefix from a running pair of its query, or evaluates the query's part in its own
+slot within the batch (no extra ``llama_decode`` call per query switch). All active slots advance together in one
 ``llama_decode`` call per step, and a finished slot takes the next pair at once. What each generated token
 means (go on, read the answer, force it, rethink) is decided by :class:`rank1_local.protocol.ReasoningChain`.
 """
@@ -135,16 +137,27 @@ class Scheduler:
         self.prompt_tokens += len(ids) - keep
         self._prefix = ids
 
-    def _start(self, slot: _Slot, job: Job) -> None:
+    @staticmethod
+    def _sibling(slots: list[_Slot], job: Job) -> _Slot | None:
+        """A running slot whose cache already holds ``job``'s prefix (a pair of the same query)."""
+        for s in slots:
+            if s.job is not None and len(s.tokens) >= job.shared and s.tokens[:job.shared] == job.prefix:
+                return s
+        return None
+
+    def _start(self, slot: _Slot, job: Job, origin: int, keep: int) -> None:
+        """Start ``job`` in ``slot`` from the first ``keep`` prompt tokens' cells of sequence ``origin`` (sequence 0,
+        or a sibling slot: cells are shared, not copied); the rest of the prompt is evaluated in the slot."""
         self.engine.seq_remove(slot.seq)
-        self.engine.seq_copy(PREFIX_SEQ, slot.seq)
+        self.engine.seq_copy(origin, slot.seq)
+        self.engine.seq_remove(slot.seq, keep, -1)
         slot.job = job
         self.active += 1
         config = job.config or self.params.config
         slot.chain = ReasoningChain(job.pair.prompt, config.max_think_tokens, config.rethink_rounds,
                                     official=config.protocol == "official", n_ctx=config.n_ctx)
-        slot.tokens = job.pair.ids[:job.shared]
-        slot.pending = job.pair.ids[job.shared:]
+        slot.tokens = job.pair.ids[:keep]
+        slot.pending = job.pair.ids[keep:]
         slot.awaiting_answer = False
         slot.started = time.perf_counter()
 
@@ -221,13 +234,19 @@ class Scheduler:
             if on_result:
                 on_result(result)
 
-        stats = self.serve(ListSource(jobs), collect, cancelled)
+        stats = self.serve(ListSource(jobs), collect, cancelled, interleaved=False)
         return sorted(results, key=lambda r: r.index), stats
 
     def serve(self, source: JobSource, on_result: Callable[[Job, Rank1Result], None],
-              cancelled: Callable[[Job], bool] | None = None) -> RunStats:
+              cancelled: Callable[[Job], bool] | None = None, *, interleaved: bool = True) -> RunStats:
         """Score jobs from ``source`` until it has none left (it may block while it waits for more, as the
-        server's queue does): a free slot takes the next job at once. ``on_result(job, result)`` sees each result."""
+        server's queue does): a free slot takes the next job at once. ``on_result(job, result)`` sees each result.
+
+        A job whose query prefix is not in sequence 0 copies it from a running pair of the same query if there is
+        one. Otherwise, with ``interleaved`` jobs (the server's round-robin across requests: queries alternate), it
+        starts from what sequence 0 shares with it (the instruction head) and evaluates the rest of its prefix in its
+        own slot, within the batch; with jobs grouped by query (``run``), the prefix is loaded into sequence 0 once
+        for all the query's pairs."""
         start = time.perf_counter()
         n_results = 0
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
@@ -250,9 +269,16 @@ class Scheduler:
                         n_results += 1
                         on_result(job, too_long_result(job.pair))
                         continue
+                    origin, keep = PREFIX_SEQ, job.shared
                     if self._prefix != job.prefix:
-                        self._load_prefix(job.prefix)
-                    self._start(slot, job)
+                        sibling = self._sibling(slots, job)
+                        if sibling is not None:
+                            origin = sibling.seq
+                        elif interleaved and self._prefix:
+                            keep = min(common_prefix_len(self._prefix, job.prefix), job.shared)
+                        else:
+                            self._load_prefix(job.prefix)
+                    self._start(slot, job, origin, keep)
             if not self.active:
                 if exhausted:
                     break
