@@ -6,18 +6,16 @@ Bundles are listed from their manifests (files are not hashed here: that happens
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from rank1_local.bundle import is_bundle, read_bundle
 from rank1_local.errors import ModelNotFoundError, Rank1Error
-from rank1_local.model_files import gguf_file_type
+from rank1_local.model_files import gguf_file_type, split_name
 from rank1_local.user_dirs import default_bundles_dir
 
 logger = logging.getLogger(__name__)
 
-_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -43,12 +41,11 @@ def _gguf_groups(paths: list[Path]) -> list[tuple[Path, int]]:
     """(file to load, total bytes) per model among ``paths``: a split file counts once, by its first part."""
     rows = []
     for path in sorted(paths):
-        match = _SPLIT.search(path.name)
-        if match is None:
+        split = split_name(path.name)
+        if split is None:
             rows.append((path, path.stat().st_size))
-        elif int(match.group(1)) == 1:
-            base = path.name[:match.start()]
-            parts = [p for p in paths if p.name.startswith(base) and _SPLIT.search(p.name)]
+        elif split.part == 1:
+            parts = [p for p in paths if (other := split_name(p.name)) is not None and other.base == split.base]
             rows.append((path, sum(p.stat().st_size for p in parts)))
     return rows
 

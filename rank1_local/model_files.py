@@ -22,7 +22,25 @@ from rank1_local.hub import HubAccess, cached_snapshot, check_hub, hub_cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")
+_SPLIT = re.compile(r"^(?P<base>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SplitName:
+    """A part of a split GGUF: ``{base}-{part:05d}-of-{total:05d}.gguf``."""
+
+    base: str
+    part: int
+    total: int
+
+    def part_name(self, part: int) -> str:
+        return f"{self.base}-{part:05d}-of-{self.total:05d}.gguf"
+
+
+def split_name(name: str) -> SplitName | None:
+    """The split-file parts of a file name or path (``rank1-32b-Q4_K_M-00001-of-00003.gguf``), None if not split."""
+    match = _SPLIT.match(name)
+    return SplitName(match["base"], int(match["part"]), int(match["total"])) if match else None
 
 
 def default_type(repo_id: str) -> str:
@@ -36,7 +54,8 @@ def gguf_file_type(name: str) -> str | None:
     stem = Path(name).name
     if not stem.lower().endswith(".gguf"):
         return None
-    stem = _SPLIT.sub("", stem[:-5])
+    split = split_name(stem)
+    stem = split.base if split else stem[:-5]
     parts = [p.upper() for p in re.split(r"[-.]", stem) if p]
     found = [p for p in parts if p in LLAMA_FTYPES]
     return found[-1] if found else None
@@ -49,14 +68,12 @@ def select_gguf(files: list[str], wanted: str) -> list[str]:
     if not matches:
         return []
     first = matches[0]
-    split = _SPLIT.search(first[:-5])
+    split = split_name(first)
     if split is None:
         return [first]
-    base = first[:-5][:split.start()]
-    parts = [f for f in matches if f[:-5].startswith(base) and _SPLIT.search(f[:-5])]
-    total = int(split.group(2))
-    if len(parts) != total:
-        raise ModelNotFoundError(f"{first}: a split GGUF of {total} parts, but {len(parts)} are published")
+    parts = [f for f in matches if (other := split_name(f)) is not None and other.base == split.base]
+    if len(parts) != split.total:
+        raise ModelNotFoundError(f"{first}: a split GGUF of {split.total} parts, but {len(parts)} are published")
     return parts
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,11 @@ from rank1_local.bundle import Bundle, BundleSource, write_bundle
 from rank1_local.errors import ModelNotFoundError
 from rank1_local.gguf_file import check_gguf_file, read_file_type
 from rank1_local.hub import is_hub_id
-from rank1_local.model_files import check_type, default_type, find_published_gguf, gguf_file_type
+from rank1_local.model_files import check_type, default_type, find_published_gguf, gguf_file_type, split_name
 from rank1_local.user_dirs import default_bundles_dir
 
 logger = logging.getLogger(__name__)
 
-_SPLIT_NAME = re.compile(r"^(?P<base>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
 VERIFY_CARD_SUFFIX = ".verify.json"  # written beside an export by ``rank1-quantize gguf --verify``
 
 
@@ -47,14 +45,14 @@ def pull(model: str, gguf_type: str | None = None, out: Path | None = None, *, r
 
 def split_parts(path: Path) -> list[Path]:
     """Every part of a split GGUF given by its first part (``…-00001-of-000NN.gguf``), or ``[path]``."""
-    match = _SPLIT_NAME.match(path.name)
-    if match is None:
+    split = split_name(path.name)
+    if split is None:
         return [path]
-    if int(match["part"]) != 1:
-        raise ModelNotFoundError(f"{path}: part {int(match['part'])} of a split GGUF; pass the first part "
-                                 f"(-00001-of-{match['total']}.gguf)")
-    total = int(match["total"])
-    parts = [path.with_name(f"{match['base']}-{i:05d}-of-{match['total']}.gguf") for i in range(1, total + 1)]
+    if split.part != 1:
+        raise ModelNotFoundError(f"{path}: part {split.part} of a split GGUF; pass the first part "
+                                 f"({split.part_name(1)})")
+    total = split.total
+    parts = [path.with_name(split.part_name(i)) for i in range(1, total + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise ModelNotFoundError(f"{path}: a split GGUF of {total} parts, but {', '.join(missing)} "
@@ -84,8 +82,8 @@ def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: boo
         raise ModelNotFoundError(f"{path}: cannot tell its GGUF type (no general.file_type, none in the name); "
                                  "pass --type")
     wanted = check_type(gguf_type) if gguf_type is not None else str(declared)
-    match = _SPLIT_NAME.match(path.name)
-    name = match["base"] if match else path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
+    split = split_name(path.name)
+    name = split.base if split else path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
     if gguf_file_type(name + ".gguf") is None:
         name = f"{name}-{wanted}"
     out = Path(out).expanduser() if out is not None else default_bundles_dir() / name
