@@ -175,8 +175,6 @@ def create_app(service: BatchService, settings: ServerSettings) -> Any:
         if req.total_chars() > settings.max_total_chars:
             raise HttpError(413, f"{req.total_chars()} characters of query and documents is over the limit of "
                                  f"{settings.max_total_chars} (--max-chars)", "request_too_large")
-        if req.model is not None and req.model not in (settings.model_name, service.model.model_path.name):
-            logger.debug("request names model %r; this server has only %s", req.model, settings.model_name)
         try:
             config = req.config(service.model.config)
         except Rank1Error as exc:
