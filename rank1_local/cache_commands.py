@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from rank1_local.judgment_cache import CacheStats, JudgmentCache
 from rank1_local.user_dirs import default_cache_path
-
-logger = logging.getLogger("rank1-local")
 
 
 def add_cache_arg(p: argparse.ArgumentParser) -> None:
