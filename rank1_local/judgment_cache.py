@@ -122,7 +122,6 @@ class JudgmentCache:
         self._warned_busy = False
         self._read_only = False  # writing failed as read-only: lookups go on, stores are skipped
         self._pending_hits: dict[str, int] = {}
-        self._digests: dict[tuple[str, int, int], str] = {}
 
     # -- connection ----------------------------------------------------------------------------------------------
 
@@ -236,11 +235,7 @@ class JudgmentCache:
         """Lookups and stores for one model file under one set of protocol settings."""
         model_path = Path(model_path)
         try:
-            st = model_path.stat()
-            memo = (str(model_path.resolve()), st.st_size, st.st_mtime_ns)
-            digest = self._digests.get(memo)
-            if digest is None:
-                digest = self._digests[memo] = file_digest(model_path)
+            digest = file_digest(model_path)  # remembered by path, size and mtime
         except OSError as exc:
             logger.warning("cannot hash the model file %s for the judgment cache (%s); its pairs are scored "
                            "without the cache", model_path, exc)

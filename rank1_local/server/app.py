@@ -168,7 +168,7 @@ def create_app(service: BatchService, settings: ServerSettings) -> Any:
             req = RerankRequest.model_validate_json(body)
         except ValidationError as exc:
             raise HttpError(422, _summarize(exc), "invalid_request") from None
-        n_docs = len(req.passages())
+        n_docs = len(req.passages)
         if n_docs > settings.max_documents:
             raise HttpError(413, f"{n_docs} documents is over the limit of {settings.max_documents} per request "
                                  "(--max-documents)", "request_too_large")

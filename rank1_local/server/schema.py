@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,7 +58,7 @@ class RerankRequest(BaseModel):
     def _one_document_list(self) -> RerankRequest:
         if (self.documents is None) == (self.texts is None):
             raise ValueError("give the documents as `documents` (Cohere, Jina) or `texts` (TEI), one of them")
-        if not self.passages():
+        if not self.passages:
             raise ValueError("no documents to rerank")
         return self
 
@@ -65,7 +66,9 @@ class RerankRequest(BaseModel):
     def tei(self) -> bool:
         return self.texts is not None
 
+    @cached_property
     def passages(self) -> list[Passage]:
+        """The documents, each a string or ``{"text", "title"}`` (built once per request)."""
         if self.texts is not None:
             return list(self.texts)
         docs = self.documents or []
@@ -73,11 +76,11 @@ class RerankRequest(BaseModel):
                 for d in docs]
 
     def pairs(self) -> list[Pair]:
-        return [Pair(self.query, p, self.instruction) for p in self.passages()]
+        return [Pair(self.query, p, self.instruction) for p in self.passages]
 
     def total_chars(self) -> int:
         return len(self.query) + sum(len(p) if isinstance(p, str) else len(p["text"]) + len(p.get("title") or "")
-                                     for p in self.passages())
+                                     for p in self.passages)
 
     def config(self, base: ScoringConfig) -> ScoringConfig:
         """The server's protocol settings with this request's choices applied (validated; a bad value is a
@@ -104,7 +107,7 @@ class RerankRequest(BaseModel):
 
 def result_row(request: RerankRequest, result: Rank1Result, *, reasoning: bool) -> dict[str, Any]:
     """One result in the request's shape."""
-    passage = request.passages()[result.index]
+    passage = request.passages[result.index]
     text = passage if isinstance(passage, str) else passage["text"]
     if request.tei:
         row: dict[str, Any] = {"index": result.index, "score": result.score}
