@@ -22,12 +22,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rank1_local.errors import Rank1Error
 from rank1_local.file_digest import file_digest
@@ -58,6 +57,8 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS judgments_model ON judgments (model)",
 )
+
+_T = TypeVar("_T")
 
 Score = Callable[[list[PreparedPair], Callable[[Rank1Result], None] | None], list[Rank1Result]]
 
@@ -128,32 +129,29 @@ class JudgmentCache:
     def _open(self, *, create: bool) -> sqlite3.Connection:
         """A connection to a judgment cache at ``self.path`` (raises :class:`_Unusable`, sqlite3.Error, OSError).
         A file that is not SQLite, or a SQLite database of something else, is refused before any write."""
-        exists = self.path.exists()
-        if not exists and not create:
-            raise FileNotFoundError(f"{self.path} does not exist")
-        if exists and self.path.stat().st_size > 0:
+        if not self.path.exists():
+            if not create:
+                raise FileNotFoundError(f"{self.path} does not exist")
+            self._create_file()
+        if self.path.stat().st_size > 0:
             with open(self.path, "rb") as f:
                 if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                     raise _Unusable("the file is not a SQLite database")
-        if not exists:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if tables and "rank1_meta" not in tables:
                 raise _Unusable("the file is a SQLite database but not a rank1-local judgment cache")
-            conn.execute("PRAGMA journal_mode = WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # a file made by an older tool or by hand
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             if {"rank1_meta", "judgments"} <= tables:  # no write needed (the file may be read-only)
                 version = self._schema_version(conn)
-            else:
+            else:  # an empty file (left by a crash): the schema is written in place
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute("INSERT OR IGNORE INTO rank1_meta VALUES ('schema_version', ?)",
-                                 (str(SCHEMA_VERSION),))
+                    self._write_schema(conn)
                     version = self._schema_version(conn)
                     conn.execute("COMMIT")
                 except BaseException:
@@ -165,6 +163,40 @@ class JudgmentCache:
             conn.close()
             raise
         return conn
+
+    def _create_file(self) -> None:
+        """Create the cache file whole: the schema is written to a private file in WAL mode, which is then linked
+        into place (only one of several processes starting at once wins; the others open the winner's file).
+        Processes never race to switch a fresh file's journal mode or to write its schema."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        files = [tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")]
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                self._write_schema(conn)
+                conn.execute("COMMIT")
+            finally:
+                conn.close()  # the last connection checkpoints: the whole database is in ``tmp`` now
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass  # another process created it first
+            except OSError:  # no hard links on this file system: create it in place instead
+                logger.debug("cannot link %s into place; the judgment cache is created in place", tmp)
+                with open(self.path, "ab"):
+                    pass
+        finally:
+            for f in files:
+                f.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_schema(conn: sqlite3.Connection) -> None:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT OR IGNORE INTO rank1_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     @staticmethod
     def _schema_version(conn: sqlite3.Connection) -> str | None:
@@ -179,11 +211,11 @@ class JudgmentCache:
             self._pid = os.getpid()
         return self._conn
 
-    def _trouble(self, exc: BaseException, action: str) -> None:
+    def _trouble(self, exc: BaseException, action: str, waited: float = 0.0) -> None:
         """Log what went wrong (once per object) and switch the cache off unless the file was only busy."""
         if _is_busy(exc):
-            message = (f"judgment cache {self.path} is locked by another process (waited {self.timeout:g} s); "
-                       f"{action}")
+            message = (f"judgment cache {self.path} is locked by another process (waited {waited:.1f} s of "
+                       f"{self.timeout:g} s: {exc}); {action}")
             logger.log(logging.DEBUG if self._warned_busy else logging.WARNING, message)
             self._warned_busy = True
             return
@@ -205,23 +237,26 @@ class JudgmentCache:
                 pass
             self._conn = None
 
-    @contextmanager
-    def _guarded(self, action: str) -> Iterator[sqlite3.Connection | None]:
-        """The connection under the lock, or None when the cache is off; errors become warnings."""
-        with self._lock:
-            conn = None
-            if self._disabled is None:
+    def _attempt(self, action: str, work: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
+        """``work(connection)`` under the lock, or ``default`` when the cache is off or fails (one warning).
+
+        SQLite's busy handler waits while another process writes, but not in the moments when another process
+        creates, recovers or closes the file's last connection: a busy file is tried again, with backoff, until
+        ``timeout`` seconds have passed since the call began."""
+        start, delay = time.monotonic(), 0.002
+        while True:
+            with self._lock:
+                if self._disabled is not None:
+                    return default
                 try:
-                    conn = self._connection()
+                    return work(self._connection())
                 except (sqlite3.Error, OSError, _Unusable) as exc:
-                    self._trouble(exc, action)
-            if conn is None:
-                yield None
-                return
-            try:
-                yield conn
-            except (sqlite3.Error, OSError) as exc:
-                self._trouble(exc, action)
+                    waited = time.monotonic() - start
+                    if not (_is_busy(exc) and waited + delay < self.timeout):
+                        self._trouble(exc, action, waited)
+                        return default
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
 
     @property
     def enabled(self) -> bool:
@@ -243,27 +278,29 @@ class JudgmentCache:
         return CacheScope(self, digest, canonical_settings(settings))
 
     def _get(self, keys: list[str]) -> dict[str, tuple[float, str, int, bool]]:
-        found: dict[str, tuple[float, str, int, bool]] = {}
-        with self._guarded("this lookup is skipped (its pairs are scored)") as conn:
-            if conn is None:
-                return found
+        def select(conn: sqlite3.Connection) -> dict[str, tuple[float, str, int, bool]]:
+            found: dict[str, tuple[float, str, int, bool]] = {}
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start:start + _CHUNK]
                 rows = conn.execute("SELECT key, score, reasoning, n_tokens, forced FROM judgments WHERE key IN "
                                     f"({', '.join('?' * len(chunk))})", chunk).fetchall()
                 for key, score, reasoning, n_tokens, forced in rows:
                     found[key] = (float(score), reasoning, int(n_tokens), bool(forced))
-            for key in found:
-                self._pending_hits[key] = self._pending_hits.get(key, 0) + 1
-            if self._read_only:
-                self._pending_hits.clear()
-            elif len(self._pending_hits) >= _FLUSH_HITS:
-                self._flush_hits(conn)
-        return found
+            if not self._read_only:
+                for key in found:
+                    self._pending_hits[key] = self._pending_hits.get(key, 0) + 1
+                if len(self._pending_hits) >= _FLUSH_HITS:
+                    try:
+                        self._flush_hits(conn)
+                    except sqlite3.Error as exc:  # the counts wait for the next write
+                        logger.debug("judgment cache %s: hit counts not written yet (%s)", self.path, exc)
+            return found
+
+        return self._attempt("this lookup is skipped (its pairs are scored)", select, {})
 
     def _put(self, key: str, model: str, result: Rank1Result) -> None:
-        with self._guarded("this result is not stored") as conn:
-            if conn is None or self._read_only:
+        def insert(conn: sqlite3.Connection) -> None:
+            if self._read_only:
                 return
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -271,29 +308,35 @@ class JudgmentCache:
                              "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                              (key, model, result.score, result.reasoning, result.n_tokens, int(result.forced),
                               time.time()))
-                self._flush_hits(conn, begin=False)
+                self._write_hits(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            self._pending_hits = {}
 
-    def _flush_hits(self, conn: sqlite3.Connection, *, begin: bool = True) -> None:
-        """Write the hit counts gathered since the last flush (lookups stay read-only: a hit costs one SELECT)."""
+        self._attempt("this result is not stored", insert, None)
+
+    def _write_hits(self, conn: sqlite3.Connection) -> None:
+        """Write the pending hit counts inside the caller's transaction."""
+        if self._pending_hits:
+            now = time.time()
+            conn.executemany("UPDATE judgments SET hits = hits + ?, last_used = ? WHERE key = ?",
+                             [(n, now, key) for key, n in self._pending_hits.items()])
+
+    def _flush_hits(self, conn: sqlite3.Connection) -> None:
+        """Write the hit counts gathered since the last flush in a transaction of their own (lookups stay
+        read-only: a hit costs one SELECT). Counts that could not be written stay pending."""
         if not self._pending_hits:
             return
-        pending, self._pending_hits = self._pending_hits, {}
-        now = time.time()
-        if begin:
-            conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("UPDATE judgments SET hits = hits + ?, last_used = ? WHERE key = ?",
-                             [(n, now, key) for key, n in pending.items()])
-            if begin:
-                conn.execute("COMMIT")
+            self._write_hits(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            if begin:
-                conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
             raise
+        self._pending_hits = {}
 
     def close(self) -> None:
         """Write pending hit counts and close the connection (a later call opens it again)."""

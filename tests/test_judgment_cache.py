@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -233,6 +235,7 @@ def test_concurrent_writers_in_several_processes(tmp_path, model_file):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.split() == ["ok", str(w)], err
         assert "WARNING" not in err, err  # nobody waited past the timeout or lost the cache
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the losers' drafts are gone
     every = [pair(i, f"writer {w} pair {i}") for w in range(4) for i in range(150)]
     every += [pair(1000 + i, f"shared {i}") for i in range(50)]
     every = [dataclasses.replace(p, index=k) for k, p in enumerate(every)]
@@ -395,6 +398,69 @@ def test_locked_database_never_fails_a_request(tmp_path, model_file, caplog):
     finally:
         hog.close()
     assert list(locked_out.lookup([pair(0, "old")])) == [0]  # works again once the lock is gone
+
+
+@quick
+def test_a_lock_released_within_the_timeout_is_waited_for(tmp_path, model_file, caplog):
+    path = tmp_path / "c.sqlite3"
+    with JudgmentCache(path) as first:
+        first.scope(model_file, SETTINGS).store(pair(0, "old"), judged(pair(0, "old")))
+    hog = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    hog.execute("PRAGMA locking_mode = EXCLUSIVE")  # another process opening, recovering or closing the file
+    hog.execute("BEGIN EXCLUSIVE")
+    hog.execute("UPDATE judgments SET hits = hits")
+    hog.execute("COMMIT")
+    threading.Timer(0.3, hog.close).start()
+    scope = JudgmentCache(path, timeout=30.0).scope(model_file, SETTINGS)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert list(scope.lookup([pair(0, "old")])) == [0]
+        scope.store(pair(1, "new"), judged(pair(1, "new")))
+    assert "locked" not in caplog.text
+    assert sorted(scope.lookup([pair(0, "old"), pair(1, "new")])) == [0, 1]
+
+
+@quick
+def test_busy_errors_without_a_wait_are_tried_again_until_the_timeout(tmp_path, caplog):
+    """SQLite returns SQLITE_BUSY at once, without its busy handler, while another process recovers or closes
+    the file's last connection: the cache tries again itself, and says how long it waited when it gives up."""
+    cache = JudgmentCache(tmp_path / "c.sqlite3", timeout=0.3)
+    calls = []
+
+    def busy_twice(conn):
+        calls.append(conn)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return "done"
+
+    assert cache._attempt("skipped", busy_twice, "default") == "done" and len(calls) == 3
+
+    def always_busy(conn):
+        raise sqlite3.OperationalError("database is locked")
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        started = time.monotonic()
+        assert cache._attempt("this lookup is skipped", always_busy, "default") == "default"
+        assert 0.2 < time.monotonic() - started < 5
+    assert re.search(r"locked by another process \(waited 0\.[23] s of 0\.3 s", caplog.text), caplog.text
+    assert cache.enabled
+
+    def broken(conn):
+        raise sqlite3.DatabaseError("file is not a database")
+
+    assert cache._attempt("skipped", broken, "default") == "default" and not cache.enabled  # not retried
+
+
+@quick
+def test_a_new_cache_file_appears_whole(tmp_path, model_file):
+    path = tmp_path / "sub" / "c.sqlite3"
+    JudgmentCache(path).scope(model_file, SETTINGS).lookup([pair(0, "a")])
+    with open(path, "rb") as f:
+        header = f.read(100)
+    assert header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"  # WAL from the start
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM rank1_meta").fetchone() == ("1",)
+    conn.close()
 
 
 # -- the command line -----------------------------------------------------------------------------------------------
