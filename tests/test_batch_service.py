@@ -154,6 +154,23 @@ def test_concurrent_requests_share_one_batch():
     service.stop(1.0)
 
 
+def test_a_request_repeating_a_document_has_it_judged_once():
+    service = service_for(parallel=2)
+    unique = [("What about the slow apple?", "slow doc"), ("What about the slow apple?", "a relevant doc")]
+    pairs = [unique[0], unique[1], unique[0], unique[0], unique[1]]
+    ticket, c = submit(service, pairs)
+    service.start()
+    assert c.done.wait(10) and ticket.size == 5
+    assert sorted(r.index for r in c.results) == list(range(5))
+    expected = direct(unique)
+    by_index = {r.index: r for r in c.results}
+    for i, pair in enumerate(pairs):
+        assert key(by_index[i])[1:] == key(expected[unique.index(pair)])[1:]
+    assert service.counters.pairs == 5
+    assert service.counters.generated_tokens == sum(r.n_tokens for r in expected)  # two generations, not five
+    service.stop(1.0)
+
+
 def test_cancelling_drops_waiting_pairs_and_frees_slots():
     engine = RecordingEngine(scripted(SCRIPTS))
     service = service_for(parallel=2, engine=engine)

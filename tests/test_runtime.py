@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -101,6 +102,22 @@ def test_shared_prefixes_are_evaluated_once(f32_model, sequential):
     by_pair = {interleaved[r.index]: r for r in got}
     for pair, seq in zip(pairs, sequential[:len(pairs)], strict=True):
         assert by_pair[pair].reasoning == seq.reasoning and abs(by_pair[pair].score - seq.score) <= 1e-4
+
+
+def test_pairs_with_the_same_prompt_are_judged_once(f32_model, sequential):
+    pairs = [(p.query, p.passage) for p in PAIRS[:4]]
+    repeated = pairs + pairs[::-1] + [(pairs[0][0], pairs[0][1], "")]  # an empty instruction is the same prompt
+    seen = []
+    with _model(f32_model, parallel=4, max_think_tokens=64) as m:
+        got = m.score_pairs(repeated, on_result=seen.append)
+        stats = m.last_stats
+    assert stats.pairs == 4 and [r.index for r in got] == list(range(len(repeated)))
+    assert sorted(r.index for r in seen) == list(range(len(repeated)))
+    for r in got:
+        first = got[repeated.index(repeated[r.index][:2])]
+        assert dataclasses.replace(r, index=first.index) == first  # the same judgment, its own index
+    for r, seq in zip(got[:4], sequential[:4], strict=True):
+        assert r.reasoning == seq.reasoning and abs(r.score - seq.score) <= 1e-4
 
 
 def test_budget_fallback_matches_reference(f32_model, reference):

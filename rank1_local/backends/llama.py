@@ -17,6 +17,7 @@ from rank1_local.api import Reranker
 from rank1_local.backends.llama_engine import EngineConfig, LlamaEngine
 from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, make_jobs
 from rank1_local.config import ScoringConfig, split_settings
+from rank1_local.duplicate_pairs import score_each_prompt_once
 from rank1_local.errors import Rank1Error, UnsupportedModelError
 from rank1_local.judgment_cache import CacheScope, JudgmentCache, score_with_cache
 from rank1_local.model_files import resolve_gguf
@@ -119,8 +120,9 @@ class Rank1(Reranker):
 
     def score_pairs(self, pairs: Sequence[Pair | tuple], *,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs; results come back in input order. ``on_result`` sees each as it finishes. With a judgment
-        cache, pairs already judged come from it and ``last_stats`` counts only the pairs decoded."""
+        """Score pairs; results come back in input order. ``on_result`` sees each as it finishes. Pairs with the
+        same prompt are judged once. With a judgment cache, pairs already judged come from it. ``last_stats``
+        counts only the pairs decoded."""
         prepared = prepare_pairs(pairs, self.config, self.engine.tokenize, self.engine.detokenize)
         if not prepared:
             return []
@@ -132,7 +134,9 @@ class Rank1(Reranker):
             results, self.last_stats = scheduler.run(make_jobs(todo, self.engine.tokenize), on_result=on_done)
             return results
 
-        return score_with_cache(prepared, self.cache_scope(), run, on_result)
+        scope = self.cache_scope()
+        return score_each_prompt_once(prepared, lambda todo, on_done: score_with_cache(todo, scope, run, on_done),
+                                      on_result)
 
     def close(self) -> None:
         self.engine.close()

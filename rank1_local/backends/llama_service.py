@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from rank1_local.backends.llama import Rank1
 from rank1_local.backends.llama_scheduler import Job, Scheduler, SchedulerParams, make_jobs
 from rank1_local.config import ScoringConfig
+from rank1_local.duplicate_pairs import Duplicates, find_duplicates
 from rank1_local.errors import Rank1Error
 from rank1_local.pairs import Pair, prepare_pairs
 from rank1_local.results import Rank1Result
@@ -39,6 +40,7 @@ class Ticket:
     size: int  # pairs in the request
     on_result: Callable[[Rank1Result], None]
     on_error: Callable[[BaseException], None]
+    duplicates: Duplicates | None = None  # pairs with the same prompt as an earlier pair get copies of its result
     cancelled: bool = False
     finished: int = 0
 
@@ -219,11 +221,12 @@ class BatchService:
         if config.n_ctx != self.model.config.n_ctx:
             raise Rank1Error(f"n_ctx is fixed when the model is loaded ({self.model.config.n_ctx})")
         prepared = prepare_pairs(pairs, config, self.model.engine.tokenize, self.model.engine.detokenize)
-        ticket = Ticket(next(self._ids), len(prepared), on_result, on_error)
+        duplicates = find_duplicates(prepared)
+        ticket = Ticket(next(self._ids), len(prepared), on_result, on_error, duplicates)
         self.counters.requests += 1
         scope = (self.model if config == self.model.config else self.model.with_config(config)).cache_scope()
-        hits = scope.lookup(prepared) if scope is not None else {}
-        misses = [p for p in prepared if p.index not in hits]
+        hits = scope.lookup(duplicates.unique) if scope is not None else {}
+        misses = [p for p in duplicates.unique if p.index not in hits]
         if misses:
             jobs = make_jobs(misses, self.model.engine.tokenize, config=config, owner=(ticket, scope))
             with self._lock:
@@ -277,10 +280,12 @@ class BatchService:
         self._count(ticket, result)
 
     def _count(self, ticket: Ticket, result: Rank1Result) -> None:
+        results = ticket.duplicates.fan_out(result) if ticket.duplicates is not None else [result]
         with self._lock:  # cache hits are counted in the caller's thread, scored pairs in the worker
-            ticket.finished += 1
-            self.counters.pairs += 1
+            ticket.finished += len(results)
+            self.counters.pairs += len(results)
             if ticket.done:
                 self._tickets.pop(ticket.id, None)
                 self.counters.requests_done += 1
-        ticket.on_result(result)
+        for each in results:
+            ticket.on_result(each)

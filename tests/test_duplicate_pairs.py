@@ -1,0 +1,71 @@
+"""Pairs with the same prompt are judged once (quick tier: a scripted scorer, no model)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from fake_engine import FakeEngine, scripted
+
+from rank1_local.config import ScoringConfig
+from rank1_local.duplicate_pairs import find_duplicates, score_each_prompt_once
+from rank1_local.pairs import prepare_pairs
+from rank1_local.results import build_result, too_long_result
+
+pytestmark = pytest.mark.quick
+
+CONFIG = ScoringConfig(max_think_tokens=64, n_ctx=2048)
+
+
+def prepared(pairs, config=CONFIG):
+    engine = FakeEngine(scripted({}))
+    return prepare_pairs(pairs, config, engine.tokenize, engine.detokenize)
+
+
+class Scorer:
+    """Scores each pair by its passage length; remembers what it was asked to score, reports as it goes."""
+
+    def __init__(self) -> None:
+        self.asked = []
+
+    def __call__(self, todo, on_done):
+        self.asked.append([p.index for p in todo])
+        out = []
+        for p in todo:
+            r = too_long_result(p) if p.too_long else build_result(
+                p, score=len(p.prompt) / 1e4, reasoning=f"r{p.index}", n_tokens=3, forced=False, seconds=0.1)
+            if on_done is not None:
+                on_done(r)
+            out.append(r)
+        return out
+
+
+def test_same_prompt_is_scored_once_and_every_pair_gets_its_result():
+    pairs = [("q", "a"), ("q", "b"), ("q", "a"), ("other q", "a"), ("q", "b"), ("q", "a", "")]
+    scorer, seen = Scorer(), []
+    results = score_each_prompt_once(prepared(pairs), scorer, seen.append)
+    assert scorer.asked == [[0, 1, 3]]
+    assert [r.index for r in results] == list(range(6)) and sorted(r.index for r in seen) == list(range(6))
+    for copy, first in [(2, 0), (4, 1), (5, 0)]:
+        assert dataclasses.replace(results[copy], index=first) == results[first]
+    assert results[0].score != results[3].score  # another query is another prompt
+    seen_order = [r.index for r in seen]
+    assert seen_order.index(2) == seen_order.index(0) + 1  # a copy comes right after the result it copies
+
+
+def test_no_duplicates_passes_straight_through():
+    scorer = Scorer()
+    batch = prepared([("q", "a"), ("q", "b")])
+    assert score_each_prompt_once(batch, scorer) == scorer(batch, None)
+    assert scorer.asked[0] == [0, 1]
+
+
+def test_too_long_pairs_are_left_alone():
+    tight = ScoringConfig(max_think_tokens=8, n_ctx=128, truncate_passages=False)
+    batch = prepared([("q", "word " * 200), ("q", "word " * 200), ("q", "a"), ("q", "a")], tight)
+    assert [p.too_long for p in batch] == [True, True, False, False]
+    duplicates = find_duplicates(batch)
+    assert [p.index for p in duplicates.unique] == [0, 1, 2] and duplicates.copies == {2: (3,)}
+    assert duplicates.count == 1
+    results = score_each_prompt_once(batch, Scorer())
+    assert [r.too_long for r in results] == [True, True, False, False] and results[3].score == results[2].score
