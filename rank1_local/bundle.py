@@ -248,6 +248,27 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or no way to tell: leave its folder alone
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the hidden folders that an earlier write of ``out`` left when its process was killed (the GGUF copies
+    in a ``.partial`` folder can be gigabytes). Folders of processes still running are left alone."""
+    for kind in ("partial", "old"):
+        for left in out.parent.glob(f".{out.name}.*.{kind}"):
+            pid = left.name[len(out.name) + 2:-len(kind) - 1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                logger.warning("removing %s, left by an interrupted bundle write (process %s)", left, pid)
+                shutil.rmtree(left, ignore_errors=True)
+
+
 def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: BundleSource, *,
                  verification: dict[str, Any] | None = None, expected_sha256: Sequence[str | None] = (),
                  replace: bool = False) -> Bundle:
@@ -273,6 +294,7 @@ def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: Bundl
         logger.info("%s already holds this bundle: nothing to do", out)
         return existing
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

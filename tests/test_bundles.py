@@ -342,6 +342,29 @@ def test_a_failed_write_leaves_no_half_bundle(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+
+@pytest.mark.quick
+def test_a_killed_write_leaves_nothing_behind_once_written_again(tmp_path, monkeypatch):
+    """SIGKILL gives no chance to clean up: the next write of the same bundle removes the dead process's hidden
+    folders (a half-copied GGUF can be gigabytes), and leaves those of a write still running."""
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    model = write_gguf(tmp_path / "m-Q8_0.gguf", "Q8_0", 1)
+    out = tmp_path / "out" / "b"
+    out.parent.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f".b.{dead}.partial", f".b.{dead}.old", f".b.{running.pid}.partial"):
+            (out.parent / name).mkdir()
+            (out.parent / name / "m-Q8_0.gguf").write_bytes(b"half a copy")
+        write_bundle(out, [model], "Q8_0", BundleSource(path=str(tmp_path)))
+        assert sorted(p.name for p in out.parent.iterdir()) == [f".b.{running.pid}.partial", "b"]
+    finally:
+        running.kill()
+        running.wait()
+
+
 @pytest.mark.quick
 def test_pull_a_local_file_takes_its_type_and_verification_card(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
