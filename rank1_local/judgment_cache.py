@@ -292,8 +292,11 @@ class JudgmentCache:
                 if len(self._pending_hits) >= _FLUSH_HITS:
                     try:
                         self._flush_hits(conn)
-                    except sqlite3.Error as exc:  # the counts wait for the next write
-                        logger.debug("judgment cache %s: hit counts not written yet (%s)", self.path, exc)
+                    except sqlite3.Error as exc:  # the lookup itself succeeded: its rows are returned
+                        if _is_busy(exc):  # the counts wait for the next write
+                            logger.debug("judgment cache %s: hit counts not written yet (%s)", self.path, exc)
+                        else:  # read-only: counting stops; broken: the cache is switched off
+                            self._trouble(exc, "hit counts are not written")
             return found
 
         return self._attempt("this lookup is skipped (its pairs are scored)", select, {})

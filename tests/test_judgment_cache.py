@@ -354,8 +354,9 @@ def test_read_only_file_is_still_read(tmp_path, model_file, monkeypatch, caplog)
             return real.execute(sql, *args)
 
     monkeypatch.setattr(cache, "_connection", ReadOnly)
+    monkeypatch.setattr("rank1_local.judgment_cache._FLUSH_HITS", 1)  # every lookup tries to write its hit count
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        for _ in range(2):
+        for _ in range(3):
             results = score_with_cache([pair(0, "old"), pair(1, "new")], scope,
                                        lambda todo, on_done: [judged(p) for p in todo])
             assert [r.cached for r in results] == [True, False]
