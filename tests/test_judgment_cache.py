@@ -534,11 +534,9 @@ def test_rank1_second_run_is_served_from_the_cache(gguf, fixture_pairs, tmp_path
         first = model.score_pairs(fixture_pairs)
         assert model.last_stats.pairs == len(fixture_pairs) and not any(r.cached for r in first)
         seen: list[Rank1Result] = []
-        start = time.perf_counter()
         second = model.score_pairs(fixture_pairs, on_result=seen.append)
-        seconds = time.perf_counter() - start
         assert model.last_stats.pairs == 0 and model.last_stats.generated_tokens == 0  # nothing decoded
-        assert seconds < 0.5 and sorted(r.index for r in seen) == list(range(len(fixture_pairs)))
+        assert sorted(r.index for r in seen) == list(range(len(fixture_pairs)))
         for a, b in zip(first, second, strict=True):
             assert same_judgment(a, b) and b.cached
             assert dataclasses.replace(b, cached=False, seconds=a.seconds) == a
