@@ -22,7 +22,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,6 +79,19 @@ class _Unusable(Exception):
 def _is_busy(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.OperationalError) and (code in (5, 6) or "locked" in str(exc))
+
+
+@contextmanager
+def _writing(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the write lock at once (no deferred upgrade, which SQLite's busy handler
+    cannot wait for); committed when the block ends, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _iso(t: float | None) -> str | None:
@@ -149,14 +163,9 @@ class JudgmentCache:
             if {"rank1_meta", "judgments"} <= tables:  # no write needed (the file may be read-only)
                 version = self._schema_version(conn)
             else:  # an empty file (left by a crash): the schema is written in place
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _writing(conn):
                     self._write_schema(conn)
                     version = self._schema_version(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
             if version != str(SCHEMA_VERSION):
                 raise _Unusable(f"it has schema version {version}; this rank1-local reads version {SCHEMA_VERSION}")
         except BaseException:
@@ -175,9 +184,8 @@ class JudgmentCache:
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("BEGIN IMMEDIATE")
-                self._write_schema(conn)
-                conn.execute("COMMIT")
+                with _writing(conn):
+                    self._write_schema(conn)
             finally:
                 conn.close()  # the last connection checkpoints: the whole database is in ``tmp`` now
             try:
@@ -305,17 +313,12 @@ class JudgmentCache:
         def insert(conn: sqlite3.Connection) -> None:
             if self._read_only:
                 return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _writing(conn):
                 conn.execute("INSERT INTO judgments (key, model, score, reasoning, n_tokens, forced, created) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                              (key, model, result.score, result.reasoning, result.n_tokens, int(result.forced),
                               time.time()))
                 self._write_hits(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             self._pending_hits = {}
 
         self._attempt("this result is not stored", insert, None)
@@ -332,13 +335,8 @@ class JudgmentCache:
         read-only: a hit costs one SELECT). Counts that could not be written stay pending."""
         if not self._pending_hits:
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _writing(conn):
             self._write_hits(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self._pending_hits = {}
 
     def close(self) -> None:
