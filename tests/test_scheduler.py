@@ -87,6 +87,37 @@ def test_prefix_switch_mid_run_evaluates_each_prefix_once():
     assert stats.prompt_tokens == expected
 
 
+class RecordingEngine(FakeEngine):
+    """Remembers which sequences each decode call advanced."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seqs_per_call: list[set[int]] = []
+
+    def decode(self, entries):
+        self.seqs_per_call.append({e.seq_id for e in entries})
+        return super().decode(entries)
+
+
+def test_a_new_querys_prefix_rides_in_the_running_batch():
+    """Only the first query's prefix is evaluated alone (nothing runs yet); the next queries' prefixes go into
+    sequence 0 inside the batch of the pairs still running, so those never wait for a serial prefix load."""
+    queries = [f"What is known about the {w}?" for w in ("apple", "anchor", "amber", "acorn")]
+    pairs = pairs_for(*queries)
+    engine = RecordingEngine(scripted(SCRIPTS))
+    got, stats = run(engine, pairs, parallel=3)
+    one, _ = run(FakeEngine(scripted(SCRIPTS)), pairs, parallel=1)
+    assert key(got) == key(one)
+    first = engine.tokenize(prompt_prefix(queries[0]))[:-1]
+    alone = [s for s in engine.seqs_per_call if s == {0}]
+    assert len(alone) == math.ceil(len(first) / engine.n_batch)
+    assert sum(1 for s in engine.seqs_per_call if 0 in s and len(s) > 1) == len(queries) - 1
+    prefixes = [engine.tokenize(prompt_prefix(q))[:-1] for q in queries]
+    expected = len(prefixes[0]) + sum(len(b) - common_prefix_len(a, b) for a, b in zip(prefixes, prefixes[1:]))
+    expected += sum(len(engine.tokenize(build_prompt(q, d))) - len(prefixes[queries.index(q)]) for q, d in pairs)
+    assert stats.prompt_tokens == expected  # each prefix still evaluated once, each passage once
+
+
 class Recorder:
     """An answer function that records the text the answer was read after."""
 

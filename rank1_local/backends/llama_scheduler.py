@@ -124,18 +124,26 @@ class Scheduler:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.active = 0  # slots holding a pair
-        self._prefix: list[int] = []  # the tokens sequence 0 holds
+        self._prefix: list[int] = []  # the tokens sequence 0 holds (or will, once ``_prefix_todo`` is evaluated)
+        self._prefix_todo: list[int] = []  # the end of ``_prefix``, evaluated in the next batch beside running slots
 
-    def _load_prefix(self, ids: list[int]) -> None:
+    def _load_prefix(self, ids: list[int], *, in_batch: bool) -> None:
         """Make sequence 0 hold ``ids``, keeping what it shares with the previous query's prefix (the
-        instruction head and ``Query:``), so only the query-specific tail is evaluated."""
+        instruction head and ``Query:``), so only the query-specific tail is evaluated: at once, or with
+        ``in_batch`` in the next batches beside the running slots (which then need not wait for it)."""
         keep = common_prefix_len(self._prefix, ids)
         self.engine.seq_remove(PREFIX_SEQ, keep, -1)  # cells still used by running slots stay
-        for start in range(keep, len(ids), self.engine.n_batch):
-            chunk = ids[start:start + self.engine.n_batch]
-            self.engine.decode([BatchEntry(t, start + k, PREFIX_SEQ, False) for k, t in enumerate(chunk)])
-        self.prompt_tokens += len(ids) - keep
-        self._prefix = ids
+        self._prefix, self._prefix_todo = ids, ids[keep:]
+        if not in_batch:
+            while self._prefix_todo:
+                self.engine.decode(self._prefix_entries(self.engine.n_batch))
+
+    def _prefix_entries(self, room: int) -> list[BatchEntry]:
+        """Up to ``room`` of the prefix tokens still to evaluate in sequence 0 (no logits)."""
+        take, self._prefix_todo = self._prefix_todo[:room], self._prefix_todo[room:]
+        base = len(self._prefix) - len(self._prefix_todo) - len(take)
+        self.prompt_tokens += len(take)
+        return [BatchEntry(t, base + k, PREFIX_SEQ, False) for k, t in enumerate(take)]
 
     @staticmethod
     def _sibling(slots: list[_Slot], job: Job) -> _Slot | None:
@@ -223,6 +231,25 @@ class Scheduler:
             return self._fallback(slot)
         return None
 
+    def _feed(self, slot: _Slot, entries: list[BatchEntry], owners: dict[int, _Slot]) -> None:
+        """Add as many of ``slot``'s pending tokens as the batch has room for; the entry of its last one asks for
+        logits (``owners`` maps that entry to the slot)."""
+        room = self.engine.n_batch - len(entries)
+        if room <= 0:
+            return
+        take = slot.pending[:room]
+        done = len(take) == len(slot.pending)
+        base = len(slot.tokens)
+        for k, token in enumerate(take):
+            last = done and k == len(take) - 1
+            if last:
+                owners[len(entries)] = slot
+            entries.append(BatchEntry(token, base + k, slot.seq, last))
+        slot.tokens += take
+        slot.pending = slot.pending[len(take):]
+        if len(take) > 1 or (slot.chain is not None and slot.chain.n_tokens == 0):
+            self.prompt_tokens += len(take)
+
     def run(self, jobs: Iterable[Job], on_result: Callable[[Rank1Result], None] | None = None,
             cancelled: Callable[[Job], bool] | None = None) -> tuple[list[Rank1Result], RunStats]:
         """Score ``jobs``; results sorted by pair index. ``on_result`` sees each as it finishes; a job for which
@@ -246,29 +273,39 @@ class Scheduler:
         one. Otherwise, with ``interleaved`` jobs (the server's round-robin across requests: queries alternate), it
         starts from what sequence 0 shares with it (the instruction head) and evaluates the rest of its prefix in its
         own slot, within the batch; with jobs grouped by query (``run``), the prefix is loaded into sequence 0 once
-        for all the query's pairs."""
+        for all the query's pairs: while other pairs run, inside their next batch (they do not wait for it), the
+        query's first pair starting in the step after."""
         start = time.perf_counter()
         n_results = 0
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
         self.engine.clear()
         self._prefix = []
         self.active = 0
+        self._prefix_todo = []
+        held: Job | None = None  # a job waiting for its query's prefix, which the next batch evaluates
         exhausted = False
         while True:
             for slot in slots:
                 if slot.job is not None and cancelled is not None and cancelled(slot.job):
                     self._free(slot)
                 while slot.job is None and not exhausted:
-                    job = source.next_job(block=not any(s.job for s in slots))
-                    if job is None:
-                        exhausted = not any(s.job for s in slots)
-                        break
-                    if cancelled is not None and cancelled(job):
-                        continue
-                    if job.pair.too_long:  # never run, as in the official code
-                        n_results += 1
-                        on_result(job, too_long_result(job.pair))
-                        continue
+                    if held is not None:
+                        if self._prefix_todo:
+                            break  # it starts once its prefix is in sequence 0
+                        job, held = held, None
+                        if cancelled is not None and cancelled(job):
+                            continue
+                    else:
+                        job = source.next_job(block=not any(s.job for s in slots))
+                        if job is None:
+                            exhausted = not any(s.job for s in slots)
+                            break
+                        if cancelled is not None and cancelled(job):
+                            continue
+                        if job.pair.too_long:  # never run, as in the official code
+                            n_results += 1
+                            on_result(job, too_long_result(job.pair))
+                            continue
                     origin, keep = PREFIX_SEQ, job.shared
                     if self._prefix != job.prefix:
                         sibling = self._sibling(slots, job)
@@ -277,32 +314,26 @@ class Scheduler:
                         elif interleaved and self._prefix:
                             keep = min(common_prefix_len(self._prefix, job.prefix), job.shared)
                         else:
-                            self._load_prefix(job.prefix)
+                            self._load_prefix(job.prefix, in_batch=self.active > 0)
+                            if self._prefix_todo:
+                                held = job
+                                break
                     self._start(slot, job, origin, keep)
-            if not self.active:
+            if not self.active and not self._prefix_todo:
                 if exhausted:
                     break
                 continue
-            # one token per reasoning slot first, then prompt chunks in the room left
+            # one token per reasoning slot first, then a new query's prefix, then prompt chunks in the room left
             entries: list[BatchEntry] = []
             owners: dict[int, _Slot] = {}
-            active = sorted((s for s in slots if s.job), key=lambda s: (len(s.pending) > 1, s.seq))
-            for slot in active:
-                room = self.engine.n_batch - len(entries)
-                if room <= 0:
-                    break
-                take = slot.pending[:room]
-                done = len(take) == len(slot.pending)
-                base = len(slot.tokens)
-                for k, token in enumerate(take):
-                    last = done and k == len(take) - 1
-                    if last:
-                        owners[len(entries)] = slot
-                    entries.append(BatchEntry(token, base + k, slot.seq, last))
-                slot.tokens += take
-                slot.pending = slot.pending[len(take):]
-                if len(take) > 1 or (slot.chain is not None and slot.chain.n_tokens == 0):
-                    self.prompt_tokens += len(take)
+            reasoning = [s for s in slots if s.job and len(s.pending) <= 1]
+            prompts = [s for s in slots if s.job and len(s.pending) > 1]
+            for slot in reasoning:
+                self._feed(slot, entries, owners)
+            if self._prefix_todo:
+                entries += self._prefix_entries(self.engine.n_batch - len(entries))
+            for slot in prompts:
+                self._feed(slot, entries, owners)
             logits = self.engine.decode(entries)
             for i, slot in owners.items():
                 job = slot.job
