@@ -273,8 +273,8 @@ class Scheduler:
         one. Otherwise, with ``interleaved`` jobs (the server's round-robin across requests: queries alternate), it
         starts from what sequence 0 shares with it (the instruction head) and evaluates the rest of its prefix in its
         own slot, within the batch; with jobs grouped by query (``run``), the prefix is loaded into sequence 0 once
-        for all the query's pairs: while other pairs run, inside their next batch (they do not wait for it), the
-        query's first pair starting in the step after."""
+        for all the query's pairs: while other pairs generate, inside their next batch (they do not wait for it),
+        the query's first pair starting in the step after."""
         start = time.perf_counter()
         n_results = 0
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
@@ -314,7 +314,10 @@ class Scheduler:
                         elif interleaved and self._prefix:
                             keep = min(common_prefix_len(self._prefix, job.prefix), job.shared)
                         else:
-                            self._load_prefix(job.prefix, in_batch=self.active > 0)
+                            # a serial load would stall the slots already generating; before any generates (at
+                            # the start), it only adds a prompt chunk and every slot starts at once
+                            generating = any(s.job is not None and len(s.pending) <= 1 for s in slots)
+                            self._load_prefix(job.prefix, in_batch=generating)
                             if self._prefix_todo:
                                 held = job
                                 break
