@@ -119,3 +119,15 @@ class FakeEngine:
             if e.logits:
                 out[i] = self._next_logits(seq)
         return out
+
+
+class RecordingEngine(FakeEngine):
+    """A :class:`FakeEngine` that remembers which sequences each decode call advanced."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seqs_per_call: list[set[int]] = []
+
+    def decode(self, entries):
+        self.seqs_per_call.append({e.seq_id for e in entries})
+        return super().decode(entries)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fake_engine import FALSE, TRUE, FakeEngine, scripted
+from fake_engine import FALSE, TRUE, FakeEngine, RecordingEngine, scripted
 
 from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, make_jobs
 from rank1_local.backends.llama_service import BatchService, RoundRobinQueue, ServiceStopped, Ticket
@@ -23,18 +23,6 @@ pytestmark = pytest.mark.quick
 SCRIPTS = {"relevant": "\nThe passage is relevant.</think>", "off": "\nOff topic.</think>",
            "slow": "\n" + "thinking, " * 30 + "done.</think>"}
 CONFIG = ScoringConfig(max_think_tokens=512, n_ctx=2048)
-
-
-class RecordingEngine(FakeEngine):
-    """Remembers which sequences each decode call advanced."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.seqs_per_call: list[set[int]] = []
-
-    def decode(self, entries):
-        self.seqs_per_call.append({e.seq_id for e in entries})
-        return super().decode(entries)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from fake_engine import FALSE, TRUE, FakeEngine, scripted
+from fake_engine import FALSE, TRUE, FakeEngine, RecordingEngine, scripted
 
 from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, make_jobs
 from rank1_local.config import ScoringConfig
@@ -85,18 +85,6 @@ def test_prefix_switch_mid_run_evaluates_each_prefix_once():
     expected = len(prefixes[0]) + len(prefixes[1]) - shared
     expected += sum(len(engine.tokenize(build_prompt(q, d))) - len(prefixes[q == QUERY_B]) for q, d in pairs)
     assert stats.prompt_tokens == expected
-
-
-class RecordingEngine(FakeEngine):
-    """Remembers which sequences each decode call advanced."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.seqs_per_call: list[set[int]] = []
-
-    def decode(self, entries):
-        self.seqs_per_call.append({e.seq_id for e in entries})
-        return super().decode(entries)
 
 
 def test_a_new_querys_prefix_rides_in_the_running_batch():
