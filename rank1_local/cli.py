@@ -149,6 +149,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_llama_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str, help_prefix: str = "") -> None:
+    """The llama.cpp engine flags (``rerank`` names them "llama.cpp: …" beside the other backends' flags)."""
+    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
+                                                      "else Q4_K_M)")
+    p.add_argument("--parallel", type=int, default=parallel, help=help_prefix + parallel_help)
+    p.add_argument("--n-gpu-layers", type=int, default=0, help=help_prefix + "0 = CPU, -1 = all layers")
+    p.add_argument("--threads", type=int, default=None, help=help_prefix + "CPU threads (default: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -162,8 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "float16, bfloat16; vllm: auto (float16), float32, bfloat16")
     p.add_argument("--prefix-caching", action="store_true",
                    help="vllm: enable vLLM's prefix caching (off by default, as in the official code)")
-    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
-                                                      "else Q4_K_M)")
     p.add_argument("--query")
     p.add_argument("--instruction", default=None)
     p.add_argument("--docs", type=Path, help=".txt (one per line), .jsonl (text[, title, docid]) or .tsv")
@@ -172,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
     p.add_argument("--output", type=Path, help="JSONL results, appended as pairs finish; re-running resumes")
-    p.add_argument("--parallel", type=int, default=4, help="llama.cpp: pairs decoded together")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp: 0 = CPU, -1 = all layers")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
     add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)
     p.set_defaults(func=_cmd_rerank)
@@ -182,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
                                      "across requests (pip install 'rank1-local[server]')")
     p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published GGUF")
-    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id")
     p.add_argument("--name", default=None, help="the model name clients see (default: the file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
@@ -195,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body size (more: 413)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish on shutdown before they are cancelled")
-    p.add_argument("--parallel", type=int, default=8, help="pairs decoded together, across all requests")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="0 = CPU, -1 = all layers")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    add_llama_args(p, parallel=8, parallel_help="pairs decoded together, across all requests")
     p.set_defaults(backend="llama.cpp")
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_cache_arg(p)

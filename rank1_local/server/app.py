@@ -172,8 +172,9 @@ def create_app(service: BatchService, settings: ServerSettings) -> Any:
         if n_docs > settings.max_documents:
             raise HttpError(413, f"{n_docs} documents is over the limit of {settings.max_documents} per request "
                                  "(--max-documents)", "request_too_large")
-        if req.total_chars() > settings.max_total_chars:
-            raise HttpError(413, f"{req.total_chars()} characters of query and documents is over the limit of "
+        n_chars = req.total_chars()
+        if n_chars > settings.max_total_chars:
+            raise HttpError(413, f"{n_chars} characters of query and documents is over the limit of "
                                  f"{settings.max_total_chars} (--max-chars)", "request_too_large")
         try:
             config = req.config(service.model.config)
@@ -198,8 +199,11 @@ def create_app(service: BatchService, settings: ServerSettings) -> Any:
         results = await _collect(request, ticket, inbox)
         if results is None:  # the client went away; nobody reads this
             return Response(status_code=499)
-        window.add(service.counters.pairs, service.counters.generated_tokens)
         return JSONResponse(rerank_response(req, results, settings.model_name))
+
+    def sample_rates() -> None:
+        """A point of the pairs/s and tokens/s window when a request finishes (scrapes add one too)."""
+        window.add(service.counters.pairs, service.counters.generated_tokens)
 
     async def _collect(request: Request, ticket: Ticket,
                        inbox: asyncio.Queue[Rank1Result | BaseException]) -> list[Rank1Result] | None:
@@ -217,6 +221,7 @@ def create_app(service: BatchService, settings: ServerSettings) -> Any:
                 if isinstance(item, BaseException):
                     raise HttpError(500, f"scoring failed: {item}", "engine_error")
                 results.append(item)
+            sample_rates()
             return results
         finally:
             if len(results) < ticket.size:
@@ -244,6 +249,7 @@ def create_app(service: BatchService, settings: ServerSettings) -> Any:
                 results.append(item)
                 row = result_row(req, item, reasoning=True) | {"seconds": round(time.perf_counter() - started, 3)}
                 yield _sse("result", row)
+            sample_rates()
             yield _sse("done", rerank_response(req, results, settings.model_name))
         finally:
             if len(results) < ticket.size:
