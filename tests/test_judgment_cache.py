@@ -442,7 +442,7 @@ def test_busy_errors_without_a_wait_are_tried_again_until_the_timeout(tmp_path, 
         started = time.monotonic()
         assert cache._attempt("this lookup is skipped", always_busy, "default") == "default"
         assert 0.2 < time.monotonic() - started < 5
-    assert re.search(r"locked by another process \(waited 0\.[23] s of 0\.3 s", caplog.text), caplog.text
+    assert re.search(r"locked by another process \(waited \d+\.\d s of 0\.3 s", caplog.text), caplog.text
     assert cache.enabled
 
     def broken(conn):

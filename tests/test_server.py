@@ -207,7 +207,8 @@ def _metric(server, name):
 def test_a_client_that_goes_away_has_its_pairs_cancelled_and_slots_freed(server):
     before = _metric(server, "rank1_cancelled_pairs_total")
     docs = [make_pair("apple", w).passage + f" Copy {i}." for i, w in enumerate(WORDS * 2)]
-    body = json.dumps({"query": "What is known about the banana?", "documents": docs, "stream": True}).encode()
+    body = json.dumps({"query": "What is known about the banana?", "documents": docs, "stream": True,
+                       "max_think_tokens": 200}).encode()  # 3 rounds of long judgments: still busy when it goes
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -248,19 +249,24 @@ def test_health_models_and_metrics(server):
     assert 'rank1_http_responses_total{route="/v1/rerank",status="200"}' in text
 
 
+# A shutdown test needs its request still running when the signal is handled (uvicorn looks every 0.1 s; CI may be
+# slower): one slot and 12 documents of up to 200 thinking tokens keep it running for seconds after the first result.
+LONG_REQUEST = {"query": make_pair("grape", "grape").query, "stream": True, "max_think_tokens": 200,
+                "documents": [make_pair("grape", w).passage + f" ({i})" for i, w in enumerate(WORDS * 2)]}
+
+
 def test_graceful_shutdown_finishes_in_flight_requests_and_says_so(model_file, tmp_path):
-    with ServerProcess(model_file, ARGS, tmp_path / "server.log") as server:
-        docs = [make_pair("grape", w).passage for w in WORDS]
-        with httpx.Client(timeout=120) as client:
-            with client.stream("POST", server.url + "/v1/rerank",
-                               json={"query": make_pair("grape", "grape").query, "documents": docs,
-                                     "stream": True}) as r:
+    args = [a if a != "20" else "120" for a in ARGS]  # --shutdown-timeout 120: time enough to finish
+    with ServerProcess(model_file, args + ["--parallel", "1"], tmp_path / "server.log") as server:
+        docs = LONG_REQUEST["documents"]
+        with httpx.Client(timeout=180) as client:
+            with client.stream("POST", server.url + "/v1/rerank", json=LONG_REQUEST) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("event: "))
                 assert first == "event: result"
                 server.proc.send_signal(signal.SIGTERM)  # while the request is in flight
                 rest = list(_events(lines))
-        assert server.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        assert server.proc.wait(150) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         assert rest[-1][0] == "done" and len(rest[-1][1]["results"]) == len(docs)
         log = server.log()
     assert "shutting down: 1 requests in flight" in log
@@ -270,11 +276,8 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_says_so(model_file, t
 def test_shutdown_past_its_timeout_cancels_and_says_so(model_file, tmp_path):
     args = [a if a != "20" else "0" for a in ARGS]  # --shutdown-timeout 0
     with ServerProcess(model_file, args + ["--parallel", "1"], tmp_path / "server.log") as server:
-        docs = [make_pair("grape", w).passage + f" ({i})" for i, w in enumerate(WORDS * 2)]
         with httpx.Client(timeout=120) as client:
-            with client.stream("POST", server.url + "/v1/rerank",
-                               json={"query": make_pair("grape", "grape").query, "documents": docs,
-                                     "stream": True}) as r:
+            with client.stream("POST", server.url + "/v1/rerank", json=LONG_REQUEST) as r:
                 lines = r.iter_lines()
                 assert next(line for line in lines if line.startswith("event: ")) == "event: result"
                 server.proc.send_signal(signal.SIGTERM)
