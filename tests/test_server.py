@@ -255,9 +255,12 @@ LONG_REQUEST = {"query": make_pair("grape", "grape").query, "stream": True, "max
                 "documents": [make_pair("grape", w).passage + f" ({i})" for i, w in enumerate(WORDS * 2)]}
 
 
+def one_slot(shutdown_timeout: float) -> list[str]:
+    return ARGS + ["--parallel", "1", "--shutdown-timeout", str(shutdown_timeout)]  # the last flag given wins
+
+
 def test_graceful_shutdown_finishes_in_flight_requests_and_says_so(model_file, tmp_path):
-    args = [a if a != "20" else "120" for a in ARGS]  # --shutdown-timeout 120: time enough to finish
-    with ServerProcess(model_file, args + ["--parallel", "1"], tmp_path / "server.log") as server:
+    with ServerProcess(model_file, one_slot(shutdown_timeout=120), tmp_path / "server.log") as server:
         docs = LONG_REQUEST["documents"]
         with httpx.Client(timeout=180) as client:
             with client.stream("POST", server.url + "/v1/rerank", json=LONG_REQUEST) as r:
@@ -274,8 +277,7 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_says_so(model_file, t
 
 
 def test_shutdown_past_its_timeout_cancels_and_says_so(model_file, tmp_path):
-    args = [a if a != "20" else "0" for a in ARGS]  # --shutdown-timeout 0
-    with ServerProcess(model_file, args + ["--parallel", "1"], tmp_path / "server.log") as server:
+    with ServerProcess(model_file, one_slot(shutdown_timeout=0), tmp_path / "server.log") as server:
         with httpx.Client(timeout=120) as client:
             with client.stream("POST", server.url + "/v1/rerank", json=LONG_REQUEST) as r:
                 lines = r.iter_lines()
