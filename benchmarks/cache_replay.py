@@ -113,9 +113,9 @@ def replay(model_path: str, trace: list[Request], args: argparse.Namespace, cach
 
 def hit_costs(prompts: list[str], rows: int, reasoning_chars: int, repeat: int) -> dict:
     """What a hit costs, on a cache of ``rows`` judgments with the trace's prompt sizes."""
-    from rank1_local.judgment_cache import JudgmentCache, score_with_cache
-    from rank1_local.pairs import PreparedPair
-    from rank1_local.results import build_result
+    from rank1_local.cache.store import JudgmentCache, score_with_cache
+    from rank1_local.core.pairs import PreparedPair
+    from rank1_local.core.results import build_result
 
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -272,7 +272,7 @@ def main() -> None:
         return
 
     trace = build_trace(args.requests)
-    from rank1_local.prompt import build_prompt
+    from rank1_local.core.prompt import build_prompt
 
     prompts = list(dict.fromkeys(build_prompt(r.query, p) for r in trace for p in r.passages))
     costs = hit_costs(prompts, args.rows, 1500, args.repeat)
@@ -291,7 +291,7 @@ def main() -> None:
 
 
 def write_outputs(args: argparse.Namespace, summary: dict, costs: dict) -> None:
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, render(summary, costs, args))

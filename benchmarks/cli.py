@@ -13,12 +13,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rank1_local.api import Reranker
+from rank1_local.core.reranker import Reranker
 from rank1_local.backends import open_reranker
-from rank1_local.cli import add_scoring_args, scoring_config
-from rank1_local.cli_support import run_command
-from rank1_local.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
-from rank1_local.extras import require
+from rank1_local.cli.main import add_scoring_args, scoring_config
+from rank1_local.cli.support import run_command
+from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
+from rank1_local.core.extras import require
 
 logger = logging.getLogger("rank1-bench")
 
@@ -33,7 +33,7 @@ def _reference_model(args: argparse.Namespace, config: ScoringConfig) -> Reranke
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
-    from rank1_local.run_file import score_pairs_file
+    from rank1_local.runs.run_file import score_pairs_file
 
     config = scoring_config(args)
     n = score_pairs_file(args.pairs, args.output, lambda: _reference_model(args, config), model_arg=str(args.model),
@@ -47,12 +47,12 @@ def load_tokenizer(path: str) -> Callable[[str], list[int]]:
     if path.lower().endswith(".gguf"):
         from llama_cpp import Llama
 
-        from rank1_local.gguf_file import check_gguf_file
+        from rank1_local.models.gguf_file import check_gguf_file
 
         check_gguf_file(Path(path))
         llm = Llama(model_path=path, vocab_only=True, verbose=False)
         return lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    from rank1_local.hub import resolve_local_or_hub
+    from rank1_local.models.hub import resolve_local_or_hub
 
     transformers = require("transformers", "reference", "--tokenizer with a checkpoint folder (or pass a .gguf file)")
     tok = transformers.AutoTokenizer.from_pretrained(resolve_local_or_hub(path))
@@ -64,7 +64,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         require(module, "bench", "rank1-bench compare")
     from benchmarks.compare import compare, plot, read_qrels, render_markdown, to_json
     from benchmarks.runfile import read_run
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     ref = read_run(args.reference)
     runs = [read_run(p) for p in args.runs]

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.runfile import Key, Run
-from rank1_local.errors import Rank1Error
-from rank1_local.protocol import common_prefix_len
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.protocol import common_prefix_len
 
 logger = logging.getLogger(__name__)
 TOP_K = 10
@@ -256,7 +256,7 @@ def plot(ref: Run, runs: Sequence[Run], results: Sequence[RunComparison], path: 
     right.set_title("Agreement with the reference")
     right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    from rank1_local.atomic import atomic_path
+    from rank1_local.runs.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

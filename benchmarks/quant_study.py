@@ -54,7 +54,7 @@ def relevance(pair: SyntheticPair) -> int:
 
 
 def write_inputs(work: Path) -> tuple[Path, Path]:
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     pairs = study_pairs()
     rows = [{"qid": p.query_word, "query": p.query, "docid": p.passage_word, "text": p.passage} for p in pairs]
@@ -103,9 +103,9 @@ def main() -> None:
     from quantize.gguf_export import ImatrixOptions, export_gguf
     from quantize.weight_quant import WeightQuantOptions, export_weight_quant
     from rank1_local import Rank1, ScoringConfig
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
     from rank1_local.backends.hf import TransformersRank1
-    from rank1_local.run_file import score_pairs_file
+    from rank1_local.runs.run_file import score_pairs_file
 
     source = build_fixture("behaving")
     work = args.work or fixture_cache_dir() / "quant-study" / source.name

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank1_local.errors import Rank1Error
-from rank1_local.io import read_jsonl
-from rank1_local.run_header import RunHeader, header_path, read_header
+from rank1_local.core.errors import Rank1Error
+from rank1_local.runs.inputs import read_jsonl
+from rank1_local.runs.run_header import RunHeader, header_path, read_header
 
 REQUIRED = ("qid", "docid", "score", "reasoning", "n_tokens", "forced")
 Key = tuple[str, str]

@@ -159,7 +159,7 @@ def main() -> None:
             for n in (int(c) for c in args.clients.split(",")):
                 rows.append(server_run(server, requests, n, expected))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "mismatches"}), flush=True)
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = render(rows, library_s, len(expected), args)

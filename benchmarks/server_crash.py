@@ -117,7 +117,7 @@ def main() -> None:
         "Each judgment is committed on its own as its pair finishes (SQLite WAL), so a kill loses at most the pairs "
         "still being decoded; those are simply scored again after the restart.",
     ]) + "\n"
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, text)

@@ -29,7 +29,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "rank1_local.cli", "serve", "--model", str(model), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "rank1_local.cli.main", "serve", "--model", str(model), "--port", str(self.port),
                *args]
         if api_key:
             cmd += ["--api-key", api_key]

@@ -214,7 +214,7 @@ def main() -> None:
         "",
         *(["Problems:", "", *[f"- {p}" for p in soak.problems[:20]]] if soak.problems else []),
     ]) + "\n"
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, text)

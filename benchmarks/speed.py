@@ -94,7 +94,7 @@ def run_raw(model: str, pairs, budget: int, parallel: int, threads: int) -> dict
             batch.seq_id[i][0] = s
         assert lc.llama_decode(ctx, batch) == 0
 
-    from rank1_local.prompt import build_prompt
+    from rank1_local.core.prompt import build_prompt
 
     prompts = [tokenize(build_prompt(q, p)) for q, p in pairs]
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def run_raw(model: str, pairs, budget: int, parallel: int, threads: int) -> dict
 def run_naive(model: str, pairs, budget: int, parallel: int, threads: int) -> dict:
     from llama_cpp import Llama
 
-    from rank1_local.prompt import build_prompt
+    from rank1_local.core.prompt import build_prompt
 
     llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, logits_all=True,
                 verbose=False)
@@ -238,7 +238,7 @@ def main() -> None:
         for p in args.parallel:
             rows += measure(["rank1-local", "raw"], model, args, p, args.pairs)
             print("\n".join(json.dumps(r) for r in rows[-2:]), flush=True)
-    from rank1_local.atomic import write_text_atomic
+    from rank1_local.runs.atomic import write_text_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, render(rows, args))

@@ -13,7 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from rank1_local.errors import UnsupportedModelError
+from rank1_local.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from rank1_local.config import ScoringConfig
-from rank1_local.errors import Rank1Error
-from rank1_local.io import read_jsonl
-from rank1_local.prompt import build_prompt
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.errors import Rank1Error
+from rank1_local.runs.inputs import read_jsonl
+from rank1_local.core.prompt import build_prompt
 
 PACKAGED = "calibration_trec_rag24.jsonl"
 

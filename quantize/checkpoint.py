@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, read_header
-from rank1_local.errors import CorruptFileError, ModelNotFoundError, UnsupportedModelError
+from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, UnsupportedModelError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

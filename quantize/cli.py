@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from rank1_local.cli_support import run_command
-from rank1_local.errors import Rank1Error
+from rank1_local.cli.support import run_command
+from rank1_local.core.errors import Rank1Error
 
 logger = logging.getLogger("rank1-quantize")
 

@@ -1,4 +1,4 @@
-"""``rank1-quantize gguf --bundle``: an export as a bundle folder (see :mod:`rank1_local.bundle`), with its
+"""``rank1-quantize gguf --bundle``: an export as a bundle folder (see :mod:`rank1_local.models.bundle`), with its
 verification card when the export was verified."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from quantize.gguf_export import ExportResult
 from quantize.verify import VerifyReport
-from rank1_local.bundle import Bundle, BundleSource, is_bundle, write_bundle
-from rank1_local.errors import Rank1Error
-from rank1_local.hub import snapshot_revision
+from rank1_local.models.bundle import Bundle, BundleSource, is_bundle, write_bundle
+from rank1_local.core.errors import Rank1Error
+from rank1_local.models.hub import snapshot_revision
 
 
 def bundle_dir(bundle: Path, result: ExportResult, n_types: int) -> Path:

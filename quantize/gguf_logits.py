@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rank1_local.errors import CorruptFileError
-from rank1_local.gguf_file import GGML_TYPE_F32, check_gguf_file
+from rank1_local.core.errors import CorruptFileError
+from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
 
 logger = logging.getLogger(__name__)
 

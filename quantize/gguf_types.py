@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import gguf
 
-from rank1_local.errors import Rank1Error
-from rank1_local.gguf_file import LLAMA_FTYPES
+from rank1_local.core.errors import Rank1Error
+from rank1_local.models.gguf_file import LLAMA_FTYPES
 
 # Written directly by our exporter (numpy, no llama.cpp needed): name -> (tensor type, file type)
 DIRECT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, int]] = {

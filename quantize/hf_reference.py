@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rank1_local.errors import Rank1Error
+from rank1_local.core.errors import Rank1Error
 
 
 def require_reference_extra() -> None:

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from rank1_local.errors import CorruptFileError, Rank1Error
-from rank1_local.gguf_file import GGUF_MAGIC
+from rank1_local.core.errors import CorruptFileError, Rank1Error
+from rank1_local.models.gguf_file import GGUF_MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def write_imatrix(path: Path, imatrix: Imatrix) -> None:
     """Write the GGUF imatrix format, atomically."""
     import gguf
 
-    from rank1_local.atomic import atomic_path
+    from rank1_local.runs.atomic import atomic_path
 
     if not imatrix.entries:
         raise Rank1Error("refusing to write an empty importance matrix")

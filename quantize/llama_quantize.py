@@ -10,7 +10,7 @@ from typing import Any
 
 from quantize.gguf_types import LLAMA_CPP_TYPES
 from quantize.imatrix import Imatrix, ImatrixParam
-from rank1_local.errors import Rank1Error
+from rank1_local.core.errors import Rank1Error
 
 logger = logging.getLogger(__name__)
 

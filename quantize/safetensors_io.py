@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rank1_local.errors import CorruptFileError, UnsupportedModelError
+from rank1_local.core.errors import CorruptFileError, UnsupportedModelError
 
 _DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),

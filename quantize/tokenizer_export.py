@@ -11,7 +11,7 @@ from typing import Any
 import gguf
 
 from quantize.pretokenizers import LLAMA_CPP_PRE
-from rank1_local.errors import CorruptFileError, UnsupportedModelError
+from rank1_local.core.errors import CorruptFileError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

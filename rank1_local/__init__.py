@@ -1,13 +1,24 @@
-"""rank1-local: run rank1 reasoning rerankers locally with llama.cpp (or transformers / vLLM)."""
+"""rank1-local: run rank1 reasoning rerankers locally with llama.cpp (or transformers / vLLM).
 
-from rank1_local.api import Reranker
-from rank1_local.backends.llama import LlamaSettings, Rank1
-from rank1_local.config import ScoringConfig
-from rank1_local.errors import Rank1Error
-from rank1_local.pairs import Pair
-from rank1_local.prompt import build_prompt, format_passage, format_query
-from rank1_local.results import Rank1Result, RunStats
+The package is layered; each layer imports only the layers before it (``tests/test_architecture.py`` checks it):
+
+- ``core``: the protocol settings, prompts, scoring rules, pairs and results (pure: no I/O, no llama.cpp);
+- ``runs``: reading inputs, run files and their headers, atomic writes, user directories;
+- ``models``: hub access, GGUF files, bundles, file digests;
+- ``cache``: the judgment cache;
+- ``pipeline``: the one path from input pairs to results (prepare, duplicates, cache, schedule, store, fan out);
+- ``backends``: llama.cpp (engine, scheduler, the context's owner thread, the ``Rank1`` facade), transformers, vLLM;
+- ``cli``, ``server``, ``integrations``: the ways in.
+"""
+
+from rank1_local.backends.llama.facade import LlamaSettings, Rank1
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.pairs import Pair
+from rank1_local.core.prompt import build_prompt, format_passage, format_query
+from rank1_local.core.reranker import Reranker
+from rank1_local.core.results import Rank1Result, RunStats
+from rank1_local.version import __version__
 
 __all__ = ["LlamaSettings", "Pair", "Rank1", "Rank1Error", "Rank1Result", "Reranker", "RunStats", "ScoringConfig",
-           "build_prompt", "format_passage", "format_query"]
-__version__ = "0.1.0"
+           "__version__", "build_prompt", "format_passage", "format_query"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rank1_local.backends.llama_engine import BatchEntry
+from rank1_local.backends.llama.engine import BatchEntry
 
 EOG, TRUE, FALSE, CLOSE, OPEN = 0, 1, 2, 3, 4
 SPECIAL = {" true": TRUE, " false": FALSE, "</think>": CLOSE, "<think>": OPEN}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import rank1_local
-from rank1_local.backends.llama_engine import set_fields
-from rank1_local.errors import Rank1Error
+from rank1_local.backends.llama.engine import set_fields
+from rank1_local.core.errors import Rank1Error
 
 pytestmark = pytest.mark.quick
 
@@ -23,16 +23,22 @@ ALLOWED = {"benchmarks": {"benchmarks", "quantize", "rank1_local"}, "quantize": 
            "rank1_local": {"rank1_local"}}
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Our packages a module imports anywhere in its body (lazy imports inside functions included)."""
+# rank1_local's layers, innermost first: a module imports only its own layer and those before it (``version`` is
+# open to all; the package's ``__init__`` re-exports the public API and is not a layer)
+LAYERS = ("core", "runs", "models", "cache", "pipeline", "backends", "server", "integrations", "cli")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The dotted names of our modules a module imports anywhere in its body (lazy imports inside functions
+    included); ``from a.b import c`` counts as ``a.b.c`` so that importing a sub-module is seen."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        found |= {n.split(".")[0] for n in names if n.split(".")[0] in PACKAGES}
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n.split(".")[0] in PACKAGES}
     return found
 
 
@@ -40,7 +46,28 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {p: set() for p in PACKAGES}
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
-            graph[package] |= imported_packages(path) - {package}
+            graph[package] |= {n.split(".")[0] for n in imported_modules(path)} - {package}
+    return graph
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a dotted ``rank1_local`` module name (None for the package itself and ``version``)."""
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != "rank1_local" or parts[1] in ("version", "__init__"):
+        return None
+    return parts[1] if parts[1] in LAYERS else parts[1] + "?"
+
+
+def layer_graph() -> dict[str, set[str]]:
+    """layer -> the layers its modules import."""
+    graph: dict[str, set[str]] = {layer: set() for layer in LAYERS}
+    for path in (ROOT / "rank1_local").rglob("*.py"):
+        relative = path.relative_to(ROOT).with_suffix("")
+        own = layer_of(".".join(relative.parts))
+        if own is None:
+            continue
+        assert own in LAYERS, f"{relative}: not in a layer ({', '.join(LAYERS)})"
+        graph[own] |= {layer for m in imported_modules(path) if (layer := layer_of(m)) is not None} - {own}
     return graph
 
 
@@ -51,9 +78,23 @@ def test_packages_import_one_way():
     assert graph["benchmarks"] >= {"quantize", "rank1_local"} and graph["quantize"] == {"rank1_local"}
 
 
+def test_layers_import_inwards_only():
+    graph = layer_graph()
+    for layer, uses in graph.items():
+        inner = set(LAYERS[:LAYERS.index(layer)])
+        assert uses <= inner, f"rank1_local.{layer} imports {sorted(uses - inner)} (layers: {' <- '.join(LAYERS)})"
+    assert graph["core"] == set(), "the core imports no other layer"
+    # the package root only re-exports: nothing inside the package imports it (no cycle hidden by lazy imports)
+    for path in (ROOT / "rank1_local").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            root_import = (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "rank1_local") or \
+                (isinstance(node, ast.Import) and any(a.name == "rank1_local" for a in node.names))
+            assert not root_import, f"{path.relative_to(ROOT)}:{node.lineno} imports the package root"
+
+
 def test_runtime_imports_no_torch():
-    modules = ["rank1_local", "rank1_local.cli", "rank1_local.backends", "rank1_local.backends.hf",
-               "rank1_local.backends.vllm_runner", "rank1_local.run_file"]
+    modules = ["rank1_local", "rank1_local.cli.main", "rank1_local.backends", "rank1_local.backends.hf",
+               "rank1_local.backends.vllm", "rank1_local.runs.run_file"]
     code = f"import sys; import {', '.join(modules)}; " \
            "bad = [m for m in ('torch', 'transformers', 'vllm', 'quantize') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -89,7 +130,7 @@ def test_llama_cpp_structs_have_every_field_we_set():
 def test_llama_backend_is_initialised_once(monkeypatch):
     import llama_cpp
 
-    from rank1_local.backends import llama_engine
+    from rank1_local.backends.llama import engine as llama_engine
 
     calls = []
     monkeypatch.setattr(llama_cpp, "llama_backend_init", lambda: calls.append(1))

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from fake_engine import FALSE, TRUE, FakeEngine, RecordingEngine, scripted
 
-from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, make_jobs
-from rank1_local.backends.llama_service import BatchService, RoundRobinQueue, ServiceStopped, Ticket
-from rank1_local.config import ScoringConfig
-from rank1_local.pairs import prepare_pairs
-from rank1_local.prompt import prompt_prefix
+from rank1_local.backends.llama.scheduler import Scheduler, SchedulerParams, make_jobs
+from rank1_local.backends.llama.service import BatchService, RoundRobinQueue, ServiceStopped, Ticket
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.pairs import prepare_pairs
+from rank1_local.core.prompt import prompt_prefix
 
 pytestmark = pytest.mark.quick
 

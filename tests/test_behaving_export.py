@@ -12,7 +12,7 @@ import pytest
 from llama_cpp import Llama
 
 from quantize.fixtures.synthetic_task import SyntheticPair, eval_pairs
-from rank1_local.prompt import build_prompt
+from rank1_local.core.prompt import build_prompt
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

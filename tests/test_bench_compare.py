@@ -10,7 +10,7 @@ import pytest
 from benchmarks.cli import main
 from benchmarks.compare import compare_one, read_qrels
 from benchmarks.runfile import read_run
-from rank1_local.errors import Rank1Error
+from rank1_local.core.errors import Rank1Error
 
 REF = {("q1", "a"): 0.9, ("q1", "b"): 0.6, ("q1", "c"): 0.2, ("q1", "d"): 0.1, ("q2", "x"): 0.8, ("q2", "y"): 0.3}
 RUN = {("q1", "a"): 0.8, ("q1", "b"): 0.4, ("q1", "c"): 0.3, ("q1", "d"): 0.05, ("q2", "x"): 0.7, ("q2", "y"): 0.9}

@@ -19,12 +19,12 @@ import gguf
 import numpy as np
 import pytest
 
-from rank1_local.bundle import MANIFEST, BundleSource, is_bundle, open_bundle, read_bundle, write_bundle
-from rank1_local.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
-from rank1_local.gguf_file import LLAMA_FTYPES
-from rank1_local.hub import cached_snapshot, check_hub, probe_endpoint
-from rank1_local.model_files import resolve_gguf
-from rank1_local.pull import pull
+from rank1_local.models.bundle import MANIFEST, BundleSource, is_bundle, open_bundle, read_bundle, write_bundle
+from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
+from rank1_local.models.gguf_file import LLAMA_FTYPES
+from rank1_local.models.hub import cached_snapshot, check_hub, probe_endpoint
+from rank1_local.models.model_files import resolve_gguf
+from rank1_local.models.pull import pull
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "owner/rank1-tiny-GGUF"
@@ -97,7 +97,7 @@ def cli_env(tmp_path: Path, cache: Path | None = None, **extra: str) -> dict[str
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rank1_local.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "rank1_local.cli.main", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=timeout)
 
 
@@ -164,8 +164,8 @@ def online_hub(hub, monkeypatch):
 
     import huggingface_hub
 
-    import rank1_local.model_files as model_files
-    from rank1_local.hub import HubAccess
+    import rank1_local.models.model_files as model_files
+    from rank1_local.models.hub import HubAccess
 
     snapshot = cached_snapshot(REPO)
     lfs = {name: sha256(snapshot / name) for name in FILES}
@@ -323,7 +323,7 @@ def test_across_file_systems_files_are_copied_and_hashed_once(hub, tmp_path, mon
 
 @pytest.mark.quick
 def test_a_failed_write_leaves_no_half_bundle(tmp_path, monkeypatch):
-    import rank1_local.bundle as bundle_module
+    import rank1_local.models.bundle as bundle_module
 
     monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
     parts = [write_gguf(tmp_path / f"m-Q8_0-0000{i}-of-00002.gguf", "Q8_0", i) for i in (1, 2)]
@@ -494,7 +494,7 @@ def test_the_cached_snapshot_is_found_by_its_ref(hub):
 
 @pytest.mark.quick
 def test_a_library_message_is_printed_once():
-    code = ("import logging; from rank1_local.cli_support import configure_logging; configure_logging(False); "
+    code = ("import logging; from rank1_local.cli.support import configure_logging; configure_logging(False); "
             "lib = logging.getLogger('somelib'); lib.addHandler(logging.StreamHandler()); "
             "logging.getLogger('somelib.http').warning('retrying once'); "
             "logging.getLogger('rank1_local.x').info('ours once')")
@@ -505,7 +505,7 @@ def test_a_library_message_is_printed_once():
 def test_export_to_a_verified_bundle_and_rerank_from_it(fixture_dir, tmp_path, monkeypatch, caplog):
     """`rank1-quantize gguf --bundle --verify` on the behaving fixture, then `rank1-local rerank --model BUNDLE`."""
     from quantize.cli import main as quantize
-    from rank1_local.cli import main as rank1_local
+    from rank1_local.cli.main import main as rank1_local
 
     monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
     source = fixture_dir("behaving")

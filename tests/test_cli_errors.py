@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.cli import main as bench
 from quantize.cli import main as quantize
-from rank1_local.cli import main as rerank
+from rank1_local.cli.main import main as rerank
 
 pytestmark = pytest.mark.quick
 
@@ -96,7 +96,7 @@ def test_prompt_and_dataset_together_are_refused(docs, capsys):
 
 def test_serve_refuses_a_public_address_without_a_key():
     pytest.importorskip("fastapi")
-    out = subprocess.run([sys.executable, "-m", "rank1_local.cli", "serve", "--model", "no-such.gguf",
+    out = subprocess.run([sys.executable, "-m", "rank1_local.cli.main", "serve", "--model", "no-such.gguf",
                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "refusing to serve on 0.0.0.0 without an API key" in out.stderr
     assert "Traceback" not in out.stderr

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from quantize.fixtures.synthetic_task import eval_pairs
-from rank1_local.cli import main
+from rank1_local.cli.main import main
 
 PAIRS = eval_pairs()[:8]
 COMMON = ["--max-think-tokens", "64", "--n-ctx", "512", "--threads", "2"]

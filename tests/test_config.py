@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rank1_local import LlamaSettings, ScoringConfig
-from rank1_local.config import split_settings
-from rank1_local.errors import Rank1Error
+from rank1_local.core.config import split_settings
+from rank1_local.core.errors import Rank1Error
 
 pytestmark = pytest.mark.quick
 

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 from fake_engine import FakeEngine, scripted
 
-from rank1_local.config import ScoringConfig
-from rank1_local.duplicate_pairs import find_duplicates, score_each_prompt_once
-from rank1_local.pairs import prepare_pairs
-from rank1_local.results import build_result, too_long_result
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.duplicates import find_duplicates, score_each_prompt_once
+from rank1_local.core.pairs import prepare_pairs
+from rank1_local.core.results import build_result, too_long_result
 
 pytestmark = pytest.mark.quick
 

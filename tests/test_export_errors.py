@@ -10,7 +10,7 @@ import pytest
 import quantize.gguf_export as gguf_export
 from quantize.cli import main as cli_main
 from quantize.gguf_export import export_gguf
-from rank1_local.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
+from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quantize.gguf_logits import LlamaCppLogits
-from rank1_local.prompt import build_prompt
+from rank1_local.core.prompt import build_prompt
 
 pytest.importorskip("transformers")
 from quantize.hf_reference import TransformersLogits  # noqa: E402

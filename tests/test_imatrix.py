@@ -12,7 +12,7 @@ from quantize.calibration import load_calibration, rank1_calibration, sample_cal
 from quantize.cli import main as quantize_cli
 from quantize.gguf_export import ImatrixOptions, export_gguf
 from quantize.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
-from rank1_local.errors import CorruptFileError, Rank1Error
+from rank1_local.core.errors import CorruptFileError, Rank1Error
 
 pytest.importorskip("transformers")
 AUTO = ImatrixOptions("auto", size=2, max_think_tokens=4)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from quantize.calibration import load_calibration
-from rank1_local.errors import Rank1Error
-from rank1_local.io import JsonlAppender, done_keys, read_documents, read_pairs
+from rank1_local.core.errors import Rank1Error
+from rank1_local.runs.inputs import JsonlAppender, done_keys, read_documents, read_pairs
 
 pytestmark = pytest.mark.quick
 

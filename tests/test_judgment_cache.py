@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from rank1_local.config import ScoringConfig
-from rank1_local.judgment_cache import CacheFileError, JudgmentCache, score_with_cache
-from rank1_local.pairs import PreparedPair
-from rank1_local.results import Rank1Result, build_result
+from rank1_local.core.config import ScoringConfig
+from rank1_local.cache.store import CacheFileError, JudgmentCache, score_with_cache
+from rank1_local.core.pairs import PreparedPair
+from rank1_local.core.results import Rank1Result, build_result
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGGER = "rank1_local.judgment_cache"
+LOGGER = "rank1_local.cache.store"
 SETTINGS = ScoringConfig(max_think_tokens=64, n_ctx=512).to_dict()
 
 quick = pytest.mark.quick
@@ -202,7 +202,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_judgment_cache import SETTINGS, judged, pair, same_judgment
-from rank1_local.judgment_cache import JudgmentCache
+from rank1_local.cache.store import JudgmentCache
 
 w, path, model, go = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 while not go.exists():
@@ -354,7 +354,7 @@ def test_read_only_file_is_still_read(tmp_path, model_file, monkeypatch, caplog)
             return real.execute(sql, *args)
 
     monkeypatch.setattr(cache, "_connection", ReadOnly)
-    monkeypatch.setattr("rank1_local.judgment_cache._FLUSH_HITS", 1)  # every lookup tries to write its hit count
+    monkeypatch.setattr("rank1_local.cache.store._FLUSH_HITS", 1)  # every lookup tries to write its hit count
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for _ in range(3):
             results = score_with_cache([pair(0, "old"), pair(1, "new")], scope,
@@ -470,7 +470,7 @@ def test_a_new_cache_file_appears_whole(tmp_path, model_file):
 
 @quick
 def test_cache_commands(tmp_path, model_file, capsys):
-    from rank1_local.cli import main
+    from rank1_local.cli.main import main
 
     path = tmp_path / "c.sqlite3"
     scope = JudgmentCache(path).scope(model_file, SETTINGS)
@@ -494,10 +494,10 @@ def test_cache_commands(tmp_path, model_file, capsys):
 
 @quick
 def test_cache_flag_defaults_and_other_backends(tmp_path, home, capsys):
-    from rank1_local.cli import build_parser, main
+    from rank1_local.cli.main import build_parser, main
 
     parse = build_parser().parse_args
-    from rank1_local.cache_commands import cache_path
+    from rank1_local.cli.cache_commands import cache_path
 
     assert cache_path(parse(["rerank", "--model", "m"])) is None
     assert cache_path(parse(["rerank", "--model", "m", "--cache"])) == home / "judgments.sqlite3"
@@ -553,7 +553,7 @@ def test_rank1_second_run_is_served_from_the_cache(gguf, fixture_pairs, tmp_path
 
 
 def test_cli_rerank_with_cache_then_stats_and_clear(gguf, fixture_pairs, tmp_path, capsys):
-    from rank1_local.cli import main
+    from rank1_local.cli.main import main
 
     path = tmp_path / "c.sqlite3"
     docs = tmp_path / "docs.txt"

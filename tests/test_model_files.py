@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from rank1_local.errors import ModelNotFoundError
-from rank1_local.model_files import gguf_file_type, resolve_gguf, select_gguf
+from rank1_local.core.errors import ModelNotFoundError
+from rank1_local.models.model_files import gguf_file_type, resolve_gguf, select_gguf
 
 pytestmark = pytest.mark.quick
 

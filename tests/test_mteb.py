@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from rank1_local import Rank1, ScoringConfig
-from rank1_local.api import Reranker
-from rank1_local.dataset_prompts import DATASET_PROMPTS
-from rank1_local.mteb_adapter import MTEBRank1, pairs_from_batches
-from rank1_local.pairs import PreparedPair, normalize_pairs
-from rank1_local.prompt import format_passage, format_query
-from rank1_local.results import build_result
+from rank1_local.core.reranker import Reranker
+from rank1_local.core.dataset_prompts import DATASET_PROMPTS
+from rank1_local.integrations.mteb import MTEBRank1, pairs_from_batches
+from rank1_local.core.pairs import PreparedPair, normalize_pairs
+from rank1_local.core.prompt import format_passage, format_query
+from rank1_local.core.results import build_result
 
 DATA = Path(__file__).parent / "data" / "trec_rag24_sample.jsonl"
 

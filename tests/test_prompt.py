@@ -2,8 +2,8 @@
 
 import pytest
 
-from rank1_local.errors import Rank1Error
-from rank1_local.prompt import build_prompt, format_passage, format_query
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.prompt import build_prompt, format_passage, format_query
 
 pytestmark = pytest.mark.quick
 
@@ -57,14 +57,14 @@ OFFICIAL_TEMPLATE_SHA256 = {
 def test_dataset_prompts_are_the_official_bytes(name):
     import hashlib
 
-    from rank1_local.dataset_prompts import DATASET_PROMPTS
+    from rank1_local.core.dataset_prompts import DATASET_PROMPTS
 
     assert hashlib.sha256(DATASET_PROMPTS[name].encode()).hexdigest() == OFFICIAL_TEMPLATE_SHA256[name]
     assert "FILL_QUERY_HERE" in DATASET_PROMPTS[name]
 
 
 def test_dataset_prompt_choice_as_get_prompt():
-    from rank1_local.dataset_prompts import DATASET_PROMPTS, dataset_prompt
+    from rank1_local.core.dataset_prompts import DATASET_PROMPTS, dataset_prompt
 
     assert set(DATASET_PROMPTS) == set(OFFICIAL_TEMPLATE_SHA256)
     assert dataset_prompt("BrightRetrieval", "aops") == DATASET_PROMPTS["BrightRetrieval_aops"]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from rank1_local.errors import Rank1Error, UnsupportedModelError
-from rank1_local.protocol import (
+from rank1_local.core.errors import Rank1Error, UnsupportedModelError
+from rank1_local.core.protocol import (
     ReasoningChain,
     Step,
     answer_score,
@@ -105,7 +105,7 @@ def test_multibyte_text_split_over_tokens():
 
 
 def test_prompt_template_without_placeholder_is_a_plain_error():
-    from rank1_local.prompt import format_query
+    from rank1_local.core.prompt import format_query
 
     with pytest.raises(Rank1Error, match="FILL_QUERY_HERE"):
         format_query("q", None, "no placeholder")

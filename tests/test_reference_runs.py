@@ -12,9 +12,9 @@ from benchmarks.cli import main as bench
 from benchmarks.compare import compare_one
 from benchmarks.runfile import read_run
 from quantize.fixtures.synthetic_task import eval_pairs
-from rank1_local.backends.vllm_runner import Completion, read_output, reasoning_of
-from rank1_local.cli import main as rerank
-from rank1_local.run_header import header_path, read_header
+from rank1_local.backends.vllm import Completion, read_output, reasoning_of
+from rank1_local.cli.main import main as rerank
+from rank1_local.runs.run_header import header_path, read_header
 
 pytest.importorskip("transformers")
 from rank1_reference import Reference  # noqa: E402

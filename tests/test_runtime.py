@@ -11,9 +11,9 @@ import pytest
 
 from quantize.fixtures.synthetic_task import eval_pairs, make_pair
 from rank1_local import Pair, Rank1
-from rank1_local.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
-from rank1_local.prompt import build_prompt, prompt_prefix
-from rank1_local.protocol import common_prefix_len
+from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
+from rank1_local.core.prompt import build_prompt, prompt_prefix
+from rank1_local.core.protocol import common_prefix_len
 
 pytest.importorskip("transformers")
 from rank1_reference import Reference  # noqa: E402
@@ -230,7 +230,7 @@ def test_empty_passage_is_scored_with_a_warning(f32_model, caplog):
 def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants as hf_constants
 
-    from rank1_local.cli import main
+    from rank1_local.cli.main import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)

@@ -8,11 +8,11 @@ import math
 import pytest
 from fake_engine import FALSE, TRUE, FakeEngine, RecordingEngine, scripted
 
-from rank1_local.backends.llama_scheduler import Scheduler, SchedulerParams, make_jobs
-from rank1_local.config import ScoringConfig
-from rank1_local.pairs import prepare_pairs
-from rank1_local.prompt import build_prompt, prompt_prefix
-from rank1_local.protocol import common_prefix_len, fallback_prompt, true_false_score
+from rank1_local.backends.llama.scheduler import Scheduler, SchedulerParams, make_jobs
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.pairs import prepare_pairs
+from rank1_local.core.prompt import build_prompt, prompt_prefix
+from rank1_local.core.protocol import common_prefix_len, fallback_prompt, true_false_score
 
 pytestmark = pytest.mark.quick
 

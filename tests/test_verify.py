@@ -8,7 +8,7 @@ import pytest
 
 from quantize.cli import main as cli_main
 from quantize.verify import kl_divergence, report_paths, verify_gguf, write_report
-from rank1_local.errors import CorruptFileError
+from rank1_local.core.errors import CorruptFileError
 
 pytest.importorskip("transformers")
 

@@ -21,7 +21,7 @@ from rank1_local.backends.hf import TransformersRank1
 pytestmark = pytest.mark.vllm
 logger = logging.getLogger(__name__)
 vllm = pytest.importorskip("vllm")
-from rank1_local.backends.vllm_runner import VllmRank1  # noqa: E402
+from rank1_local.backends.vllm import VllmRank1  # noqa: E402
 
 N_CTX = 512
 PAIRS = [(p.query, p.passage) for p in eval_pairs()[:12]]
@@ -126,7 +126,7 @@ def test_vllm_scores_as_the_official_code(checkpoints):
 SCORE_IN_VLLM = """
 import json, sys
 from rank1_local import ScoringConfig
-from rank1_local.backends.vllm_runner import VllmRank1
+from rank1_local.backends.vllm import VllmRank1
 pairs = json.loads(sys.argv[2])
 model = VllmRank1(sys.argv[1], ScoringConfig(max_think_tokens=64, n_ctx=512), dtype="float16", cpu_kv_cache_gib=1)
 print(json.dumps([r.score for r in model.score_pairs(pairs)]))

@@ -12,7 +12,7 @@ from conftest import weight_quant_cache
 
 from quantize.cli import main as quantize
 from quantize.fixtures.synthetic_task import eval_pairs
-from rank1_local.cli import main as rerank
+from rank1_local.cli.main import main as rerank
 
 pytest.importorskip("transformers")
 
@@ -115,7 +115,7 @@ def test_rerank_cli_runs_a_gptq_export(exports, tmp_path, capsys):
 
 def test_quantized_checkpoints_refuse_float32(exports):
     from rank1_local.backends.hf import TransformersRank1
-    from rank1_local.errors import Rank1Error
+    from rank1_local.core.errors import Rank1Error
 
     with pytest.raises(Rank1Error, match="float16 or bfloat16"):
         TransformersRank1(exports["awq"], device="cpu", dtype="float32")
@@ -178,7 +178,7 @@ def test_failure_during_export_leaves_no_output(fixture_dir, tmp_path, monkeypat
     output folder nor the staging folder behind."""
     pytest.importorskip("gptqmodel")
     import quantize.weight_quant as wq
-    from rank1_local.errors import Rank1Error
+    from rank1_local.core.errors import Rank1Error
 
     def fail(target, _text):
         assert target.parent.is_dir() and any(target.parent.glob("*.safetensors"))  # GPTQModel has saved

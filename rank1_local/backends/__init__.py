@@ -1,8 +1,8 @@
-"""The three ways to run rank1, behind one :class:`~rank1_local.api.Reranker` interface.
+"""The three ways to run rank1, behind one :class:`~rank1_local.core.reranker.Reranker` interface.
 
-- ``llama.cpp``: :class:`~rank1_local.backends.llama.Rank1`, GGUF files on CPU, CUDA or Metal (the default);
+- ``llama.cpp``: :class:`~rank1_local.backends.llama.facade.Rank1`, GGUF files on CPU, CUDA or Metal (the default);
 - ``transformers``: :class:`~rank1_local.backends.hf.TransformersRank1`, Hugging Face checkpoints (incl. AWQ/GPTQ);
-- ``vllm``: :class:`~rank1_local.backends.vllm_runner.VllmRank1`, the official engine.
+- ``vllm``: :class:`~rank1_local.backends.vllm.VllmRank1`, the official engine.
 
 Each backend imports its heavy library only when it is opened, and names what to install when it is missing.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rank1_local.api import Reranker
-from rank1_local.config import ScoringConfig
-from rank1_local.errors import Rank1Error
+from rank1_local.core.reranker import Reranker
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.errors import Rank1Error
 
 BACKENDS = ("llama.cpp", "transformers", "vllm")
 
@@ -26,7 +26,7 @@ def open_reranker(backend: str, model: str | Path, config: ScoringConfig, **sett
     if cache is not None and backend != "llama.cpp":
         raise Rank1Error(f"the judgment cache keys on the GGUF file: llama.cpp backend only (not {backend})")
     if backend == "llama.cpp":
-        from rank1_local.backends.llama import LlamaSettings, Rank1
+        from rank1_local.backends.llama.facade import LlamaSettings, Rank1
 
         gguf_type = settings.pop("gguf_type", None)
         return Rank1(model, config, LlamaSettings(**settings), gguf_type=gguf_type, cache=cache)
@@ -35,7 +35,7 @@ def open_reranker(backend: str, model: str | Path, config: ScoringConfig, **sett
 
         return TransformersRank1(model, config, HFSettings(**settings))
     if backend == "vllm":
-        from rank1_local.backends.vllm_runner import VllmRank1, VllmSettings
+        from rank1_local.backends.vllm import VllmRank1, VllmSettings
 
         return VllmRank1(model, config, VllmSettings(**settings))
     raise Rank1Error(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

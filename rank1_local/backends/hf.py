@@ -2,7 +2,7 @@
 reference engine of ``rank1-bench reference`` where vLLM is absent).
 
 The same protocol as the llama.cpp runtime — the same prepared prompts, greedy decoding, the same
-:class:`~rank1_local.protocol.ReasoningChain` deciding after each token — one pair at a time with a KV cache. It
+:class:`~rank1_local.core.protocol.ReasoningChain` deciding after each token — one pair at a time with a KV cache. It
 runs unquantized checkpoints (fp32 on CPU, fp16 on CUDA) and the AWQ/GPTQ checkpoints transformers can load.
 
 Needs the ``reference`` extra (torch, transformers; ``gptq`` for AWQ/GPTQ); importing this module imports neither.
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rank1_local.api import Reranker
-from rank1_local.config import ScoringConfig, split_settings
-from rank1_local.errors import Rank1Error, UnsupportedModelError
-from rank1_local.extras import require
-from rank1_local.hub import resolve_local_or_hub
-from rank1_local.pairs import Pair, PreparedPair, prepare_pairs
-from rank1_local.protocol import (
+from rank1_local.core.reranker import Reranker
+from rank1_local.core.config import ScoringConfig, split_settings
+from rank1_local.core.errors import Rank1Error, UnsupportedModelError
+from rank1_local.core.extras import require
+from rank1_local.models.hub import resolve_local_or_hub
+from rank1_local.core.pairs import Pair, PreparedPair, prepare_pairs
+from rank1_local.core.protocol import (
     NO_SCORE,
     ReasoningChain,
     Step,
@@ -37,7 +37,7 @@ from rank1_local.protocol import (
     top_logprobs,
     true_false_score,
 )
-from rank1_local.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from rank1_local import __version__
-from rank1_local.backends.llama_service import BatchService, ServiceStopped, Ticket
-from rank1_local.errors import Rank1Error
-from rank1_local.results import Rank1Result
+from rank1_local.version import __version__
+from rank1_local.backends.llama.service import BatchService, ServiceStopped, Ticket
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.results import Rank1Result
 from rank1_local.server.metrics import RateWindow, render
 from rank1_local.server.schema import RerankRequest, error_body, rerank_response, result_row
 

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from rank1_local.backends.llama_service import BatchService
+from rank1_local.backends.llama.service import BatchService
 
 WINDOW_S = 60.0
 

@@ -7,9 +7,9 @@ import ipaddress
 import logging
 from typing import Any
 
-from rank1_local.backends.llama import Rank1
-from rank1_local.backends.llama_service import BatchService
-from rank1_local.errors import Rank1Error
+from rank1_local.backends.llama.facade import Rank1
+from rank1_local.backends.llama.service import BatchService
+from rank1_local.core.errors import Rank1Error
 from rank1_local.server.app import ServerSettings, create_app
 
 logger = logging.getLogger(__name__)

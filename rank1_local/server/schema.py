@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rank1_local.config import ScoringConfig
-from rank1_local.dataset_prompts import dataset_prompt
-from rank1_local.errors import Rank1Error
-from rank1_local.pairs import Pair, Passage
-from rank1_local.results import Rank1Result
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.dataset_prompts import dataset_prompt
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.pairs import Pair, Passage
+from rank1_local.core.results import Rank1Result
 
 
 class DocumentIn(BaseModel):

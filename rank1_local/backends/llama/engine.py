@@ -1,0 +1,205 @@
+"""A thin, explicit wrapper over llama.cpp's low-level API (llama-cpp-python bindings).
+
+One model, one context with a *unified* KV cache (so a prompt prefix copied to several sequences
+is stored once), one reusable batch. Everything above this module works with plain token ids.
+
+llama-cpp-python exposes llama.cpp's C structs through ctypes; a field set by a name the struct does not
+have would be silently ignored, so every field this module sets is checked against the struct first
+(:func:`set_fields`), and a renamed field is a clear error at load time instead of a silent change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rank1_local.core.errors import CorruptFileError, Rank1Error
+from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int  # KV cells in total (all sequences together)
+    n_seq_max: int
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    f32_kv_cache: bool = False
+    verbose: bool = False  # let llama.cpp print its own load/compute logs
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    token: int
+    pos: int
+    seq_id: int
+    logits: bool
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    gpu_offload_supported: bool
+    n_gpu_layers: int
+    n_layers: int
+
+    @property
+    def description(self) -> str:
+        if not self.gpu_offload_supported or self.n_gpu_layers == 0:
+            return "CPU"
+        offloaded = self.n_layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, self.n_layers)
+        return f"GPU offload ({offloaded}/{self.n_layers} layers)"
+
+
+def set_fields(struct: ctypes.Structure, **values: Any) -> None:
+    """Assign struct fields by name, refusing names the ctypes struct does not declare (ctypes would accept
+    them as plain Python attributes and llama.cpp would never see them)."""
+    declared = {name for name, *_ in type(struct)._fields_}
+    unknown = sorted(set(values) - declared)
+    if unknown:
+        raise Rank1Error(f"this llama-cpp-python build has no {type(struct).__name__} field(s) {', '.join(unknown)}; "
+                         "install a llama-cpp-python version within the bounds rank1-local declares")
+    for name, value in values.items():
+        setattr(struct, name, value)
+
+
+@functools.cache
+def _llama_cpp() -> Any:
+    """The llama_cpp module with llama.cpp's backend initialised, once per process."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+class LlamaEngine:
+    def __init__(self, path: str | Path, config: EngineConfig) -> None:
+        self.path = Path(path)
+        check_gguf_file(self.path)
+        lc = self.lc = _llama_cpp()
+        from llama_cpp import _logger
+
+        _logger.set_verbose(config.verbose)  # llama-cpp-python's switch for llama.cpp's stderr log
+        mparams = lc.llama_model_default_params()
+        set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
+        cparams = lc.llama_context_default_params()
+        threads = config.n_threads or os.cpu_count() or 1
+        set_fields(cparams, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
+                   n_seq_max=config.n_seq_max, kv_unified=True, n_threads=threads, n_threads_batch=threads,
+                   no_perf=True)
+        if config.f32_kv_cache:
+            set_fields(cparams, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+        self.model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise CorruptFileError(f"{self.path}: llama.cpp could not load this GGUF "
+                                   "(unsupported architecture or damaged file)")
+        self.ctx = lc.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            self.model = None
+            raise Rank1Error(f"llama.cpp could not create a context of {config.n_ctx} tokens "
+                             f"for {config.n_seq_max} sequences (out of memory?)")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.n_batch = config.n_batch
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
+        self.backend = BackendInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
+                                   lc.llama_model_n_layer(self.model))
+
+    # --- tokens -----------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Ids as the HF tokenizer (and so vLLM) makes them: BOS where the model adds one, special
+        tokens parsed."""
+        self._check_open()
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (self.lc.llama_token * n_max)()
+        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, True)
+        if n < 0:
+            raise Rank1Error(f"tokenization failed ({n})")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The token's text as bytes, special tokens rendered."""
+        buf = ctypes.create_string_buffer(64)
+        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", "ignore")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
+
+    # --- KV cache -----------------------------------------------------------------------------
+    def seq_copy(self, src: int, dst: int) -> None:
+        self.lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self.lc.llama_memory_seq_rm(self.memory, seq, p0, p1)
+
+    def clear(self) -> None:
+        self.lc.llama_memory_clear(self.memory, True)
+
+    # --- decoding -----------------------------------------------------------------------------
+    def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]:
+        """Decode one batch; returns full-vocabulary logits for every entry that asked for them,
+        keyed by the entry's index in ``entries``."""
+        if not entries:
+            return {}
+        self._check_open()
+        if len(entries) > self.n_batch:
+            raise ValueError(f"batch of {len(entries)} tokens exceeds n_batch {self.n_batch}")
+        b = self._batch
+        b.n_tokens = len(entries)
+        for i, e in enumerate(entries):
+            b.token[i] = e.token
+            b.pos[i] = e.pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = e.seq_id
+            b.logits[i] = 1 if e.logits else 0
+        status = self.lc.llama_decode(self.ctx, b)
+        if status != 0:
+            raise Rank1Error(f"llama_decode failed with status {status} "
+                             "(KV cache full: lower --parallel or raise the context size)")
+        out: dict[int, np.ndarray] = {}
+        for i, e in enumerate(entries):
+            if e.logits:
+                ptr = self.lc.llama_get_logits_ith(self.ctx, i)
+                out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return out
+
+    def _check_open(self) -> None:
+        if not getattr(self, "ctx", None):
+            raise Rank1Error(f"{self.path.name}: the model was closed; load it again to keep using it")
+
+    def close(self) -> None:
+        """Free the batch, context and model (the one path that releases llama.cpp memory)."""
+        if getattr(self, "_batch", None) is not None:
+            self.lc.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lc.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

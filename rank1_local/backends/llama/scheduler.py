@@ -1,0 +1,348 @@
+"""Continuous batching of rank1 pairs on one llama.cpp context.
+
+Sequence 0 holds the prompt prefix shared by the passages of the current query
+(``"Determine…\\nQuery: {q}\\nPassage: "`` as tokens); each of the ``parallel`` slots (sequences
+1..parallel) starts from a copy of it (in the unified KV cache the cells are shared, not copied),
+evaluates its passage, then reasons greedily. When the next query's prefix is loaded, the tokens it shares
+with the previous one (the instruction head) stay in sequence 0's cache; when queries interleave (the server's
+requests), a pair copies the prefix from a running pair of its query, or evaluates the query's part in its own
+slot within the batch (no extra ``llama_decode`` call per query switch). All active slots advance together in one
+``llama_decode`` call per step, and a finished slot takes the next pair at once. What each generated token
+means (go on, read the answer, force it, rethink) is decided by :class:`rank1_local.core.protocol.ReasoningChain`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from rank1_local.backends.llama.engine import BatchEntry
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.pairs import PreparedPair
+from rank1_local.core.prompt import prompt_prefix
+from rank1_local.core.protocol import (
+    NO_SCORE,
+    ReasoningChain,
+    Step,
+    answer_score,
+    common_prefix_len,
+    top_logprobs,
+    true_false_score,
+)
+from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+
+PREFIX_SEQ = 0
+
+
+class Engine(Protocol):
+    """What the scheduler needs from a decoding engine (:class:`LlamaEngine`, or a scripted one in tests)."""
+
+    n_batch: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+    def piece(self, token: int) -> bytes: ...
+    def is_eog(self, token: int) -> bool: ...
+    def seq_copy(self, src: int, dst: int) -> None: ...
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None: ...
+    def clear(self) -> None: ...
+    def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    pair: PreparedPair
+    shared: int  # leading prompt tokens equal to the query's shared prefix
+    config: ScoringConfig | None = None  # the protocol settings of this pair (None: the scheduler's)
+    owner: Any = None  # who submitted it (the server's request), for on_result and cancelled
+
+    @property
+    def prefix(self) -> list[int]:
+        return self.pair.ids[:self.shared]
+
+
+class JobSource(Protocol):
+    """Where the scheduler takes its next job: ``None`` means none now (``block=False``) or none ever again."""
+
+    def next_job(self, block: bool) -> Job | None: ...
+
+
+class ListSource:
+    """A fixed list of jobs, in order."""
+
+    def __init__(self, jobs: Iterable[Job]) -> None:
+        self._jobs = deque(jobs)
+
+    def next_job(self, block: bool) -> Job | None:
+        return self._jobs.popleft() if self._jobs else None
+
+
+def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]], *,
+              config: ScoringConfig | None = None, owner: Any = None) -> list[Job]:
+    """One job per pair, each query's passages together so that the query's prefix is evaluated once."""
+    prefixes: dict[str, list[int]] = {}
+    bos = len(tokenize(""))
+    for query in dict.fromkeys(p.query for p in prepared):
+        ids = tokenize(prompt_prefix(query))
+        # the prefix's last token may merge with the passage's first one: never share it
+        prefixes[query] = ids[:max(bos, len(ids) - 1)]
+    by_query: dict[str, list[Job]] = {}
+    for pair in prepared:
+        prefix = prefixes[pair.query]
+        shared = min(len(prefix), len(pair.ids) - 1) if pair.ids[:len(prefix)] == prefix else 0
+        by_query.setdefault(pair.query, []).append(Job(pair, shared, config, owner))
+    return [job for jobs in by_query.values() for job in jobs]
+
+
+@dataclass(frozen=True)
+class SchedulerParams:
+    parallel: int
+    config: ScoringConfig
+    true_id: int
+    false_id: int
+
+
+@dataclass
+class _Slot:
+    seq: int
+    job: Job | None = None
+    chain: ReasoningChain | None = None
+    tokens: list[int] = field(default_factory=list)  # tokens already in this sequence's KV cache
+    pending: list[int] = field(default_factory=list)  # tokens to feed next
+    awaiting_answer: bool = False
+    started: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, params: SchedulerParams) -> None:
+        self.engine = engine
+        self.params = params
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.active = 0  # slots holding a pair
+        self._prefix: list[int] = []  # the tokens sequence 0 holds (or will, once ``_prefix_todo`` is evaluated)
+        self._prefix_todo: list[int] = []  # the end of ``_prefix``, evaluated in the next batch beside running slots
+
+    def _load_prefix(self, ids: list[int], *, in_batch: bool) -> None:
+        """Make sequence 0 hold ``ids``, keeping what it shares with the previous query's prefix (the
+        instruction head and ``Query:``), so only the query-specific tail is evaluated: at once, or with
+        ``in_batch`` in the next batches beside the running slots (which then need not wait for it)."""
+        keep = common_prefix_len(self._prefix, ids)
+        self.engine.seq_remove(PREFIX_SEQ, keep, -1)  # cells still used by running slots stay
+        self._prefix, self._prefix_todo = ids, ids[keep:]
+        if not in_batch:
+            while self._prefix_todo:
+                self.engine.decode(self._prefix_entries(self.engine.n_batch))
+
+    def _prefix_entries(self, room: int) -> list[BatchEntry]:
+        """Up to ``room`` of the prefix tokens still to evaluate in sequence 0 (no logits)."""
+        take, self._prefix_todo = self._prefix_todo[:room], self._prefix_todo[room:]
+        base = len(self._prefix) - len(self._prefix_todo) - len(take)
+        self.prompt_tokens += len(take)
+        return [BatchEntry(t, base + k, PREFIX_SEQ, False) for k, t in enumerate(take)]
+
+    @staticmethod
+    def _sibling(slots: list[_Slot], job: Job) -> _Slot | None:
+        """A running slot whose cache already holds ``job``'s prefix (a pair of the same query)."""
+        for s in slots:
+            if s.job is not None and len(s.tokens) >= job.shared and s.tokens[:job.shared] == job.prefix:
+                return s
+        return None
+
+    def _start(self, slot: _Slot, job: Job, origin: int, keep: int) -> None:
+        """Start ``job`` in ``slot`` from the first ``keep`` prompt tokens' cells of sequence ``origin`` (sequence 0,
+        or a sibling slot: cells are shared, not copied); the rest of the prompt is evaluated in the slot."""
+        self.engine.seq_remove(slot.seq)
+        self.engine.seq_copy(origin, slot.seq)
+        self.engine.seq_remove(slot.seq, keep, -1)
+        slot.job = job
+        self.active += 1
+        config = job.config or self.params.config
+        slot.chain = ReasoningChain(job.pair.prompt, config.max_think_tokens, config.rethink_rounds,
+                                    official=config.protocol == "official", n_ctx=config.n_ctx)
+        slot.tokens = job.pair.ids[:keep]
+        slot.pending = job.pair.ids[keep:]
+        slot.awaiting_answer = False
+        slot.started = time.perf_counter()
+
+    def _free(self, slot: _Slot) -> None:
+        self.engine.seq_remove(slot.seq)
+        self.active -= 1
+        slot.job = slot.chain = None
+        slot.tokens, slot.pending = [], []
+
+    def _continue_from_text(self, slot: _Slot, text: str) -> None:
+        """Re-tokenize ``text`` (a full prompt) and feed only what differs from the cache."""
+        self._continue_from_ids(slot, self.engine.tokenize(text))
+
+    def _continue_from_ids(self, slot: _Slot, ids: list[int]) -> None:
+        keep = min(common_prefix_len(slot.tokens, ids), len(ids) - 1)
+        self.engine.seq_remove(slot.seq, keep, -1)
+        slot.tokens = slot.tokens[:keep]
+        slot.pending = ids[keep:]
+
+    def _finish(self, slot: _Slot, score: float) -> Rank1Result:
+        assert slot.job is not None and slot.chain is not None
+        chain = slot.chain
+        result = build_result(slot.job.pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
+                              forced=chain.forced, seconds=time.perf_counter() - slot.started)
+        self._free(slot)
+        return result
+
+    def _fallback(self, slot: _Slot) -> Rank1Result | None:
+        """Read the answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
+        assert slot.chain is not None
+        slot.chain.forced = True
+        assert slot.job is not None
+        ids = self.engine.tokenize(slot.chain.fallback_prompt)
+        if not (slot.job.config or self.params.config).fits(len(ids)):
+            return self._finish(slot, NO_SCORE)
+        slot.awaiting_answer = True
+        self._continue_from_ids(slot, ids)
+        return None
+
+    def _step(self, slot: _Slot, logits: np.ndarray) -> Rank1Result | None:
+        """Act on the next-token distribution of a slot whose pending tokens were all fed."""
+        true_id, false_id = self.params.true_id, self.params.false_id
+        if slot.awaiting_answer:
+            return self._finish(slot, true_false_score(float(logits[true_id]), float(logits[false_id])))
+        chain = slot.chain
+        assert chain is not None
+        token = int(np.argmax(logits))
+        eog = self.engine.is_eog(token)
+        step = chain.advance(token, b"" if eog else self.engine.piece(token), eog, len(slot.tokens) + 1)
+        if not eog:
+            self.generated_tokens += 1
+        if step is Step.CONTINUE:
+            slot.pending = [token]
+        elif step is Step.ANSWER:
+            slot.awaiting_answer = True  # the answer's distribution is at the next position
+            slot.pending = [token]
+        elif step is Step.RETHINK:
+            self._continue_from_text(slot, chain.continuation_prompt)
+        elif step is Step.FINISH:
+            score = answer_score(top_logprobs(logits), true_id, false_id)
+            return self._finish(slot, score) if score is not None else self._fallback(slot)
+        else:  # Step.FORCE
+            return self._fallback(slot)
+        return None
+
+    def _feed(self, slot: _Slot, entries: list[BatchEntry], owners: dict[int, _Slot]) -> None:
+        """Add as many of ``slot``'s pending tokens as the batch has room for; the entry of its last one asks for
+        logits (``owners`` maps that entry to the slot)."""
+        room = self.engine.n_batch - len(entries)
+        if room <= 0:
+            return
+        take = slot.pending[:room]
+        done = len(take) == len(slot.pending)
+        base = len(slot.tokens)
+        for k, token in enumerate(take):
+            last = done and k == len(take) - 1
+            if last:
+                owners[len(entries)] = slot
+            entries.append(BatchEntry(token, base + k, slot.seq, last))
+        slot.tokens += take
+        slot.pending = slot.pending[len(take):]
+        if len(take) > 1 or (slot.chain is not None and slot.chain.n_tokens == 0):
+            self.prompt_tokens += len(take)
+
+    def run(self, jobs: Iterable[Job], on_result: Callable[[Rank1Result], None] | None = None,
+            cancelled: Callable[[Job], bool] | None = None) -> tuple[list[Rank1Result], RunStats]:
+        """Score ``jobs``; results sorted by pair index. ``on_result`` sees each as it finishes; a job for which
+        ``cancelled(job)`` turns true is dropped (its slot freed) and gets no result."""
+        results: list[Rank1Result] = []
+
+        def collect(job: Job, result: Rank1Result) -> None:
+            results.append(result)
+            if on_result:
+                on_result(result)
+
+        stats = self.serve(ListSource(jobs), collect, cancelled, interleaved=False)
+        return sorted(results, key=lambda r: r.index), stats
+
+    def serve(self, source: JobSource, on_result: Callable[[Job, Rank1Result], None],
+              cancelled: Callable[[Job], bool] | None = None, *, interleaved: bool = True) -> RunStats:
+        """Score jobs from ``source`` until it has none left (it may block while it waits for more, as the
+        server's queue does): a free slot takes the next job at once. ``on_result(job, result)`` sees each result.
+
+        A job whose query prefix is not in sequence 0 copies it from a running pair of the same query if there is
+        one. Otherwise, with ``interleaved`` jobs (the server's round-robin across requests: queries alternate), it
+        starts from what sequence 0 shares with it (the instruction head) and evaluates the rest of its prefix in its
+        own slot, within the batch; with jobs grouped by query (``run``), the prefix is loaded into sequence 0 once
+        for all the query's pairs: while other pairs generate, inside their next batch (they do not wait for it),
+        the query's first pair starting in the step after."""
+        start = time.perf_counter()
+        n_results = 0
+        slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
+        self.engine.clear()
+        self._prefix = []
+        self.active = 0
+        self._prefix_todo = []
+        held: Job | None = None  # a job waiting for its query's prefix, which the next batch evaluates
+        exhausted = False
+        while True:
+            for slot in slots:
+                if slot.job is not None and cancelled is not None and cancelled(slot.job):
+                    self._free(slot)
+                while slot.job is None and not exhausted:
+                    if held is not None:
+                        if self._prefix_todo:
+                            break  # it starts once its prefix is in sequence 0
+                        job, held = held, None
+                        if cancelled is not None and cancelled(job):
+                            continue
+                    else:
+                        job = source.next_job(block=not any(s.job for s in slots))
+                        if job is None:
+                            exhausted = not any(s.job for s in slots)
+                            break
+                        if cancelled is not None and cancelled(job):
+                            continue
+                        if job.pair.too_long:  # never run, as in the official code
+                            n_results += 1
+                            on_result(job, too_long_result(job.pair))
+                            continue
+                    origin, keep = PREFIX_SEQ, job.shared
+                    if self._prefix != job.prefix:
+                        sibling = self._sibling(slots, job)
+                        if sibling is not None:
+                            origin = sibling.seq
+                        elif interleaved and self._prefix:
+                            keep = min(common_prefix_len(self._prefix, job.prefix), job.shared)
+                        else:
+                            # a serial load would stall the slots already generating; before any generates (at
+                            # the start), it only adds a prompt chunk and every slot starts at once
+                            generating = any(s.job is not None and len(s.pending) <= 1 for s in slots)
+                            self._load_prefix(job.prefix, in_batch=generating)
+                            if self._prefix_todo:
+                                held = job
+                                break
+                    self._start(slot, job, origin, keep)
+            if not self.active and not self._prefix_todo:
+                if exhausted:
+                    break
+                continue
+            # one token per reasoning slot first, then a new query's prefix, then prompt chunks in the room left
+            entries: list[BatchEntry] = []
+            owners: dict[int, _Slot] = {}
+            reasoning = [s for s in slots if s.job and len(s.pending) <= 1]
+            prompts = [s for s in slots if s.job and len(s.pending) > 1]
+            for slot in reasoning:
+                self._feed(slot, entries, owners)
+            if self._prefix_todo:
+                entries += self._prefix_entries(self.engine.n_batch - len(entries))
+            for slot in prompts:
+                self._feed(slot, entries, owners)
+            logits = self.engine.decode(entries)
+            for i, slot in owners.items():
+                job = slot.job
+                assert job is not None
+                result = self._step(slot, logits[i])
+                if result is not None:
+                    n_results += 1
+                    on_result(job, result)
+        return RunStats(n_results, self.prompt_tokens, self.generated_tokens, time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""The ``rank1-local`` command line."""

@@ -1,0 +1,218 @@
+"""``rank1-local``: rerank with a rank1 model (GGUF in llama.cpp; checkpoints in transformers or vLLM), serve it over
+HTTP, keep its judgments in a cache, and bundle it for offline use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rank1_local.core.reranker import Reranker
+from rank1_local.backends import BACKENDS, open_reranker
+from rank1_local.cli.bundle_commands import add_bundle_commands
+from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
+from rank1_local.cli.support import run_command
+from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
+from rank1_local.core.dataset_prompts import dataset_prompt
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.protocol import PROTOCOLS
+
+logger = logging.getLogger("rank1-local")
+
+
+def scoring_config(args: argparse.Namespace) -> ScoringConfig:
+    """The protocol settings from the command line (validated: a bad value is a one-line error)."""
+    template = args.prompt
+    if args.dataset is not None:
+        if template is not None:
+            raise Rank1Error("give --prompt or --dataset, not both")
+        task, _, subset = args.dataset.partition("/")
+        template = dataset_prompt(task, subset or None)
+        logger.info("%s: %s", args.dataset, "official dataset prompt" if template else "no dataset prompt (as the "
+                    "official evaluation)")
+    return ScoringConfig(max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, prompt_template=template,
+                         rethink_rounds=args.rethink_rounds, protocol=args.protocol,
+                         truncate_passages=args.truncate_passages)
+
+
+def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> None:
+    """The protocol settings' flags (shared by rank1-local and rank1-bench)."""
+    p.add_argument("--max-think-tokens", type=int, default=budget,
+                   help=f"reasoning budget (default {budget}; official {OFFICIAL_BUDGET})")
+    p.add_argument("--n-ctx", type=int, default=n_ctx,
+                   help=f"context per pair, prompt + reasoning (default {n_ctx}; official {OFFICIAL_CONTEXT})")
+    p.add_argument("--rethink-rounds", type=int, default=0,
+                   help="budget forcing: replace </think> with '\\nWait' this many times")
+    p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
+    p.add_argument("--dataset", default=None, metavar="TASK[/SUBSET]",
+                   help="use the official evaluation's prompt for an MTEB task, e.g. SciFact or BrightRetrieval/aops")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="official",
+                   help="official: the official code's rules (stop strings, top-20 answer, fallback); full: the "
+                        "answer from the full distribution right after </think>")
+    p.add_argument("--truncate-passages", action="store_true",
+                   help="cut passages to fit prompt + budget in the context (default: as the official code, a "
+                        "prompt longer than the context is not run and scores 0.5)")
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen backend's engine settings from the command line."""
+    cache = cache_path(args)
+    if cache is not None and args.backend != "llama.cpp":
+        raise Rank1Error(f"--cache: the judgment cache keys on the GGUF file: llama.cpp backend only (not "
+                         f"{args.backend})")
+    if args.backend == "transformers":
+        return {"device": args.device, "dtype": args.dtype}
+    if args.backend == "vllm":
+        return {"dtype": "float16" if args.dtype == "auto" else args.dtype,
+                "enable_prefix_caching": args.prefix_caching}
+    settings = {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads,
+                "gguf_type": args.gguf_type}
+    if cache is not None:
+        settings["cache"] = cache
+    return settings
+
+
+def _model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
+    return open_reranker(args.backend, args.model, config, **engine_settings(args))
+
+
+def _rerank_query(args: argparse.Namespace) -> int:
+    from rank1_local.runs.inputs import read_documents
+
+    config = scoring_config(args)
+    ids, docs = read_documents(args.docs)
+    with _model(args, config) as model:
+        ranked = model.rerank(args.query, docs, instruction=args.instruction, top_k=args.top_k)
+        fmt = args.format
+        for rank, r in enumerate(ranked, 1):
+            row = {"docid": ids[r.index], "rank": rank, "score": r.score, "relevant": r.relevant,
+                   "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced, "truncated": r.truncated}
+            if fmt == "jsonl":
+                print(json.dumps(row, ensure_ascii=False))
+            elif fmt == "trec":
+                print(f"{args.qid} Q0 {ids[r.index]} {rank} {r.score:.6f} rank1-local")
+            elif fmt == "table":
+                text = docs[r.index] if isinstance(docs[r.index], str) else docs[r.index]["text"]
+                flags = " ".join(f for f, on in (("forced", r.forced), ("truncated", r.truncated),
+                                                  ("too-long", r.too_long)) if on)
+                print(f"{rank:4d}  {r.score:.4f}  {ids[r.index]:>8}  {text[:70].replace(chr(10), ' ')}  {flags}")
+        if fmt == "json":
+            print(json.dumps([{"docid": ids[r.index], "score": r.score, "relevant": r.relevant,
+                               "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced}
+                              for r in ranked], ensure_ascii=False, indent=2))
+        logger.info("backend: %s", model.backend)
+    return 0
+
+
+def _rerank_pairs(args: argparse.Namespace) -> int:
+    from rank1_local.runs.run_file import score_pairs_file
+
+    if args.output is None:
+        raise Rank1Error("--pairs needs --output OUT.jsonl")
+    config = scoring_config(args)
+    score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
+                     engine=args.backend, progress=not args.quiet)
+    return 0
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    if args.pairs is not None:
+        return _rerank_pairs(args)
+    if args.query is None or args.docs is None:
+        raise Rank1Error("give --query and --docs, or --pairs PAIRS.jsonl --output OUT.jsonl")
+    return _rerank_query(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from rank1_local.core.extras import require
+
+    require("fastapi", "server", "rank1-local serve")
+    require("uvicorn", "server", "rank1-local serve")
+    from rank1_local.backends.llama.facade import Rank1
+    from rank1_local.server.app import ServerSettings
+    from rank1_local.server.run import API_KEY_ENV, check_binding, serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_binding(args.host, api_key, args.insecure_no_auth)
+    config = scoring_config(args)
+    settings = engine_settings(args)
+    with Rank1(args.model, config, **settings) as model:
+        server = ServerSettings(model_name=args.name or model.model_path.stem, api_key=api_key,
+                                max_documents=args.max_documents, max_total_chars=args.max_chars,
+                                max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+        serve(model, server, host=args.host, port=args.port)
+    return 0
+
+
+def add_llama_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str, help_prefix: str = "") -> None:
+    """The llama.cpp engine flags (``rerank`` names them "llama.cpp: …" beside the other backends' flags)."""
+    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
+                                                      "else Q4_K_M)")
+    p.add_argument("--parallel", type=int, default=parallel, help=help_prefix + parallel_help)
+    p.add_argument("--n-gpu-layers", type=int, default=0, help=help_prefix + "0 = CPU, -1 = all layers")
+    p.add_argument("--threads", type=int, default=None, help=help_prefix + "CPU threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("rerank", help="rerank passages for a query, or score a pairs file")
+    p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published "
+                   "GGUF; with --backend transformers|vllm a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
+    p.add_argument("--backend", choices=BACKENDS, default="llama.cpp")
+    p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
+                   "float16, bfloat16; vllm: auto (float16), float32, bfloat16")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="vllm: enable vLLM's prefix caching (off by default, as in the official code)")
+    p.add_argument("--query")
+    p.add_argument("--instruction", default=None)
+    p.add_argument("--docs", type=Path, help=".txt (one per line), .jsonl (text[, title, docid]) or .tsv")
+    p.add_argument("--qid", default="q1", help="query id in --format trec")
+    p.add_argument("--format", choices=["table", "json", "jsonl", "trec"], default="table")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
+    p.add_argument("--output", type=Path, help="JSONL results, appended as pairs finish; re-running resumes")
+    add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
+    add_cache_arg(p)
+    add_scoring_args(p, budget=1024, n_ctx=4096)
+    p.set_defaults(func=_cmd_rerank)
+
+    p = sub.add_parser("serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
+                                     "across requests (pip install 'rank1-local[server]')")
+    p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published GGUF")
+    p.add_argument("--name", default=None, help="the model name clients see (default: the file name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set RANK1_LOCAL_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without an API key (trusted networks only)")
+    p.add_argument("--max-documents", type=int, default=1000, help="documents per request (more: 413)")
+    p.add_argument("--max-chars", type=int, default=2_000_000,
+                   help="characters of query and documents per request (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body size (more: 413)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight get to finish on shutdown before they are cancelled")
+    add_llama_args(p, parallel=8, parallel_help="pairs decoded together, across all requests")
+    p.set_defaults(backend="llama.cpp")
+    add_scoring_args(p, budget=1024, n_ctx=4096)
+    add_cache_arg(p)
+    p.set_defaults(func=_cmd_serve)
+
+    add_cache_parser(sub)
+    add_bundle_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv), "interrupted; rows already written are kept, re-run to resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
