@@ -97,7 +97,7 @@ def replay(model_path: str, trace: list[Request], args: argparse.Namespace, cach
         hashing = 0.0
         if cache is not None:
             start = time.perf_counter()
-            model.cache_scope()  # the model file's digest: once per file, then remembered by path, size, mtime
+            model.pipeline.scope(model.config)  # the model file's digest: once per file, then remembered by path, size, mtime
             hashing = time.perf_counter() - start
         rows = []
         total = time.perf_counter()
@@ -113,7 +113,7 @@ def replay(model_path: str, trace: list[Request], args: argparse.Namespace, cach
 
 def hit_costs(prompts: list[str], rows: int, reasoning_chars: int, repeat: int) -> dict:
     """What a hit costs, on a cache of ``rows`` judgments with the trace's prompt sizes."""
-    from rank1_local.cache.store import JudgmentCache, score_with_cache
+    from rank1_local.cache.store import JudgmentCache
     from rank1_local.core.pairs import PreparedPair
     from rank1_local.core.results import build_result
 
@@ -152,16 +152,13 @@ def hit_costs(prompts: list[str], rows: int, reasoning_chars: int, repeat: int) 
                    for _ in range(repeat // 10)]
         it = iter(batches)
         batched = per_call(lambda: scope.lookup(next(it)), len(batches))
-        it = iter(batches)
-        whole = per_call(lambda: score_with_cache(next(it), scope, lambda todo, done: []), len(batches))
         assert all(len(scope.lookup(b)) == batch for b in batches[:3])
         cache.close()
         size = (Path(tmp) / "judgments.sqlite3").stat().st_size
     return {"rows": rows, "file_mib": size / 2**20, "prompt_chars": statistics.mean(len(p.prompt) for p in pairs), "store_us": store_us, "key_us": statistics.median(key_us),
             "hit_us": statistics.median(single), "hit_us_p99": sorted(single)[int(0.99 * len(single))],
             "miss_us": statistics.median(miss), "batch": batch,
-            "batched_hit_us_per_pair": statistics.median(batched) / batch,
-            "score_with_cache_us_per_pair": statistics.median(whole) / batch}
+            "batched_hit_us_per_pair": statistics.median(batched) / batch}
 
 
 def summarize(trace: list[Request], plain: dict, cached: dict) -> dict:
@@ -242,7 +239,6 @@ def render(s: dict, costs: dict, args: argparse.Namespace) -> str:
         f"(p99 {costs['hit_us_p99']:.0f}) |",
         f"| lookup of one pair, miss | {costs['miss_us']:.1f} |",
         f"| lookup of {costs['batch']} pairs, all hits, per pair | {costs['batched_hit_us_per_pair']:.1f} |",
-        f"| `score_with_cache` on {costs['batch']} hits, per pair | {costs['score_with_cache_us_per_pair']:.1f} |",
         f"| store of one judgment (its own WAL commit) | {costs['store_us']:.0f} |",
         "",
         "A request served from the cache end to end (table above) also tokenizes its prompts in `prepare_pairs`; "

@@ -1,6 +1,6 @@
 """``rank1-bench``: reference runs and comparisons of runs against a reference.
 
-    rank1-bench reference --model HF_DIR|hub-id --pairs PAIRS.jsonl --output REF.jsonl [--engine vllm|transformers]
+    rank1-bench reference --model HF_DIR|hub-id --pairs PAIRS.jsonl --output REF.jsonl [--backend vllm|transformers]
     rank1-bench compare REF.jsonl RUN.jsonl [RUN2.jsonl …] [--qrels QRELS] [--out-dir DIR] [--tokenizer PATH]
 """
 
@@ -13,23 +13,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rank1_local.core.reranker import Reranker
 from rank1_local.backends import open_reranker
 from rank1_local.cli.main import add_scoring_args, scoring_config
 from rank1_local.cli.support import run_command
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.extras import require
+from rank1_local.core.reranker import Reranker
 
 logger = logging.getLogger("rank1-bench")
 
 
 def _reference_model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
-    if args.engine == "vllm":
+    if args.backend == "vllm":
         settings = {"dtype": "float16" if args.dtype == "auto" else args.dtype,
                     "tensor_parallel_size": args.tensor_parallel_size, "enable_prefix_caching": args.prefix_caching}
     else:
         settings = {"device": args.device, "dtype": args.dtype}
-    return open_reranker(args.engine, args.model, config, **settings)
+    return open_reranker(args.backend, args.model, config, **settings)
 
 
 def _cmd_reference(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 
     config = scoring_config(args)
     n = score_pairs_file(args.pairs, args.output, lambda: _reference_model(args, config), model_arg=str(args.model),
-                         engine=args.engine, progress=not args.quiet)
+                         backend=args.backend, progress=not args.quiet)
     logger.info("%d pairs scored into %s", n, args.output)
     return 0
 
@@ -90,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("reference", help="score a pairs file with the reference engine (vLLM, or transformers)")
+    p = sub.add_parser("reference", help="score a pairs file with the reference backend (vLLM, or transformers)")
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--pairs", required=True, type=Path,
                    help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
     p.add_argument("--output", required=True, type=Path, help="run file (JSONL, appended, resumable)")
-    p.add_argument("--engine", choices=["vllm", "transformers"], default="transformers",
+    p.add_argument("--backend", choices=["vllm", "transformers"], default="transformers",
                    help="vllm: the official fp16 setting (CUDA + vLLM); transformers: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--dtype", default="auto", help="auto (vllm/cuda: float16, cpu: float32), float32, float16, "
                    "bfloat16")

@@ -54,7 +54,7 @@ class RunComparison:
     ndcg10_run: float | None = None
     model_bytes: int | None = None
     pairs_per_second: float | None = None
-    engine: str | None = None
+    backend: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -167,7 +167,7 @@ def compare_one(ref: Run, run: Run, *, qrels: Sequence[Any] | None = None,
         forced_run=float(np.mean([run.rows[k].forced for k in keys])),
         model_bytes=header.model_bytes if header else None,
         pairs_per_second=header.pairs_per_second if header and header.seconds else None,
-        engine=header.engine if header else None)
+        backend=header.backend if header else None)
     if qrels is not None:
         out.ndcg10_reference = _ndcg(ref, common, qrels)
         out.ndcg10_run = _ndcg(run, common, qrels)
@@ -188,7 +188,7 @@ def render_markdown(ref: Run, results: Sequence[RunComparison]) -> str:
     lines = [f"# Runs compared with the reference `{ref.path.name}`", ""]
     if ref.header:
         h = ref.header
-        lines += [f"Reference: {h.engine} ({h.backend}), model `{h.model}`, settings {h.settings}.", ""]
+        lines += [f"Reference: {h.backend} ({h.device}), model `{h.model}`, settings {h.settings}.", ""]
     cols = ["run", "size MB", "pairs/s", "decision agr.", "mean |Δ|", "max |Δ|", "Pearson", "Spearman", "Kendall τ",
             "top-10 overlap", "same reasoning", "median divergence", "tokens (ref → run)", "forced (ref → run)"]
     if has_ndcg:

@@ -3,7 +3,7 @@
 1. the behaving fixture (a trained 3-layer Qwen2 with the real Qwen2.5 tokenizer, see quantize/fixtures);
 2. a pair set with many *uncertain* pairs (same-category topics, trained to P(true) between 0.3 and 0.7)
    and graded qrels from the task's labels;
-3. the reference: vLLM in float16, the official engine and dtype (``rank1-bench reference --engine vllm``, run with
+3. the reference: vLLM in float16, the official engine and dtype (``rank1-bench reference --backend vllm``, run with
    the Python of vLLM's own virtualenv, ``--vllm-python``), or transformers fp32 with ``--reference transformers``;
 4. each type exported with ``rank1-quantize gguf`` and run with the llama.cpp runtime, and the GPTQ/AWQ
    checkpoints made by ``rank1-quantize gptq|awq`` run with the transformers backend (float16 on CPU);
@@ -72,7 +72,7 @@ def vllm_reference(python: Path, source: Path, pairs_file: Path, out: Path) -> N
         raise SystemExit(f"{python}: no such Python; build vLLM's virtualenv as the README's Tests section shows, "
                          "pass --vllm-python, or use --reference transformers")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [str(python), "-m", "benchmarks.cli", "-q", "reference", "--engine", "vllm", "--dtype", "float16",
+    cmd = [str(python), "-m", "benchmarks.cli", "-q", "reference", "--backend", "vllm", "--dtype", "float16",
            "--model", str(source), "--pairs", str(pairs_file), "--output", str(out),
            "--max-think-tokens", str(BUDGET), "--n-ctx", str(N_CTX)]
     logger.info("vLLM reference: %s", " ".join(cmd))
@@ -103,8 +103,8 @@ def main() -> None:
     from quantize.gguf_export import ImatrixOptions, export_gguf
     from quantize.weight_quant import WeightQuantOptions, export_weight_quant
     from rank1_local import Rank1, ScoringConfig
-    from rank1_local.runs.atomic import write_text_atomic
     from rank1_local.backends.hf import TransformersRank1
+    from rank1_local.runs.atomic import write_text_atomic
     from rank1_local.runs.run_file import score_pairs_file
 
     source = build_fixture("behaving")
@@ -120,7 +120,7 @@ def main() -> None:
         ref_file = work / "reference-transformers-fp32.jsonl"
         score_pairs_file(pairs_file, ref_file, lambda: TransformersRank1(source, config, device="cpu",
                                                                          dtype="float32"),
-                         model_arg=str(source), engine="transformers")
+                         model_arg=str(source), backend="transformers")
     run_files = []
     jobs = [(t, None) for t in args.types.split(",")] + [(t, "imatrix") for t in args.imatrix_types.split(",")]
     for gguf_type, variant in jobs:
@@ -137,7 +137,7 @@ def main() -> None:
         run_file = work / f"{gguf_type}{'+imatrix' if variant else ''}.jsonl"
         score_pairs_file(pairs_file, run_file,
                          lambda g=gguf: Rank1(g, config, parallel=args.parallel, threads=args.threads),
-                         model_arg=str(gguf), engine="llama.cpp")
+                         model_arg=str(gguf), backend="llama.cpp")
         run_files.append(run_file)
 
     for name in filter(None, (n.strip().lower() for n in args.weight_quants.split(","))):
@@ -149,7 +149,7 @@ def main() -> None:
         run_file = work / f"{name.upper().replace('BIT', 'bit')}.jsonl"
         score_pairs_file(pairs_file, run_file,
                          lambda f=folder: TransformersRank1(f, config, device="cpu"),
-                         model_arg=str(folder), engine="transformers")
+                         model_arg=str(folder), backend="transformers")
         run_files.append(run_file)
 
     ref = read_run(ref_file)

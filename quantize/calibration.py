@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
-from rank1_local.runs.inputs import read_jsonl
 from rank1_local.core.prompt import build_prompt
+from rank1_local.runs.inputs import read_jsonl
 
 PACKAGED = "calibration_trec_rag24.jsonl"
 

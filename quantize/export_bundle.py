@@ -8,8 +8,8 @@ from pathlib import Path
 
 from quantize.gguf_export import ExportResult
 from quantize.verify import VerifyReport
-from rank1_local.models.bundle import Bundle, BundleSource, is_bundle, write_bundle
 from rank1_local.core.errors import Rank1Error
+from rank1_local.models.bundle import Bundle, BundleSource, is_bundle, write_bundle
 from rank1_local.models.hub import snapshot_revision
 
 

@@ -34,9 +34,9 @@ from quantize.imatrix import Imatrix, read_imatrix
 from quantize.llama_quantize import quantize_gguf
 from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, load_raw, to_float32
 from quantize.tokenizer_export import write_vocab
-from rank1_local.runs.atomic import atomic_path
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.models.hub import resolve_local_or_hub
+from rank1_local.runs.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

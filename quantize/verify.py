@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from quantize.calibration import load_calibration
 from quantize.gguf_logits import LlamaCppLogits
-from rank1_local.runs.atomic import write_text_atomic
 from rank1_local.core.errors import Rank1Error
-from rank1_local.models.gguf_file import check_gguf_file
-from rank1_local.models.hub import resolve_local_or_hub
 from rank1_local.core.prompt import THINK_CLOSE
 from rank1_local.core.protocol import answer_token_ids, true_false_score
+from rank1_local.models.gguf_file import check_gguf_file
+from rank1_local.models.hub import resolve_local_or_hub
+from rank1_local.runs.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

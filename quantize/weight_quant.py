@@ -30,10 +30,10 @@ from typing import Any
 
 from quantize.architectures import arch_spec
 from quantize.gguf_export import load_checkpoint
-from rank1_local.runs.atomic import write_text_atomic
 from rank1_local.backends.hf import prepare_gptqmodel_env
 from rank1_local.core.errors import Rank1Error
 from rank1_local.models.hub import is_hub_id
+from rank1_local.runs.atomic import write_text_atomic
 from rank1_local.runs.run_header import library_versions
 
 logger = logging.getLogger(__name__)

@@ -10,11 +10,12 @@ they are ``background`` (by default far below the other tokens' -10, so outside 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
 
-from rank1_local.backends.llama.engine import BatchEntry
+from rank1_local.backends.llama.engine import BatchEntry, DeviceInfo
 
 EOG, TRUE, FALSE, CLOSE, OPEN = 0, 1, 2, 3, 4
 SPECIAL = {" true": TRUE, " false": FALSE, "</think>": CLOSE, "<think>": OPEN}
@@ -49,6 +50,12 @@ class FakeEngine:
         self.decode_calls = 0
         self.batch_sizes: list[int] = []
         self.evaluated = 0
+        self.device = DeviceInfo(gpu_offload_supported=False, n_gpu_layers=0, n_layers=1)
+        self.closed = False
+        self.threads: set[int] = set()  # the threads that touched the KV cache or decoded: one owner, always
+
+    def close(self) -> None:
+        self.closed = True
 
     # --- tokens ---------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -78,14 +85,21 @@ class FakeEngine:
         return token == EOG
 
     # --- KV cache ---------------------------------------------------------------------------------------
+    def _touch(self) -> None:
+        assert not self.closed, "the engine was used after it was closed"
+        self.threads.add(threading.get_ident())
+
     def seq_copy(self, src: int, dst: int) -> None:
+        self._touch()
         self.seqs[dst] = list(self.seqs.get(src, []))
 
     def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self._touch()
         assert p1 == -1
         self.seqs[seq] = self.seqs.get(seq, [])[:max(p0, 0)] if p0 >= 0 else []
 
     def clear(self) -> None:
+        self._touch()
         self.seqs.clear()
 
     # --- decoding ---------------------------------------------------------------------------------------
@@ -108,6 +122,7 @@ class FakeEngine:
 
     def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]:
         assert 0 < len(entries) <= self.n_batch
+        self._touch()
         self.decode_calls += 1
         self.batch_sizes.append(len(entries))
         out = {}
@@ -131,3 +146,18 @@ class RecordingEngine(FakeEngine):
     def decode(self, entries):
         self.seqs_per_call.append({e.seq_id for e in entries})
         return super().decode(entries)
+
+
+def scripted_rank1(engine: FakeEngine, parallel: int, config, *, cache=None, max_waiting: int | None = None,
+                   model_path=None):
+    """A real :class:`Rank1` (owner thread, pipeline, cache) running the scripted engine instead of llama.cpp."""
+    from pathlib import Path
+
+    from rank1_local import LlamaSettings, Rank1
+
+    class ScriptedRank1(Rank1):
+        def __init__(self) -> None:
+            self._start(config, LlamaSettings(parallel=parallel, max_waiting=max_waiting),
+                        Path(model_path or "scripted.gguf"), engine, lambda: engine, (TRUE, FALSE), cache)
+
+    return ScriptedRank1()

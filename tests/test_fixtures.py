@@ -82,3 +82,31 @@ def test_training_leaves_the_callers_thread_count_alone(fixture_dir):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_build_that_gives_other_weights_than_recorded_is_refused(tmp_path, fixture_dir, monkeypatch):
+    """Every build is checked against the weights digest recorded in the repository: a builder that gave other bits
+    on some machine fails loudly instead of handing the tests a different model."""
+    from quantize.fixtures import build_fixture, fixture_cache_dir, registry
+    from rank1_local.core.errors import Rank1Error
+
+    monkeypatch.setenv("RANK1_VOCAB_DIR", str(fixture_cache_dir() / "vocab"))
+    fixture_dir("qwen2-tied")  # the vocab files are fetched
+    monkeypatch.setattr(registry, "expected_weights", lambda: {"qwen2-tied": "0" * 64})
+    with pytest.raises(Rank1Error, match="not the recorded"):
+        build_fixture("qwen2-tied", cache_dir=tmp_path)
+    assert not any(tmp_path.glob("qwen2-tied-*")) and not any(tmp_path.glob(".qwen2-tied*"))
+
+
+def test_trained_fixtures_are_rebuilt_from_the_shipped_weights(fixture_dir):
+    """The trained fixtures are not trained here: they are rebuilt from quantize/fixtures/data, and their digest
+    is the one recorded when they were trained."""
+    from quantize.fixtures.checkpoints import weights_digest
+    from quantize.fixtures.registry import expected_weights
+    from quantize.fixtures.trained import trained_metadata
+
+    for name in ("behaving", "behaving-think"):
+        folder = fixture_dir(name)
+        recorded = json.loads((folder / "fixture.json").read_text())
+        assert weights_digest(folder) == recorded["weights_sha256"] == expected_weights()[name]
+        assert trained_metadata(name)["weights_sha256"] == recorded["weights_sha256"]

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from rank1_local.cache.store import CacheFileError, JudgmentCache
 from rank1_local.core.config import ScoringConfig
-from rank1_local.cache.store import CacheFileError, JudgmentCache, score_with_cache
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.results import Rank1Result, build_result
+from rank1_local.pipeline import Pipeline, SerialExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = "rank1_local.cache.store"
@@ -152,47 +153,61 @@ def test_stats_count_rows_models_and_hits_and_clear_empties(tmp_path, model_file
     assert a.lookup([pair(0, "p0")]) == {}
 
 
+class Tokens:
+    """A byte tokenizer for the pipeline (the cache keys on prompt text, not on ids)."""
+
+    def tokenize(self, text):
+        return list(text.encode())
+
+    def detokenize(self, ids):
+        return bytes(ids).decode("utf-8", "ignore")
+
+
+def cached_pipeline(cache: JudgmentCache, model_file: Path, scorer) -> Pipeline:
+    config = ScoringConfig(max_think_tokens=64, n_ctx=512)
+    return Pipeline(Tokens(), SerialExecutor(scorer), config, cache=cache, model_path=model_file,
+                    cache_settings=lambda c: c.to_dict())
+
+
 @quick
-def test_score_with_cache_scores_only_misses_and_keeps_order(tmp_path, model_file):
-    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, SETTINGS)
+def test_the_pipeline_scores_only_misses_and_keeps_order(tmp_path, model_file):
     calls: list[list[str]] = []
 
-    def scorer(todo, on_done):
-        calls.append([p.prompt for p in todo])
-        out = []
+    def scorer(todo, config, deliver, cancelled):
+        calls.append([p.prompt.split("Passage: ")[1].split("\n")[0] for p in todo])
         for p in reversed(todo):  # finishes out of order, like the scheduler
-            out.append(judged(p))
-            if on_done is not None:
-                on_done(out[-1])
-        return sorted(out, key=lambda r: r.index)
+            deliver(p, judged(p))
 
-    first = [pair(0, "a"), pair(1, "b"), pair(2, "c", too_long=True)]
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    pipe = cached_pipeline(cache, model_file, scorer)
     seen: list[Rank1Result] = []
-    results = score_with_cache(first, scope, scorer, seen.append)
-    assert calls == [["a", "b", "c"]] and [r.index for r in results] == [0, 1, 2]
-    assert sorted(r.index for r in seen) == [0, 1, 2] and not any(r.cached for r in results)
+    first = pipe.score([("q", "a"), ("q", "b")], on_result=seen.append)
+    assert calls == [["a", "b"]] and [r.index for r in first] == [0, 1]
+    assert sorted(r.index for r in seen) == [0, 1] and not any(r.cached for r in first)
 
-    second = [pair(0, "d"), pair(1, "b"), pair(2, "c", too_long=True), pair(3, "a")]
     seen.clear()
-    results = score_with_cache(second, scope, scorer, seen.append)
-    assert calls[1] == ["d", "c"]  # the too-long pair goes to the scorer (which gives 0.5 without running it)
-    assert [r.index for r in results] == [0, 1, 2, 3] and [r.cached for r in results] == [False, True, False, True]
-    assert sorted(r.index for r in seen) == [0, 1, 2, 3]
-    assert same_judgment(results[3], judged(first[0]))
-    assert score_with_cache(second, None, scorer) == scorer(second, None)  # no scope: the scorer alone
+    second = pipe.score([("q", "d"), ("q", "b"), ("q", "a")], on_result=seen.append)
+    assert calls[1] == ["d"]
+    assert [r.index for r in second] == [0, 1, 2] and [r.cached for r in second] == [False, True, True]
+    assert sorted(r.index for r in seen) == [0, 1, 2]
+    assert same_judgment(second[2], first[0])
+    cache.close()
+    assert JudgmentCache(tmp_path / "c.sqlite3").stats().rows == 3
 
 
 @quick
 def test_interrupted_scoring_keeps_what_finished(tmp_path, model_file):
-    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, SETTINGS)
-
-    def dies(todo, on_done):
-        on_done(judged(todo[0]))
+    def dies(todo, config, deliver, cancelled):
+        deliver(todo[0], judged(todo[0]))
         raise KeyboardInterrupt
 
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
     with pytest.raises(KeyboardInterrupt):
-        score_with_cache([pair(0, "a"), pair(1, "b")], scope, dies)
-    assert list(scope.lookup([pair(0, "a"), pair(1, "b")])) == [0]
+        cached_pipeline(cache, model_file, dies).score([("q", "a"), ("q", "b")])
+    cache.close()  # what finished is written on close
+    again = cached_pipeline(JudgmentCache(tmp_path / "c.sqlite3"), model_file, dies)
+    scope = again.scope(again.default_config)
+    assert list(scope.lookup(again.prepare([("q", "a"), ("q", "b")], again.default_config))) == [0]
 
 
 # -- several writers ------------------------------------------------------------------------------------------------
@@ -296,9 +311,9 @@ def test_unusable_file_warns_once_scores_without_cache_and_is_left_alone(tmp_pat
     pairs = [pair(0, "p0"), pair(1, "p1")]
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for _ in range(3):
-            results = score_with_cache(pairs, scope, lambda todo, on_done: [judged(p) for p in todo])
-            assert [r.index for r in results] == [0, 1] and not any(r.cached for r in results)
-        scope.store(pairs[0], judged(pairs[0]))
+            assert scope.lookup(pairs) == {}
+            for p in pairs:
+                scope.store(p, judged(p))
         cache.close()
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
@@ -320,7 +335,8 @@ def test_unusable_file_warns_once_scores_without_cache_and_is_left_alone(tmp_pat
 @quick
 def test_newer_schema_is_not_touched(tmp_path, model_file, caplog):
     path = tmp_path / "c.sqlite3"
-    JudgmentCache(path).scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p")))
+    with JudgmentCache(path) as cache:
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p")))
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE rank1_meta SET value = '99' WHERE name = 'schema_version'")
     before = file_state(path)
@@ -335,34 +351,43 @@ def test_unwritable_place_scores_without_cache(tmp_path, model_file, caplog):
     blocker.write_text("x")
     scope = JudgmentCache(blocker / "c.sqlite3").scope(model_file, SETTINGS)  # its folder cannot be made
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert score_with_cache([pair(0, "p")], scope, lambda todo, _: [judged(p) for p in todo])[0].index == 0
+        assert scope.lookup([pair(0, "p")]) == {}
+        scope.store(pair(0, "p"), judged(pair(0, "p")))
+        scope.cache.close()
     assert "continues without the cache" in caplog.text
 
 
 @quick
 def test_read_only_file_is_still_read(tmp_path, model_file, monkeypatch, caplog):
     path = tmp_path / "c.sqlite3"
+    with JudgmentCache(path) as first:
+        first.scope(model_file, SETTINGS).store(pair(0, "old"), judged(pair(0, "old")))
     cache = JudgmentCache(path)
     scope = cache.scope(model_file, SETTINGS)
-    scope.store(pair(0, "old"), judged(pair(0, "old")))
-    real = cache._connection()
+    connect = cache.connect
 
     class ReadOnly:  # the file's writes fail as on a read-only mount (root ignores permission bits)
+        def __init__(self, conn):
+            self.conn = conn
+
         def execute(self, sql, *args):
             if sql.split()[0] in ("BEGIN", "INSERT", "UPDATE"):
                 raise sqlite3.OperationalError("attempt to write a readonly database")
-            return real.execute(sql, *args)
+            return self.conn.execute(sql, *args)
 
-    monkeypatch.setattr(cache, "_connection", ReadOnly)
-    monkeypatch.setattr("rank1_local.cache.store._FLUSH_HITS", 1)  # every lookup tries to write its hit count
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(cache, "connect", lambda **kw: ReadOnly(connect(**kw)))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for _ in range(3):
-            results = score_with_cache([pair(0, "old"), pair(1, "new")], scope,
-                                       lambda todo, on_done: [judged(p) for p in todo])
-            assert [r.cached for r in results] == [True, False]
+            assert list(scope.lookup([pair(0, "old"), pair(1, "new")])) == [0]  # its hit count is not kept
+            scope.store(pair(1, "new"), judged(pair(1, "new")))
+            cache.flush(5)
     assert caplog.text.count("read-only") == 1 and cache.enabled
+    cache.close()
     monkeypatch.undo()
-    assert list(scope.lookup([pair(1, "new")])) == []  # not stored
+    assert list(JudgmentCache(path).scope(model_file, SETTINGS).lookup([pair(1, "new")])) == []  # not stored
 
 
 @quick
@@ -376,16 +401,18 @@ def test_locked_database_never_fails_a_request(tmp_path, model_file, caplog):
     writer.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
     try:
         with caplog.at_level(logging.WARNING, logger=LOGGER):
-            results = score_with_cache([pair(0, "old"), pair(1, "new")], scope,
-                                       lambda todo, on_done: [judged(p) for p in todo])
-            assert [r.cached for r in results] == [True, False]  # WAL: reading goes on while another writes
+            assert list(scope.lookup([pair(0, "old"), pair(1, "new")])) == [0]  # WAL: reads go on while it writes
+            scope.store(pair(1, "new"), judged(pair(1, "new")))  # returns at once: the writer waits, not us
+            assert not cache.flush(1.0)
+            assert sorted(scope.lookup([pair(0, "old"), pair(1, "new")])) == [0, 1]  # served from memory
     finally:
         writer.execute("ROLLBACK")
         writer.close()
     assert "locked" in caplog.text and cache.enabled  # only busy: the cache is not switched off
-    scope.store(pair(1, "new"), judged(pair(1, "new")))
-    assert sorted(scope.lookup([pair(0, "old"), pair(1, "new")])) == [0, 1]
+    assert cache.flush(5)
     cache.close()
+    with JudgmentCache(path) as reread:
+        assert sorted(reread.scope(model_file, SETTINGS).lookup([pair(0, "old"), pair(1, "new")])) == [0, 1]
 
     hog = sqlite3.connect(path, isolation_level=None)  # a connection that keeps the file to itself
     hog.execute("PRAGMA locking_mode = EXCLUSIVE")
@@ -394,8 +421,7 @@ def test_locked_database_never_fails_a_request(tmp_path, model_file, caplog):
     hog.execute("COMMIT")
     try:
         locked_out = JudgmentCache(path, timeout=0.2).scope(model_file, SETTINGS)
-        results = score_with_cache([pair(0, "old")], locked_out, lambda todo, _: [judged(p) for p in todo])
-        assert not results[0].cached and locked_out.cache.enabled
+        assert locked_out.lookup([pair(0, "old")]) == {} and locked_out.cache.enabled  # skipped, not broken
     finally:
         hog.close()
     assert list(locked_out.lookup([pair(0, "old")])) == [0]  # works again once the lock is gone
@@ -542,9 +568,10 @@ def test_rank1_second_run_is_served_from_the_cache(gguf, fixture_pairs, tmp_path
             assert same_judgment(a, b) and b.cached
             assert dataclasses.replace(b, cached=False, seconds=a.seconds) == a
 
-        longer = model.with_config(dataclasses.replace(model.config, max_think_tokens=63))
-        assert not any(r.cached for r in longer.score_pairs(fixture_pairs[:2]))  # other settings: misses
-        assert model.cache_scope().hits == len(fixture_pairs) and longer.cache_scope().misses == 2
+        longer = dataclasses.replace(model.config, max_think_tokens=63)
+        assert not any(r.cached for r in model.score_pairs(fixture_pairs[:2], config=longer))  # other settings
+        assert model.pipeline.scope(model.config).hits == len(fixture_pairs)
+        assert model.pipeline.scope(longer).misses == 2
         assert "engine" in model.cache_settings() and model.cache_settings()["max_think_tokens"] == 64
 
     with Rank1(gguf, cache=JudgmentCache(path), **COMMON) as again:  # another load, another object

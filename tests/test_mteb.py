@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from rank1_local import Rank1, ScoringConfig
-from rank1_local.core.reranker import Reranker
 from rank1_local.core.dataset_prompts import DATASET_PROMPTS
-from rank1_local.integrations.mteb import MTEBRank1, pairs_from_batches
 from rank1_local.core.pairs import PreparedPair, normalize_pairs
 from rank1_local.core.prompt import format_passage, format_query
+from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import build_result
+from rank1_local.integrations.mteb import MTEBRank1, pairs_from_batches
 
 DATA = Path(__file__).parent / "data" / "trec_rag24_sample.jsonl"
 
@@ -24,15 +24,15 @@ DATA = Path(__file__).parent / "data" / "trec_rag24_sample.jsonl"
 class Recording(Reranker):
     """Scores every pair 0.25 and remembers what it was asked: the adapter's plumbing without a model."""
 
-    backend = "recording"
+    device = "recording"
 
     def __init__(self) -> None:
         self.config = ScoringConfig(max_think_tokens=8, n_ctx=64)
         self.calls: list[tuple[ScoringConfig, list]] = []
 
-    def score_pairs(self, pairs, *, on_result=None):
+    def score_pairs(self, pairs, *, config=None, on_result=None):
         pairs = normalize_pairs(pairs)
-        self.calls.append((self.config, pairs))
+        self.calls.append((config or self.config, pairs))
         return [build_result(PreparedPair(i, "", "", []), score=0.25, reasoning="", n_tokens=0, forced=False,
                              seconds=0.0) for i in range(len(pairs))]
 

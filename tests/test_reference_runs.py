@@ -1,4 +1,4 @@
-"""Reference runs (`rank1-bench reference`): the transformers engine end to end against the llama.cpp runtime,
+"""Reference runs (`rank1-bench reference`): the transformers backend end to end against the llama.cpp runtime,
 run headers, and the vLLM runner's parsing and import guard (vLLM itself cannot run here)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def pairs_file(tmp_path_factory):
 def reference_run(fixture_dir, pairs_file):
     out = pairs_file.parent / "reference.jsonl"
     assert bench(["-q", "reference", "--model", str(fixture_dir("behaving")), "--pairs", str(pairs_file),
-                  "--output", str(out), "--engine", "transformers", "--device", "cpu", *SETTINGS]) == 0
+                  "--output", str(out), "--backend", "transformers", "--device", "cpu", *SETTINGS]) == 0
     return out
 
 
@@ -48,13 +48,13 @@ def test_transformers_reference_matches_runtime_f32(reference_run, pairs_file, e
     assert r.identical_reasoning == 1.0 and r.decision_agreement == 1.0
     assert r.max_abs_diff <= 1e-4
     ref_header, run_header = read_header(header_path(reference_run)), read_header(header_path(run))
-    assert ref_header.engine == "transformers" and ref_header.backend == "transformers cpu float32"
-    assert run_header.engine == "llama.cpp" and run_header.pairs == len(PAIRS) and run_header.model_bytes > 0
+    assert ref_header.backend == "transformers" and ref_header.device == "transformers cpu float32"
+    assert run_header.backend == "llama.cpp" and run_header.pairs == len(PAIRS) and run_header.model_bytes > 0
     assert "transformers" in ref_header.versions and run_header.pairs_per_second > 0
 
 
 def test_reference_run_is_the_independent_reference(reference_run, fixture_dir):
-    """The transformers engine against the tests' own implementation of the protocol."""
+    """The transformers backend against the tests' own implementation of the protocol."""
     ref = Reference(fixture_dir("behaving"))
     rows = {(r["qid"], r["docid"]): r for r in map(json.loads, reference_run.read_text().splitlines())}
     for p in PAIRS[:6]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def sequential(f32_model):
 def test_matches_reference_text_and_score(sequential, reference):
     for pair, got in zip(PAIRS, sequential, strict=True):
         ref = reference.score(pair.query, pair.passage, max_think_tokens=64)
-        assert got.reasoning == ref.reasoning == pair.reasoning.removesuffix("</think>")
+        assert got.reasoning == ref.reasoning
         assert got.n_tokens == ref.n_tokens
         assert got.forced == ref.forced
         assert abs(got.score - ref.score) <= 1e-4, (pair, got.score, ref.score)
@@ -69,7 +70,7 @@ def test_same_ranking_as_reference(f32_model, reference):
         ranked = m.rerank(query, docs)
     ref_scores = [reference.score(query, d, max_think_tokens=64).score for d in docs]
     assert [r.index for r in ranked] == list(np.argsort(-np.array(ref_scores), kind="stable"))
-    assert ranked[0].index == 2 and ranked[0].relevant and not ranked[-1].relevant
+    assert [r.relevant for r in ranked] == [s > 0.5 for s in sorted(ref_scores, reverse=True)]
 
 
 def test_batched_equals_sequential_in_any_order(f32_model, sequential):
@@ -91,8 +92,8 @@ def test_shared_prefixes_are_evaluated_once(f32_model, sequential):
     with _model(f32_model, parallel=2, max_think_tokens=64) as m:
         got = m.score_pairs(interleaved)
         stats = m.last_stats
-        prefixes = [m.engine.tokenize(prompt_prefix(q))[:-1] for q in dict.fromkeys(q for q, _ in pairs)]
-        prompts = {(q, d): len(m.engine.tokenize(build_prompt(q, d))) for q, d in pairs}
+        prefixes = [m.tokenize(prompt_prefix(q))[:-1] for q in dict.fromkeys(q for q, _ in pairs)]
+        prompts = {(q, d): len(m.tokenize(build_prompt(q, d))) for q, d in pairs}
     assert not any(r.forced for r in got)
     assert len(prefixes) == 2 and 0 < common_prefix_len(*prefixes) < len(prefixes[1])
     expected = len(prefixes[0]) + len(prefixes[1]) - common_prefix_len(*prefixes)
@@ -149,7 +150,9 @@ def test_rethink_round_matches_reference(f32_model, reference):
 def test_predict_and_rank_api(f32_model):
     with _model(f32_model, parallel=2, max_think_tokens=64) as m:
         scores = m.predict([(PAIRS[0].query, PAIRS[0].passage), (PAIRS[3].query, PAIRS[3].passage, "")])
-        assert scores.shape == (2,) and scores.dtype == np.float64 and scores[0] > 0.9 and scores[1] < 0.1
+        assert scores.shape == (2,) and scores.dtype == np.float64
+        direct = m.score_pairs([(PAIRS[0].query, PAIRS[0].passage), (PAIRS[3].query, PAIRS[3].passage)])
+        assert scores.tolist() == pytest.approx([r.score for r in direct], abs=1e-4)
         ranked = m.rank(PAIRS[0].query, [PAIRS[3].passage, PAIRS[0].passage], return_documents=True, top_k=1)
         assert ranked == [{"corpus_id": 1, "score": pytest.approx(scores[0], abs=1e-4), "text": PAIRS[0].passage}]
     with pytest.raises(Rank1Error, match="model was closed"):  # not a crash on freed llama.cpp memory
@@ -220,10 +223,11 @@ def test_pair_objects_and_instructions(f32_model, reference):
     assert abs(b.score - reference.score(pair.query, pair.passage, max_think_tokens=64).score) <= 1e-4
 
 
-def test_empty_passage_is_scored_with_a_warning(f32_model, caplog):
+def test_empty_passage_is_scored_with_a_warning(f32_model, sequential, caplog):
+    sequential_score = sequential[0].score
     with _model(f32_model, parallel=2, max_think_tokens=64) as m:
         got = m.score_pairs([(PAIRS[0].query, ""), (PAIRS[0].query, PAIRS[0].passage)])
-    assert len(got) == 2 and 0.0 <= got[0].score <= 1.0 and got[1].score > 0.9
+    assert len(got) == 2 and 0.0 <= got[0].score <= 1.0 and got[1].score == pytest.approx(sequential_score, abs=1e-4)
     assert "passage of pair 0 is empty" in caplog.text
 
 
@@ -251,9 +255,55 @@ def test_rank1_tokenizer_with_think_tokens(fixture_dir, exported):
     reference = Reference(fixture_dir("behaving-think"))
     with _model(exported("behaving-think", "F32"), parallel=4, max_think_tokens=64) as m:
         got = m.score_pairs([(p.query, p.passage) for p in PAIRS[:8]])
-        assert m.engine.tokenize(build_prompt("q", "p"))[-1] == 151665
+        assert m.tokenize(build_prompt("q", "p"))[-1] == 151665
     for pair, g in zip(PAIRS[:8], got, strict=True):
         ref = reference.score(pair.query, pair.passage, max_think_tokens=64)
         assert g.reasoning == ref.reasoning and g.n_tokens == ref.n_tokens and g.forced == ref.forced
         assert abs(g.score - ref.score) <= 1e-4
-    assert sum(g.reasoning == p.reasoning.removesuffix("</think>") for g, p in zip(got, PAIRS[:8], strict=True)) >= 7
+
+
+def test_threads_calling_predict_at_once_get_their_own_results(f32_model, sequential):
+    """8 threads call ``predict`` on one model with different queries at once: every result equals the
+    single-threaded run (same reasoning; |Δscore| ≤ 1e-3, llama.cpp's batch variance), and no caller sees another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = [[(p.query, p.passage) for p in PAIRS[2 * i:2 * i + 2]] for i in range(8)]
+    with _model(f32_model, parallel=8, max_think_tokens=64) as m:
+        barrier = threading.Barrier(8)
+
+        def call(pairs):
+            barrier.wait()
+            return m.score_pairs(pairs)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(call, groups))
+    for i, results in enumerate(got):
+        for r, want in zip(results, sequential[2 * i:2 * i + 2], strict=True):
+            assert r.reasoning == want.reasoning and r.n_tokens == want.n_tokens and r.forced == want.forced
+            assert abs(r.score - want.score) <= 1e-3
+
+
+def test_close_from_another_thread_mid_run(f32_model):
+    """Closing while another thread scores: the caller gets a clear error, nothing crashes, memory is freed after
+    the owner thread has stopped, and every later call is a clear error too."""
+    m = _model(f32_model, parallel=2, max_think_tokens=64)
+    pairs = [(p.query, p.passage + f" ({i})") for i, p in enumerate(PAIRS * 4)]
+    outcome = []
+    started = threading.Event()
+
+    def call():
+        try:
+            outcome.append(m.score_pairs(pairs, on_result=lambda r: started.set()))
+        except Rank1Error as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert started.wait(60)
+    m.close()
+    caller.join(30)
+    assert not caller.is_alive() and isinstance(outcome[0], Rank1Error) and "closed" in str(outcome[0])
+    assert not m._owner._thread.is_alive()
+    for after in (lambda: m.predict([pairs[0]]), lambda: m.tokenize("x"), lambda: m.detokenize([1, 2])):
+        with pytest.raises(Rank1Error, match="closed"):
+            after()

@@ -27,8 +27,8 @@ def run(engine, pairs, *, parallel=2, budget=64, rethink=0, cancelled=None, on_r
         n_ctx=512):
     config = ScoringConfig(max_think_tokens=budget, n_ctx=n_ctx, rethink_rounds=rethink, protocol=protocol)
     prepared = prepare_pairs(pairs, config, engine.tokenize, engine.detokenize)
-    scheduler = Scheduler(engine, SchedulerParams(parallel, config, TRUE, FALSE))
-    return scheduler.run(make_jobs(prepared, engine.tokenize), on_result=on_result, cancelled=cancelled)
+    scheduler = Scheduler(engine, SchedulerParams(parallel, TRUE, FALSE))
+    return scheduler.run(make_jobs(prepared, engine.tokenize, config), on_result=on_result, cancelled=cancelled)
 
 
 def pairs_for(*queries):

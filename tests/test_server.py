@@ -48,8 +48,8 @@ def direct(model_file):
         def get(query, docs, **config):
             key = (query, tuple(map(json.dumps, docs)), tuple(sorted(config.items())))
             if key not in cache:
-                model = m.with_config(m.config.__class__(**(m.config.to_dict() | config))) if config else m
-                cache[key] = model.score_pairs([(query, d) for d in docs])
+                settings = m.config.__class__(**(m.config.to_dict() | config)) if config else None
+                cache[key] = m.score_pairs([(query, d) for d in docs], config=settings)
             return cache[key]
 
         yield get

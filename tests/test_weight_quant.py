@@ -30,7 +30,7 @@ def _scores(model_dir) -> tuple[list, str]:
     from rank1_local.backends.hf import TransformersRank1
 
     with TransformersRank1(model_dir, device="cpu", **SETTINGS) as model:
-        return model.score_pairs([(p.query, p.passage) for p in PAIRS]), model.backend
+        return model.score_pairs([(p.query, p.passage) for p in PAIRS]), model.device
 
 
 @pytest.fixture(scope="module")

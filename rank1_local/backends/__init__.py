@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rank1_local.core.reranker import Reranker
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
+from rank1_local.core.reranker import Reranker
 
 BACKENDS = ("llama.cpp", "transformers", "vllm")
 

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rank1_local.core.reranker import Reranker
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.extras import require
-from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.core.pairs import Pair, PreparedPair, prepare_pairs
+from rank1_local.core.pairs import Pair, PreparedPair
 from rank1_local.core.protocol import (
     NO_SCORE,
     ReasoningChain,
@@ -37,7 +35,10 @@ from rank1_local.core.protocol import (
     top_logprobs,
     true_false_score,
 )
+from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.models.hub import resolve_local_or_hub
+from rank1_local.pipeline import Pipeline, SerialExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +161,15 @@ class TransformersRank1(Reranker):
                     if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
             raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
                                         f"{self.device}{hint}: {str(exc).splitlines()[0][:300]}") from None
-        self.true_id, self.false_id = answer_token_ids(self._tokenize)
+        self.true_id, self.false_id = answer_token_ids(self.tokenize)
         self.eos_ids = self._eos_ids()
         self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
         self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
-        self.last_stats: RunStats | None = None
+        self.pipeline = Pipeline(self, SerialExecutor(self._score_batch), config)
         logger.info("loaded %s with transformers on %s (%s)", path.name, self.device, dtype)
 
     @property
-    def backend(self) -> str:
+    def device(self) -> str:
         return f"transformers {self.device} {self.dtype}"
 
     def _eos_ids(self) -> set[int]:
@@ -179,10 +180,10 @@ class TransformersRank1(Reranker):
         ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
         return {i for i in ids if i is not None}
 
-    def _tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def _detokenize(self, ids: list[int]) -> str:
+    def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _piece(self, token: int) -> bytes:
@@ -193,22 +194,21 @@ class TransformersRank1(Reranker):
         try:
             return bytes(self._byte_decoder[c] for c in text)
         except KeyError:
-            return self._detokenize([token]).encode()
+            return self.detokenize([token]).encode()
 
     def _answer(self, logits: Any) -> float:
         return true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
 
-    def _fallback(self, seq: _Sequence, chain: ReasoningChain) -> float:
+    def _fallback(self, seq: _Sequence, chain: ReasoningChain, config: ScoringConfig) -> float:
         """The answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
         chain.forced = True
-        ids = self._tokenize(chain.fallback_prompt)
-        return self._answer(seq.feed(ids)) if self.config.fits(len(ids)) else NO_SCORE
+        ids = self.tokenize(chain.fallback_prompt)
+        return self._answer(seq.feed(ids)) if config.fits(len(ids)) else NO_SCORE
 
-    def _score_one(self, pair: PreparedPair) -> Rank1Result:
+    def _score_one(self, pair: PreparedPair, config: ScoringConfig) -> Rank1Result:
         if pair.too_long:
             return too_long_result(pair)
         started = time.perf_counter()
-        config = self.config
         seq = _Sequence(self.model, self.torch, self.device)
         logits = seq.feed(pair.ids)
         chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
@@ -221,32 +221,34 @@ class TransformersRank1(Reranker):
                 logits = seq.feed(seq.ids + [token])
                 continue
             if step is Step.RETHINK:
-                logits = seq.feed(self._tokenize(chain.continuation_prompt))
+                logits = seq.feed(self.tokenize(chain.continuation_prompt))
                 continue
             if step is Step.ANSWER:
                 score = self._answer(seq.feed(seq.ids + [token]))
             elif step is Step.FINISH:
                 score = answer_score(top_logprobs(logits.cpu().numpy()), self.true_id, self.false_id)
                 if score is None:
-                    score = self._fallback(seq, chain)
+                    score = self._fallback(seq, chain, config)
             else:  # Step.FORCE
-                score = self._fallback(seq, chain)
+                score = self._fallback(seq, chain, config)
             return build_result(pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
                                 forced=chain.forced, seconds=time.perf_counter() - started)
 
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *,
+    def _score_batch(self, pairs: list[PreparedPair], config: ScoringConfig,
+                     deliver: Callable[[PreparedPair, Rank1Result], None], cancelled: Callable[[], bool]) -> None:
+        for pair in pairs:
+            if cancelled():
+                return
+            deliver(pair, self._score_one(pair, config))
+
+    @property
+    def last_stats(self) -> RunStats | None:
+        return self.pipeline.last_stats
+
+    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        prepared = prepare_pairs(pairs, self.config, self._tokenize, self._detokenize)
-        start = time.perf_counter()
-        results = []
-        for pair in prepared:
-            result = self._score_one(pair)
-            results.append(result)
-            if on_result:
-                on_result(result)
-        self.last_stats = RunStats(len(results), sum(r.n_prompt_tokens for r in results),
-                                   sum(r.n_tokens for r in results), time.perf_counter() - start)
-        return results
+        """Score pairs one at a time (calls from several threads take turns); results in input order."""
+        return self.pipeline.score(pairs, config, on_result)
 
     def close(self) -> None:
         self.model = None

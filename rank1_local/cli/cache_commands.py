@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from rank1_local.cache.store import CacheStats, JudgmentCache
+from rank1_local.cache.admin import CacheStats
+from rank1_local.cache.store import JudgmentCache
 from rank1_local.runs.user_dirs import default_cache_path
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rank1_local.core.reranker import Reranker
 from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
@@ -19,6 +18,7 @@ from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringCo
 from rank1_local.core.dataset_prompts import dataset_prompt
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.protocol import PROTOCOLS
+from rank1_local.core.reranker import Reranker
 
 logger = logging.getLogger("rank1-local")
 
@@ -103,7 +103,7 @@ def _rerank_query(args: argparse.Namespace) -> int:
             print(json.dumps([{"docid": ids[r.index], "score": r.score, "relevant": r.relevant,
                                "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced}
                               for r in ranked], ensure_ascii=False, indent=2))
-        logger.info("backend: %s", model.backend)
+        logger.info("ran on %s", model.device)
     return 0
 
 
@@ -114,7 +114,7 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
         raise Rank1Error("--pairs needs --output OUT.jsonl")
     config = scoring_config(args)
     score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
-                     engine=args.backend, progress=not args.quiet)
+                     backend=args.backend, progress=not args.quiet)
     return 0
 
 
@@ -140,7 +140,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_binding(args.host, api_key, args.insecure_no_auth)
     config = scoring_config(args)
-    settings = engine_settings(args)
+    settings = engine_settings(args) | {"max_waiting": args.max_queue}
     with Rank1(args.model, config, **settings) as model:
         server = ServerSettings(model_name=args.name or model.model_path.stem, api_key=api_key,
                                 max_documents=args.max_documents, max_total_chars=args.max_chars,
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=2_000_000,
                    help="characters of query and documents per request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body size (more: 413)")
+    p.add_argument("--max-queue", type=int, default=4096,
+                   help="pairs that may wait for a slot, across all requests (a request that would exceed it: 503 "
+                        "with Retry-After)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish on shutdown before they are cancelled")
     add_llama_args(p, parallel=8, parallel_help="pairs decoded together, across all requests")

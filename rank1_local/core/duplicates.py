@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.results import Rank1Result
 
 logger = logging.getLogger(__name__)
-
-Score = Callable[[list[PreparedPair], Callable[[Rank1Result], None] | None], list[Rank1Result]]
 
 
 @dataclass(frozen=True)
@@ -52,23 +50,3 @@ def find_duplicates(prepared: Sequence[PreparedPair]) -> Duplicates:
                 continue
         unique.append(pair)
     return Duplicates(unique, {k: tuple(v) for k, v in copies.items()})
-
-
-def score_each_prompt_once(prepared: list[PreparedPair], score: Score,
-                           on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-    """``score(pairs, on_done)`` on the distinct prompts only; every pair gets its result, in input order, and
-    ``on_result`` sees each (copies right after the result they copy)."""
-    duplicates = find_duplicates(prepared)
-    if not duplicates.copies:
-        return score(prepared, on_result)
-    logger.info("%d of %d pairs repeat an earlier pair's prompt: each prompt is judged once", duplicates.count,
-                len(prepared))
-
-    def done(result: Rank1Result) -> None:
-        assert on_result is not None
-        for each in duplicates.fan_out(result):
-            on_result(each)
-
-    results = score(duplicates.unique, done if on_result is not None else None)
-    by_index = {r.index: r for result in results for r in duplicates.fan_out(result)}
-    return [by_index[p.index] for p in prepared if p.index in by_index]

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from rank1_local.core.reranker import Reranker
+from rank1_local.core.config import ScoringConfig
 from rank1_local.core.dataset_prompts import dataset_prompt
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair
+from rank1_local.core.reranker import Reranker
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ class MTEBRank1:
         self.name, self.revision = name, revision
         self._meta: Any = None
 
-    def _for_task(self, task_metadata: Any, hf_subset: str | None) -> Reranker:
+    def _config_for(self, task_metadata: Any, hf_subset: str | None) -> ScoringConfig | None:
+        """The reranker's settings with the task's official dataset prompt (None: the reranker's own)."""
         if not self.dataset_prompts or task_metadata is None:
-            return self.reranker
+            return None
         template = dataset_prompt(task_metadata.name, hf_subset)
         if template is None:
-            return self.reranker
-        return self.reranker.with_config(dataclasses.replace(self.reranker.config, prompt_template=template))
+            return None
+        return dataclasses.replace(self.reranker.config, prompt_template=template)
 
     def predict(self, inputs1: Any, inputs2: Any = None, *, task_metadata: Any = None, hf_split: str | None = None,
                 hf_subset: str | None = None, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
@@ -81,10 +83,10 @@ class MTEBRank1:
         if inputs2 is None:
             return self.reranker.predict(list(inputs1))
         pairs = pairs_from_batches(inputs1, inputs2)
-        model = self._for_task(task_metadata, hf_subset)
+        config = self._config_for(task_metadata, hf_subset)
         logger.info("%s/%s: %d pairs%s", getattr(task_metadata, "name", "?"), hf_subset, len(pairs),
-                    " with the official dataset prompt" if model is not self.reranker else "")
-        return np.array([r.score for r in model.score_pairs(pairs)], dtype=np.float64)
+                    " with the official dataset prompt" if config is not None else "")
+        return np.array([r.score for r in self.reranker.score_pairs(pairs, config=config)], dtype=np.float64)
 
     @property
     def mteb_model_meta(self) -> Any:

@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rank1_local.runs.atomic import write_text_atomic
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
 from rank1_local.models.file_digest import file_digest, remember_digest
 from rank1_local.models.gguf_file import check_gguf_file
+from rank1_local.runs.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank1_local.models.bundle import is_bundle, read_bundle
 from rank1_local.core.errors import ModelNotFoundError, Rank1Error
+from rank1_local.models.bundle import is_bundle, read_bundle
 from rank1_local.models.model_files import gguf_file_type, split_name
 from rank1_local.runs.user_dirs import default_bundles_dir
 

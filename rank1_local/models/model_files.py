@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank1_local.models.bundle import open_bundle
 from rank1_local.core.errors import ModelNotFoundError
+from rank1_local.models.bundle import open_bundle
 from rank1_local.models.gguf_file import LLAMA_FTYPES, check_gguf_file
 from rank1_local.models.hub import HubAccess, cached_snapshot, check_hub, hub_cache_dir, is_hub_id
 

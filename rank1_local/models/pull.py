@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rank1_local.models.bundle import Bundle, BundleSource, write_bundle
 from rank1_local.core.errors import ModelNotFoundError
+from rank1_local.models.bundle import Bundle, BundleSource, write_bundle
 from rank1_local.models.gguf_file import check_gguf_file, read_file_type
 from rank1_local.models.hub import is_hub_id
 from rank1_local.models.model_files import check_type, default_type, find_published_gguf, gguf_file_type, split_name

@@ -14,17 +14,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rank1_local.core.reranker import Reranker
-from rank1_local.runs.inputs import JsonlAppender, done_keys, read_pairs, result_row
 from rank1_local.core.pairs import Pair
+from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result
+from rank1_local.runs.inputs import JsonlAppender, done_keys, read_pairs, result_row
 from rank1_local.runs.run_header import RunHeader, header_path, path_bytes, start_run, write_header
 
 logger = logging.getLogger(__name__)
 
 
 def score_pairs_file(pairs_file: Path, output: Path, make_model: Callable[[], Reranker], *, model_arg: str,
-                     engine: str, progress: bool = True) -> int:
+                     backend: str, progress: bool = True) -> int:
     """Score the pairs of ``pairs_file`` not yet in ``output``; returns how many were scored now."""
     rows = read_pairs(pairs_file)
     done = done_keys(output)
@@ -35,8 +35,8 @@ def score_pairs_file(pairs_file: Path, output: Path, make_model: Callable[[], Re
     with make_model() as model:
         model_file = Path(getattr(model, "model_path", model_arg))
         header = start_run(output, RunHeader(
-            model=model_arg, model_file=str(model_file), model_bytes=path_bytes(model_file), engine=engine,
-            backend=model.backend, settings=model.score_settings()), resuming=bool(done))
+            model=model_arg, model_file=str(model_file), model_bytes=path_bytes(model_file), backend=backend,
+            device=model.device, settings=model.score_settings()), resuming=bool(done))
         out = JsonlAppender(output)
         counts = {"pairs": 0, "tokens": 0}
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """The small header file written beside every run file (``OUT.jsonl`` -> ``OUT.header.json``).
 
-It records what produced the rows — model, engine, backend, settings, library versions — and how fast
+It records what produced the rows — model, backend, device, settings, library versions — and how fast
 (pairs, seconds, tokens), accumulated over resumed runs. Resuming into a run file made by another model
 or other settings is refused, so one file never mixes two runs.
 """
@@ -15,8 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rank1_local.runs.atomic import write_text_atomic
 from rank1_local.core.errors import Rank1Error
+from rank1_local.runs.atomic import write_text_atomic
 
 FORMAT = "rank1-run/1"
 _PACKAGES = ("rank1-local", "llama-cpp-python", "transformers", "torch", "vllm", "gptqmodel")
@@ -41,8 +41,8 @@ class RunHeader:
     model: str  # what the user passed (path or hub id)
     model_file: str  # the file or folder actually run
     model_bytes: int
-    engine: str  # "llama.cpp" | "transformers" | "vllm"
-    backend: str  # where it ran, in words
+    backend: str  # the library that ran the model: "llama.cpp" | "transformers" | "vllm"
+    device: str  # where and how it ran, in words ("CPU", "GPU offload (24/24 layers)", "transformers cpu float32")
     settings: dict[str, Any]
     versions: dict[str, str] = field(default_factory=library_versions)
     pairs: int = 0
@@ -79,6 +79,8 @@ def read_header(path: Path) -> RunHeader | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         data.pop("pairs_per_second", None)
+        if "engine" in data:  # headers written before the words were settled: engine = backend, backend = device
+            data["backend"], data["device"] = data.pop("engine"), data["backend"]
         return RunHeader(**data)
     except (ValueError, TypeError) as exc:
         raise Rank1Error(f"{path}: not a run header ({exc})") from None
@@ -95,7 +97,7 @@ def start_run(run_file: Path, header: RunHeader, *, resuming: bool) -> RunHeader
     old = read_header(path) if resuming else None
     if old is None:
         return header
-    for what, a, b in (("model", old.model_file, header.model_file), ("engine", old.engine, header.engine),
+    for what, a, b in (("model", old.model_file, header.model_file), ("backend", old.backend, header.backend),
                        ("settings", old.settings, header.settings)):
         if a != b:
             raise Rank1Error(f"{run_file} was started with another {what} ({a!r}, now {b!r}); "

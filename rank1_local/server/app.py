@@ -1,8 +1,10 @@
 """The HTTP server's ASGI application (FastAPI): rerank endpoints, health, models and metrics.
 
-Every request's pairs go to the one :class:`BatchService`; the handler waits for its results (or streams them as
-server-sent events) and cancels its pairs when the client goes away. Bad input is answered with a clear message
-(401 auth, 413 over a limit, 422 invalid) and never reaches the batch.
+Every request's pairs go through the model's :class:`~rank1_local.pipeline.Pipeline` to the one thread that owns the
+llama.cpp context, in one continuous batch with every other request's; the handler waits for its results (or streams
+them as server-sent events) and cancels its pairs when the client goes away. Bad input is answered with a clear
+message (401 auth, 413 over a limit, 422 invalid, 503 with ``Retry-After`` when too many pairs wait already) and never
+reaches the batch. The app's state (model, settings, counters) lives on ``app.state.server``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,23 +24,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from rank1_local.version import __version__
-from rank1_local.backends.llama.service import BatchService, ServiceStopped, Ticket
+from rank1_local.backends.llama.facade import Rank1
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.results import Rank1Result
+from rank1_local.pipeline import Overloaded, Stopped, Ticket
 from rank1_local.server.metrics import RateWindow, render
 from rank1_local.server.schema import RerankRequest, error_body, rerank_response, result_row
+from rank1_local.version import __version__
 
 logger = logging.getLogger(__name__)
 
 RERANK_ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank")
 HEARTBEAT_S = 1.0  # an SSE comment while no result is ready (keeps proxies open, notices closed clients)
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
+SHUTDOWN_REASON = "the server shut down before this request finished"
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Settings of the HTTP layer (the model's settings are the service's)."""
+    """Settings of the HTTP layer (the model's settings are the model's)."""
 
     model_name: str
     api_key: str | None = None
@@ -55,15 +59,31 @@ class ServerSettings:
             raise Rank1Error(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
 
 
+@dataclass
+class ServerState:
+    """What the handlers share: the model, the HTTP settings, responses by (route, status), the rates' window."""
+
+    model: Rank1
+    settings: ServerSettings
+    http_counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    window: RateWindow = field(default_factory=RateWindow)
+
+    def sample_rates(self) -> None:
+        """A point of the pairs/s and tokens/s window (when a request finishes; scrapes add one too)."""
+        self.window.add(self.model.pipeline.counters.pairs, self.model.tokens[1])
+
+
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, kind: str) -> None:
+    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
-def _fail(status: int, message: str, kind: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
+def _fail(exc: HttpError) -> JSONResponse:
+    headers = dict(exc.headers or {})
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status, headers=headers or None)
 
 
 class StatusCounter:
@@ -91,7 +111,8 @@ def _summarize(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
     return "invalid request: " + "; ".join(parts)
 
 
@@ -109,156 +130,178 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(service: BatchService, settings: ServerSettings) -> Any:
-    """The ASGI app serving ``service``. The service is started and stopped with the app's lifespan."""
-    http_counts: dict[tuple[str, int], int] = {}
-    window = RateWindow()
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.start()
-        logger.info("serving %s (%d slots)", settings.model_name, service.slots)
-        yield
-        report = await run_in_threadpool(service.stop, 0.0)
-        if report.in_flight:
-            logger.info("shut down: of %d requests in flight, %d finished and %d were cancelled (%d pairs not scored)",
-                        report.in_flight, report.finished_requests, report.cancelled_requests, report.cancelled_pairs)
-        else:
-            logger.info("shut down: no request was in flight")
 
-    app = FastAPI(title="rank1-local", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+def _authorize(request: Request) -> None:
+    key = _state(request).settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise HttpError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "unauthorized")
 
-    def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise HttpError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "unauthorized")
 
-    @app.exception_handler(HttpError)
-    async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
-        return _fail(exc.status, exc.message, exc.kind)
+# --- handlers ------------------------------------------------------------------------------------------------------
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, "slots": service.slots,
-                "active_slots": service.active_slots, "queue_depth": service.queue_depth}
+async def health(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    model = state.model
+    return {"status": "ok", "model": state.settings.model_name, "slots": model.slots,
+            "active_slots": model.active_slots, "queue_depth": model.waiting}
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        model = service.model
-        return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "owned_by": "rank1-local",
-            "created": int(service.counters.started),
-            "meta": {"file": model.model_path.name, "backend": model.backend, "slots": service.slots,
-                     "protocol": model.config.to_dict()}}]}
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> PlainTextResponse:
-        authorize(request)
-        return PlainTextResponse(render(service, window, http_counts),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+async def models(request: Request) -> dict[str, Any]:
+    _authorize(request)
+    state = _state(request)
+    model = state.model
+    return {"object": "list", "data": [{
+        "id": state.settings.model_name, "object": "model", "owned_by": "rank1-local",
+        "created": int(model.pipeline.counters.started),
+        "meta": {"file": model.model_path.name, "backend": "llama.cpp", "device": model.device, "slots": model.slots,
+                 "protocol": model.config.to_dict()}}]}
 
-    async def rerank(request: Request) -> Response:
-        authorize(request)
-        body = await _read_body(request, settings.max_body_bytes)
-        try:
-            req = RerankRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise HttpError(422, _summarize(exc), "invalid_request") from None
-        n_docs = len(req.passages)
-        if n_docs > settings.max_documents:
-            raise HttpError(413, f"{n_docs} documents is over the limit of {settings.max_documents} per request "
-                                 "(--max-documents)", "request_too_large")
-        n_chars = req.total_chars()
-        if n_chars > settings.max_total_chars:
-            raise HttpError(413, f"{n_chars} characters of query and documents is over the limit of "
-                                 f"{settings.max_total_chars} (--max-chars)", "request_too_large")
-        try:
-            config = req.config(service.model.config)
-        except Rank1Error as exc:
-            raise HttpError(422, str(exc), "invalid_request") from None
 
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Rank1Result | BaseException] = asyncio.Queue()
+async def metrics(request: Request) -> PlainTextResponse:
+    _authorize(request)
+    state = _state(request)
+    return PlainTextResponse(render(state.model, state.window, state.http_counts),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
-        def post(item: Rank1Result | BaseException) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        try:
-            ticket = await run_in_threadpool(service.submit, req.pairs(), config, post, post)
-        except ServiceStopped as exc:
-            raise HttpError(503, str(exc), "shutting_down") from None
-        except Rank1Error as exc:
-            raise HttpError(422, str(exc), "invalid_request") from None
-        if req.stream:
-            return StreamingResponse(_events(req, ticket, inbox), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        results = await _collect(request, ticket, inbox)
-        if results is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        return JSONResponse(rerank_response(req, results, settings.model_name))
+async def _parse(request: Request, state: ServerState) -> RerankRequest:
+    """The request, checked against the limits (413) and validated (422) before anything is scored."""
+    settings = state.settings
+    body = await _read_body(request, settings.max_body_bytes)
+    try:
+        req = RerankRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise HttpError(422, _summarize(exc), "invalid_request") from None
+    n_docs = len(req.passages)
+    if n_docs > settings.max_documents:
+        raise HttpError(413, f"{n_docs} documents is over the limit of {settings.max_documents} per request "
+                             "(--max-documents)", "request_too_large")
+    n_chars = req.total_chars()
+    if n_chars > settings.max_total_chars:
+        raise HttpError(413, f"{n_chars} characters of query and documents is over the limit of "
+                             f"{settings.max_total_chars} (--max-chars)", "request_too_large")
+    return req
 
-    def sample_rates() -> None:
-        """A point of the pairs/s and tokens/s window when a request finishes (scrapes add one too)."""
-        window.add(service.counters.pairs, service.counters.generated_tokens)
 
-    async def _collect(request: Request, ticket: Ticket,
-                       inbox: asyncio.Queue[Rank1Result | BaseException]) -> list[Rank1Result] | None:
-        results: list[Rank1Result] = []
-        try:
-            while len(results) < ticket.size:
-                try:
-                    item = await asyncio.wait_for(inbox.get(), timeout=POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
-                if isinstance(item, ServiceStopped):
-                    raise HttpError(503, str(item), "shutting_down")
-                if isinstance(item, BaseException):
-                    raise HttpError(500, f"scoring failed: {item}", "engine_error")
-                results.append(item)
-            sample_rates()
-            return results
-        finally:
-            if len(results) < ticket.size:
-                service.cancel(ticket)
+async def rerank(request: Request) -> Response:
+    _authorize(request)
+    state = _state(request)
+    req = await _parse(request, state)
+    pipeline = state.model.pipeline
+    try:
+        config = req.config(state.model.config)
+    except Rank1Error as exc:
+        raise HttpError(422, str(exc), "invalid_request") from None
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[Rank1Result | BaseException] = asyncio.Queue()
 
-    async def _events(req: RerankRequest, ticket: Ticket,
-                      inbox: asyncio.Queue[Rank1Result | BaseException]) -> AsyncIterator[str]:
-        """``event: result`` per document as it finishes (with its reasoning), then ``event: done`` with the whole
-        answer; ``event: error`` if scoring fails."""
-        results: list[Rank1Result] = []
-        started = time.perf_counter()
-        try:
-            while len(results) < ticket.size:
-                try:
-                    item = await asyncio.wait_for(inbox.get(), timeout=HEARTBEAT_S)
-                except asyncio.TimeoutError:
+    def post(item: Rank1Result | BaseException) -> None:  # called from the owner thread
+        loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+    try:
+        ticket = await run_in_threadpool(pipeline.submit, req.pairs(), config, post, post)
+    except Stopped as exc:
+        raise HttpError(503, str(exc), "shutting_down") from None
+    except Overloaded as exc:
+        raise HttpError(503, str(exc), "overloaded", {"Retry-After": f"{max(1, round(exc.retry_after))}"}) from None
+    except Rank1Error as exc:
+        raise HttpError(422, str(exc), "invalid_request") from None
+    if req.stream:
+        return StreamingResponse(_events(state, req, ticket, inbox), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    results: list[Rank1Result] = []
+    async with aclosing(_results(state, ticket, inbox, POLL_S)) as items:
+        async for item in items:
+            if item is None:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # the client went away (its pairs are cancelled)
+                continue
+            results.append(item)
+    return JSONResponse(rerank_response(req, results, state.settings.model_name))
+
+
+async def _results(state: ServerState, ticket: Ticket, inbox: asyncio.Queue[Rank1Result | BaseException],
+                   wait: float) -> AsyncIterator[Rank1Result | None]:
+    """The ticket's results as they arrive; None after each ``wait`` seconds without one (for heartbeats and
+    disconnect checks). A failure raises :class:`HttpError`; a ticket left unfinished is cancelled."""
+    received = 0
+    try:
+        while received < ticket.size:
+            try:
+                item = await asyncio.wait_for(inbox.get(), timeout=wait)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if isinstance(item, Stopped):
+                raise HttpError(503, str(item), "shutting_down")
+            if isinstance(item, BaseException):
+                raise HttpError(500, f"scoring failed: {item}", "engine_error")
+            received += 1
+            yield item
+        state.sample_rates()
+    finally:
+        if received < ticket.size:
+            state.model.pipeline.cancel(ticket)
+
+
+async def _events(state: ServerState, req: RerankRequest, ticket: Ticket,
+                  inbox: asyncio.Queue[Rank1Result | BaseException]) -> AsyncIterator[str]:
+    """``event: result`` per document as it finishes (with its reasoning), then ``event: done`` with the whole
+    answer; ``event: error`` if scoring fails or the server shuts down."""
+    results: list[Rank1Result] = []
+    started = time.perf_counter()
+    try:
+        async with aclosing(_results(state, ticket, inbox, HEARTBEAT_S)) as items:
+            async for item in items:
+                if item is None:
                     yield ": waiting\n\n"
                     continue
-                if isinstance(item, ServiceStopped):
-                    yield _sse("error", error_body(str(item), "shutting_down"))
-                    return
-                if isinstance(item, BaseException):
-                    yield _sse("error", error_body(f"scoring failed: {item}", "engine_error"))
-                    return
                 results.append(item)
                 row = result_row(req, item, reasoning=True) | {"seconds": round(time.perf_counter() - started, 3)}
                 yield _sse("result", row)
-            sample_rates()
-            yield _sse("done", rerank_response(req, results, settings.model_name))
-        finally:
-            if len(results) < ticket.size:
-                service.cancel(ticket)
-
-    for route in RERANK_ROUTES:
-        app.add_api_route(route, rerank, methods=["POST"], include_in_schema=True)
-    return StatusCounter(app, http_counts)
+    except HttpError as exc:
+        yield _sse("error", error_body(exc.message, exc.kind))
+        return
+    yield _sse("done", rerank_response(req, results, state.settings.model_name))
 
 
 def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
+    return _fail(exc)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServerState = app.state.server
+    logger.info("serving %s (%d slots)", state.settings.model_name, state.model.slots)
+    yield
+    report = await run_in_threadpool(state.model.pipeline.stop, 0.0, SHUTDOWN_REASON)
+    if report.in_flight:
+        logger.info("shut down: of %d request%s in flight, %d finished and %d %s cancelled (%d pairs not scored)",
+                    report.in_flight, "" if report.in_flight == 1 else "s", report.finished_requests,
+                    report.cancelled_requests, "was" if report.cancelled_requests == 1 else "were",
+                    report.cancelled_pairs)
+    else:
+        logger.info("shut down: no request was in flight")
+
+
+def create_app(model: Rank1, settings: ServerSettings) -> Any:
+    """The ASGI app serving ``model`` (loaded; it is closed by its owner, after the server has stopped)."""
+    app = FastAPI(title="rank1-local", version=__version__, lifespan=_lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state = ServerState(model, settings)
+    app.add_exception_handler(HttpError, _http_error)  # type: ignore[arg-type]
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    for route in RERANK_ROUTES:
+        app.add_api_route(route, rerank, methods=["POST"])
+    return StatusCounter(app, state.http_counts)

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from rank1_local.backends.llama.service import BatchService
+from rank1_local.backends.llama.facade import Rank1
 
 WINDOW_S = 60.0
 
@@ -31,9 +31,10 @@ class RateWindow:
         return ((pairs - p0) / span, (tokens - k0) / span) if span > 0 else (0.0, 0.0)
 
 
-def render(service: BatchService, window: RateWindow, http_counts: dict[tuple[str, int], int]) -> str:
-    c = service.counters
-    pairs_per_s, tokens_per_s = window.add(c.pairs, c.generated_tokens)
+def render(model: Rank1, window: RateWindow, http_counts: dict[tuple[str, int], int]) -> str:
+    c = model.pipeline.counters.snapshot()
+    prompt_tokens, generated_tokens = model.tokens
+    pairs_per_s, tokens_per_s = window.add(int(c["pairs"]), generated_tokens)
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, value: float, labels: str = "") -> None:
@@ -42,15 +43,14 @@ def render(service: BatchService, window: RateWindow, http_counts: dict[tuple[st
             lines.append(f"# TYPE {name} {kind}")
         lines.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
 
-    metric("rank1_pairs_total", "counter", "Pairs scored (cache hits included).", c.pairs)
-    metric("rank1_cache_hits_total", "counter", "Pairs answered from the judgment cache.", c.cache_hits)
-    metric("rank1_prompt_tokens_total", "counter", "Prompt tokens evaluated (shared prefixes once).", c.prompt_tokens)
-    metric("rank1_generated_tokens_total", "counter", "Tokens generated (reasoning and answers).",
-           c.generated_tokens)
+    metric("rank1_pairs_total", "counter", "Pairs scored (cache hits included).", c["pairs"])
+    metric("rank1_cache_hits_total", "counter", "Pairs answered from the judgment cache.", c["cache_hits"])
+    metric("rank1_prompt_tokens_total", "counter", "Prompt tokens evaluated (shared prefixes once).", prompt_tokens)
+    metric("rank1_generated_tokens_total", "counter", "Tokens generated (reasoning and answers).", generated_tokens)
     metric("rank1_cancelled_pairs_total", "counter", "Pairs dropped because their client went away.",
-           c.cancelled_pairs)
-    metric("rank1_requests_total", "counter", "Rerank requests accepted by the batch.", c.requests)
-    metric("rank1_engine_errors_total", "counter", "Decoding failures (their requests got an error).", c.errors)
+           c["cancelled_pairs"])
+    metric("rank1_requests_total", "counter", "Rerank requests accepted by the batch.", c["requests"])
+    metric("rank1_engine_errors_total", "counter", "Decoding failures (their requests got an error).", c["errors"])
     for (route, status), n in sorted(http_counts.items()):
         metric("rank1_http_responses_total", "counter", "HTTP responses by route and status.", n,
                f'{{route="{route}",status="{status}"}}')
@@ -58,9 +58,9 @@ def render(service: BatchService, window: RateWindow, http_counts: dict[tuple[st
            float(pairs_per_s))
     metric("rank1_tokens_per_second", "gauge", f"Tokens generated per second over the last {WINDOW_S:g} s.",
            float(tokens_per_s))
-    metric("rank1_queue_depth", "gauge", "Pairs waiting for a slot.", service.queue_depth)
-    metric("rank1_active_slots", "gauge", "Slots scoring a pair now.", service.active_slots)
-    metric("rank1_slots", "gauge", "Slots (pairs decoded together).", service.slots)
-    metric("rank1_open_requests", "gauge", "Requests with pairs still to score.", service.open_requests)
-    metric("rank1_uptime_seconds", "gauge", "Seconds since the server started.", float(time.time() - c.started))
+    metric("rank1_queue_depth", "gauge", "Pairs waiting for a slot.", model.waiting)
+    metric("rank1_active_slots", "gauge", "Slots scoring a pair now.", model.active_slots)
+    metric("rank1_slots", "gauge", "Slots (pairs decoded together).", model.slots)
+    metric("rank1_open_requests", "gauge", "Requests with pairs still to score.", model.pipeline.open_tickets)
+    metric("rank1_uptime_seconds", "gauge", "Seconds since the server started.", float(time.time() - c["started"]))
     return "\n".join(lines) + "\n"

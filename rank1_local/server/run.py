@@ -8,9 +8,8 @@ import logging
 from typing import Any
 
 from rank1_local.backends.llama.facade import Rank1
-from rank1_local.backends.llama.service import BatchService
 from rank1_local.core.errors import Rank1Error
-from rank1_local.server.app import ServerSettings, create_app
+from rank1_local.server.app import SHUTDOWN_REASON, ServerSettings, create_app
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +39,19 @@ def serve(model: Rank1, settings: ServerSettings, *, host: str, port: int) -> No
     seconds to finish, then are cancelled; the log says which)."""
     import uvicorn
 
-    service = BatchService(model)
-    app = create_app(service, settings)
+    app = create_app(model, settings)
+    pipeline = model.pipeline
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
-            service.drain()
-            logger.info("shutting down: %d requests in flight (%d pairs waiting), up to %g s to finish",
-                        service.open_requests, service.queue_depth, settings.shutdown_timeout)
+            pipeline.drain()
+            open_requests = pipeline.open_tickets
+            logger.info("shutting down: %d request%s in flight (%d pairs waiting), up to %g s to finish",
+                        open_requests, "" if open_requests == 1 else "s", model.waiting, settings.shutdown_timeout)
 
             async def deadline() -> None:  # then each request still open is answered that it was cut short
                 await asyncio.sleep(settings.shutdown_timeout)
-                service.abort("the server shut down before this request finished")
+                pipeline.abort(SHUTDOWN_REASON)
 
             task = asyncio.create_task(deadline())
             try:

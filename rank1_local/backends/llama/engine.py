@@ -3,6 +3,10 @@
 One model, one context with a *unified* KV cache (so a prompt prefix copied to several sequences
 is stored once), one reusable batch. Everything above this module works with plain token ids.
 
+An engine belongs to the thread that created it (the context's owner, :mod:`rank1_local.backends.llama.owner`):
+every method refuses a call from another thread, and every call after :meth:`LlamaEngine.close`, with a
+:class:`Rank1Error`, so no Python call can reach llama.cpp memory that another thread is using or that was freed.
+
 llama-cpp-python exposes llama.cpp's C structs through ctypes; a field set by a name the struct does not
 have would be silently ignored, so every field this module sets is checked against the struct first
 (:func:`set_fields`), and a renamed field is a clear error at load time instead of a silent change.
@@ -14,12 +18,14 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rank1_local.backends.llama.logs import route_llama_logs
 from rank1_local.core.errors import CorruptFileError, Rank1Error
 from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
 
@@ -34,7 +40,6 @@ class EngineConfig:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     f32_kv_cache: bool = False
-    verbose: bool = False  # let llama.cpp print its own load/compute logs
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class BatchEntry:
 
 
 @dataclass(frozen=True)
-class BackendInfo:
+class DeviceInfo:
     gpu_offload_supported: bool
     n_gpu_layers: int
     n_layers: int
@@ -73,9 +78,11 @@ def set_fields(struct: ctypes.Structure, **values: Any) -> None:
 
 @functools.cache
 def _llama_cpp() -> Any:
-    """The llama_cpp module with llama.cpp's backend initialised, once per process."""
+    """The llama_cpp module with llama.cpp's backend initialised and its log routed to Python logging, once per
+    process."""
     import llama_cpp
 
+    route_llama_logs(llama_cpp)
     llama_cpp.llama_backend_init()
     return llama_cpp
 
@@ -83,11 +90,10 @@ def _llama_cpp() -> Any:
 class LlamaEngine:
     def __init__(self, path: str | Path, config: EngineConfig) -> None:
         self.path = Path(path)
+        self._owner = threading.get_ident()
+        self.ctx = self.model = self._batch = None
         check_gguf_file(self.path)
         lc = self.lc = _llama_cpp()
-        from llama_cpp import _logger
-
-        _logger.set_verbose(config.verbose)  # llama-cpp-python's switch for llama.cpp's stderr log
         mparams = lc.llama_model_default_params()
         set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
         cparams = lc.llama_context_default_params()
@@ -113,45 +119,40 @@ class LlamaEngine:
         self.n_batch = config.n_batch
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
-        self.backend = BackendInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
+        self.device = DeviceInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
                                    lc.llama_model_n_layer(self.model))
 
     # --- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Ids as the HF tokenizer (and so vLLM) makes them: BOS where the model adds one, special
         tokens parsed."""
-        self._check_open()
-        data = text.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (self.lc.llama_token * n_max)()
-        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, True, True)
-        if n < 0:
-            raise Rank1Error(f"tokenization failed ({n})")
-        return list(buf[:n])
+        self._check()
+        return tokenize_text(self.lc, self.vocab, text)
 
     def piece(self, token: int) -> bytes:
         """The token's text as bytes, special tokens rendered."""
-        buf = ctypes.create_string_buffer(64)
-        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:n]
+        self._check()
+        return token_piece(self.lc, self.vocab, token)
 
     def detokenize(self, ids: list[int]) -> str:
-        return b"".join(self.piece(t) for t in ids).decode("utf-8", "ignore")
+        self._check()
+        return b"".join(token_piece(self.lc, self.vocab, t) for t in ids).decode("utf-8", "ignore")
 
     def is_eog(self, token: int) -> bool:
+        self._check()
         return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
 
     # --- KV cache -----------------------------------------------------------------------------
     def seq_copy(self, src: int, dst: int) -> None:
+        self._check()
         self.lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self._check()
         self.lc.llama_memory_seq_rm(self.memory, seq, p0, p1)
 
     def clear(self) -> None:
+        self._check()
         self.lc.llama_memory_clear(self.memory, True)
 
     # --- decoding -----------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class LlamaEngine:
         keyed by the entry's index in ``entries``."""
         if not entries:
             return {}
-        self._check_open()
+        self._check()
         if len(entries) > self.n_batch:
             raise ValueError(f"batch of {len(entries)} tokens exceeds n_batch {self.n_batch}")
         b = self._batch
@@ -182,12 +183,20 @@ class LlamaEngine:
                 out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return out
 
-    def _check_open(self) -> None:
-        if not getattr(self, "ctx", None):
+    def _check(self) -> None:
+        """Refuse a call after :meth:`close`, or from a thread other than the owner."""
+        if not self.ctx:
             raise Rank1Error(f"{self.path.name}: the model was closed; load it again to keep using it")
+        if threading.get_ident() != self._owner:
+            raise Rank1Error(f"{self.path.name}: this llama.cpp context belongs to the thread that created it; "
+                             "submit work through the model (Rank1) instead of calling its engine directly")
 
     def close(self) -> None:
-        """Free the batch, context and model (the one path that releases llama.cpp memory)."""
+        """Free the batch, context and model (the one path that releases llama.cpp memory). Only the owner frees
+        them: from another thread this is an error, and after the first call it does nothing."""
+        if self.ctx is not None or self.model is not None:
+            if threading.get_ident() != self._owner:
+                raise Rank1Error(f"{self.path.name}: only the thread that owns this llama.cpp context may free it")
         if getattr(self, "_batch", None) is not None:
             self.lc.llama_batch_free(self._batch)
             self._batch = None
@@ -198,8 +207,23 @@ class LlamaEngine:
             self.lc.llama_model_free(self.model)
             self.model = None
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
+
+def tokenize_text(lc: Any, vocab: Any, text: str) -> list[int]:
+    """``text`` as token ids of ``vocab``: BOS where the model adds one, special tokens parsed."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 16
+    buf = (lc.llama_token * n_max)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, True, True)
+    if n < 0:
+        raise Rank1Error(f"tokenization failed ({n})")
+    return list(buf[:n])
+
+
+def token_piece(lc: Any, vocab: Any, token: int) -> bytes:
+    """A token's text as bytes, special tokens rendered."""
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[:n]

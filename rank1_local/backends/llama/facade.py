@@ -2,30 +2,43 @@
 
 The API follows sentence-transformers' CrossEncoder (``predict(pairs)``, ``rank(query, docs)``);
 ``rerank`` returns full :class:`Rank1Result` objects.
+
+A ``Rank1`` is safe to share between threads: the llama.cpp context belongs to one owner thread
+(:class:`~rank1_local.backends.llama.owner.EngineOwner`), every call goes through the
+:class:`~rank1_local.pipeline.Pipeline` to it, and concurrent calls share one continuous batch. Each call gets
+exactly its own results. :meth:`Rank1.close` (or leaving a ``with`` block) may be called from any thread: calls in
+flight are cancelled with a :class:`Rank1Error`, and llama.cpp's memory is freed only after the owner has stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rank1_local.core.reranker import Reranker
 from rank1_local.backends.llama.engine import EngineConfig, LlamaEngine
-from rank1_local.backends.llama.scheduler import Scheduler, SchedulerParams, make_jobs
+from rank1_local.backends.llama.owner import EngineOwner
+from rank1_local.backends.llama.scheduler import SchedulerParams
+from rank1_local.backends.llama.tokenizer import LlamaTokenizer
+from rank1_local.cache.store import JudgmentCache
 from rank1_local.core.config import ScoringConfig, split_settings
-from rank1_local.core.duplicates import score_each_prompt_once
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
-from rank1_local.cache.store import CacheScope, JudgmentCache, score_with_cache
-from rank1_local.models.model_files import resolve_gguf
-from rank1_local.core.pairs import Pair, PreparedPair, prepare_pairs
+from rank1_local.core.pairs import Pair
 from rank1_local.core.protocol import answer_token_ids
+from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result, RunStats
+from rank1_local.models.model_files import resolve_gguf
+from rank1_local.pipeline import Pipeline
+from rank1_local.version import __version__
 
 logger = logging.getLogger(__name__)
+
+# llama.cpp's context size is a uint32 (n_ctx) and so is its batch (n_batch)
+UINT32_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -34,10 +47,12 @@ class LlamaSettings:
 
     Args:
         n_gpu_layers: layers to offload (0 = CPU only, -1 = all).
-        parallel: pairs decoded together (continuous batching).
+        parallel: pairs decoded together (continuous batching), across all callers.
         threads: CPU threads (default: all cores).
         n_batch: tokens per ``llama_decode`` call.
         f32_kv_cache: keep the KV cache in float32 instead of float16.
+        max_waiting: pairs that may wait for a slot at once (None: no limit); more is refused at once
+            (:class:`~rank1_local.pipeline.Overloaded`; the server answers 503 with Retry-After).
     """
 
     n_gpu_layers: int = 0
@@ -45,26 +60,55 @@ class LlamaSettings:
     threads: int | None = None
     n_batch: int = 512
     f32_kv_cache: bool = False
+    max_waiting: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("n_gpu_layers", "parallel", "n_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise Rank1Error(f"{name} must be an integer, got {value!r}")
         if self.parallel < 1:
             raise Rank1Error(f"parallel must be at least 1, got {self.parallel}")
-        if self.threads is not None and self.threads < 1:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise Rank1Error(f"threads must be at least 1, got {self.threads}")
-        if self.n_batch < 1:
-            raise Rank1Error(f"n_batch must be at least 1, got {self.n_batch}")
+        if not 1 <= self.n_batch <= UINT32_MAX:
+            raise Rank1Error(f"n_batch must be between 1 and {UINT32_MAX}, got {self.n_batch}")
         if self.n_gpu_layers < -1:
             raise Rank1Error(f"n_gpu_layers must be -1 (all), 0 (CPU) or a layer count, got {self.n_gpu_layers}")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise Rank1Error(f"max_waiting must be at least 1, got {self.max_waiting}")
+
+
+def kv_cells(config: ScoringConfig, settings: LlamaSettings) -> int:
+    """KV cells of the unified cache: one context per slot, plus sequence 0's shared prefix; refused when llama.cpp's
+    uint32 cannot hold it (it would wrap around silently)."""
+    cells = (config.n_ctx + 1) * (settings.parallel + 1)
+    if cells > UINT32_MAX:
+        raise Rank1Error(f"n_ctx ({config.n_ctx}) x (parallel + 1) ({settings.parallel + 1}) = {cells} KV cells is "
+                         f"more than llama.cpp's context size can hold ({UINT32_MAX}); lower n_ctx or parallel")
+    return cells
+
+
+def engine_facts(device: str, settings: LlamaSettings) -> dict[str, Any]:
+    """The engine facts that can change greedy decoding's numerics: where it runs, the KV cache type, the versions of
+    llama.cpp and of rank1-local."""
+    try:
+        llama_cpp_version = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        llama_cpp_version = "unknown"
+    return {"backend": device, "f32_kv_cache": settings.f32_kv_cache, "llama_cpp": llama_cpp_version,
+            "rank1_local": __version__}
 
 
 class Rank1(Reranker):
     """A rank1 reranker running a GGUF model in llama.cpp.
 
     Args:
-        model: path to a .gguf file, or a hub id with a published GGUF
+        model: path to a .gguf file, a bundle folder, or a hub id with a published GGUF
             (see :func:`rank1_local.models.model_files.resolve_gguf`).
-        config: the protocol settings (:class:`ScoringConfig`); keyword arguments of the same names
-            (``max_think_tokens=…``) build one.
+        config: the default protocol settings (:class:`ScoringConfig`); keyword arguments of the same names
+            (``max_think_tokens=…``) build one. A call may pass its own (``score_pairs(pairs, config=…)``); the
+            context length is fixed at load.
         settings: engine settings (:class:`LlamaSettings`); keyword arguments of the same names build one.
         gguf_type: the GGUF type to fetch for a hub id.
         cache: a judgment cache (:class:`~rank1_local.cache.store.JudgmentCache`, or the path of its SQLite
@@ -75,71 +119,112 @@ class Rank1(Reranker):
                  settings: LlamaSettings | None = None, *, gguf_type: str | None = None,
                  cache: str | Path | JudgmentCache | None = None, **kwargs: object) -> None:
         config, settings = split_settings("Rank1", config, settings, LlamaSettings, kwargs)
-        self.config = config
-        self.settings = settings
-        self.model_path = resolve_gguf(model, gguf_type=gguf_type)
-        self.engine = LlamaEngine(self.model_path, EngineConfig(
-            n_ctx=(config.n_ctx + 1) * (settings.parallel + 1), n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
-            n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers, f32_kv_cache=settings.f32_kv_cache))
+        n_cells = kv_cells(config, settings)
+        model_path = resolve_gguf(model, gguf_type=gguf_type)
+        tokenizer = LlamaTokenizer(model_path)
         try:
-            self.true_id, self.false_id = answer_token_ids(self.engine.tokenize)
+            true_id, false_id = answer_token_ids(tokenizer.tokenize)
         except UnsupportedModelError as exc:
-            self.engine.close()
-            raise UnsupportedModelError(f"{self.model_path.name}: {exc}") from None
-        self.last_stats: RunStats | None = None
+            tokenizer.close()
+            raise UnsupportedModelError(f"{model_path.name}: {exc}") from None
+        engine_config = EngineConfig(n_ctx=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
+                                     n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers,
+                                     f32_kv_cache=settings.f32_kv_cache)
+        self._start(config, settings, model_path, tokenizer, lambda: LlamaEngine(model_path, engine_config),
+                    (true_id, false_id), cache)
+
+    def _start(self, config: ScoringConfig, settings: LlamaSettings, model_path: Path, tokenizer: Any,
+               open_engine: Callable[[], Any], answer_ids: tuple[int, int],
+               cache: str | Path | JudgmentCache | None) -> None:
+        """Start the owner thread (which opens the engine) and the pipeline. ``open_engine`` must not hold this
+        object: the owner thread would keep it alive, and ``del model`` would never close it."""
+        self.config, self.settings, self.model_path, self.tokenizer = config, settings, model_path, tokenizer
+        self.true_id, self.false_id = answer_ids
+        self._closed = False
+        self._close_lock = threading.Lock()
+        try:
+            self._owner = EngineOwner(open_engine, SchedulerParams(settings.parallel, *answer_ids), tokenizer.tokenize)
+        except BaseException:
+            tokenizer.close()
+            raise
         self.cache = cache if cache is None or isinstance(cache, JudgmentCache) else JudgmentCache(cache)
-        self._scopes: dict[ScoringConfig, CacheScope] = {}  # shared with with_config clones, keyed by config
-        logger.info("loaded %s on %s", self.model_path.name, self.engine.backend.description)
+        self._engine_facts = engine_facts(self._owner.device.description, settings)
+        facts = self._engine_facts
+        self.pipeline = Pipeline(tokenizer, self._owner, config, cache=self.cache, model_path=model_path,
+                                 cache_settings=lambda c: {**c.to_dict(), "engine": facts},
+                                 max_waiting=settings.max_waiting)
+        logger.info("loaded %s on %s", model_path.name, self._owner.device.description)
 
     @property
-    def backend(self) -> str:
-        return self.engine.backend.description
+    def device(self) -> str:
+        return self._owner.device.description
 
-    def cache_settings(self) -> dict[str, Any]:
+    @property
+    def last_stats(self) -> RunStats | None:
+        """The pairs decoded (not served from the cache), tokens and time of the last call to finish."""
+        return self.pipeline.last_stats
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text`` as this model's token ids (BOS where the model adds one, special tokens parsed)."""
+        self._check_open()
+        return self.tokenizer.tokenize(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        self._check_open()
+        return self.tokenizer.detokenize(ids)
+
+    @property
+    def slots(self) -> int:
+        return self.settings.parallel
+
+    @property
+    def active_slots(self) -> int:
+        return self._owner.active_slots
+
+    @property
+    def waiting(self) -> int:
+        """Pairs waiting for a slot."""
+        return self._owner.waiting
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """(prompt, generated) tokens decoded since load."""
+        return self._owner.tokens
+
+    def cache_settings(self, config: ScoringConfig | None = None) -> dict[str, Any]:
         """What the judgment cache keys on besides the model file and the prompt: the protocol settings and the
-        engine facts that can change greedy decoding's numerics (where it runs, the KV cache type, the versions
-        of llama.cpp and of rank1-local)."""
-        from rank1_local.version import __version__
+        engine facts that can change greedy decoding's numerics (:func:`engine_facts`)."""
+        return {**self.score_settings(config), "engine": self._engine_facts}
 
-        try:
-            llama_cpp_version = metadata.version("llama-cpp-python")
-        except metadata.PackageNotFoundError:
-            llama_cpp_version = "unknown"
-        return {**self.score_settings(), "engine": {
-            "backend": self.engine.backend.description, "f32_kv_cache": self.settings.f32_kv_cache,
-            "llama_cpp": llama_cpp_version, "rank1_local": __version__}}
-
-    def cache_scope(self) -> CacheScope | None:
-        """The judgment cache's scope for this model and the current config (None without a cache)."""
-        if self.cache is None:
-            return None
-        scope = self._scopes.get(self.config)
-        if scope is None:
-            scope = self._scopes[self.config] = self.cache.scope(self.model_path, self.cache_settings())
-        return scope
-
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *,
+    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs; results come back in input order. ``on_result`` sees each as it finishes. Pairs with the
-        same prompt are judged once. With a judgment cache, pairs already judged come from it. ``last_stats``
-        counts only the pairs decoded."""
-        prepared = prepare_pairs(pairs, self.config, self.engine.tokenize, self.engine.detokenize)
-        if not prepared:
-            return []
-        self.last_stats = RunStats(0, 0, 0, 0.0)
+        """Score pairs under ``config`` (default: the model's); results come back in input order. ``on_result``
+        sees each as it finishes, in the calling thread. Pairs with the same prompt are judged once; with a
+        judgment cache, pairs already judged come from it. Thread-safe: concurrent calls share the batch."""
+        self._check_open()
+        return self.pipeline.score(pairs, config, on_result)
 
-        def run(todo: list[PreparedPair], on_done: Callable[[Rank1Result], None] | None) -> list[Rank1Result]:
-            scheduler = Scheduler(self.engine, SchedulerParams(self.settings.parallel, self.config, self.true_id,
-                                                               self.false_id))
-            results, self.last_stats = scheduler.run(make_jobs(todo, self.engine.tokenize), on_result=on_done)
-            return results
-
-        scope = self.cache_scope()
-        return score_each_prompt_once(prepared, lambda todo, on_done: score_with_cache(todo, scope, run, on_done),
-                                      on_result)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Rank1Error(f"{self.model_path.name}: the model was closed; load it again to keep using it")
 
     def close(self) -> None:
-        self.engine.close()
-        if self.cache is not None:  # writes its pending hit counts; a shared cache opens again when next used
+        """Stop taking calls, cancel those in flight (each gets a :class:`Rank1Error`), wait for the owner thread to
+        stop and free llama.cpp's memory, then write the judgment cache's pending rows. Safe from any thread, and
+        more than once."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.pipeline.drain()
+        self._owner.close()
+        self.tokenizer.close()
+        if self.cache is not None:
             self.cache.close()
 
+    def __del__(self) -> None:  # pragma: no cover - best effort, as llama-cpp-python's Llama does
+        if not getattr(self, "_closed", True) and hasattr(self, "pipeline"):
+            try:
+                self.close()
+            except Exception:
+                pass

@@ -4,11 +4,15 @@ Sequence 0 holds the prompt prefix shared by the passages of the current query
 (``"Determine…\\nQuery: {q}\\nPassage: "`` as tokens); each of the ``parallel`` slots (sequences
 1..parallel) starts from a copy of it (in the unified KV cache the cells are shared, not copied),
 evaluates its passage, then reasons greedily. When the next query's prefix is loaded, the tokens it shares
-with the previous one (the instruction head) stay in sequence 0's cache; when queries interleave (the server's
-requests), a pair copies the prefix from a running pair of its query, or evaluates the query's part in its own
+with the previous one (the instruction head) stay in sequence 0's cache; when queries interleave (several callers'
+work at once), a pair copies the prefix from a running pair of its query, or evaluates the query's part in its own
 slot within the batch (no extra ``llama_decode`` call per query switch). All active slots advance together in one
 ``llama_decode`` call per step, and a finished slot takes the next pair at once. What each generated token
 means (go on, read the answer, force it, rethink) is decided by :class:`rank1_local.core.protocol.ReasoningChain`.
+
+Each slot is in one :class:`Phase`; :class:`Admission` decides which job a free slot takes and how its prefix gets
+into the cache. The scheduler is driven by one thread only (the context's owner, see
+:mod:`rank1_local.backends.llama.owner`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +40,7 @@ from rank1_local.core.protocol import (
     true_false_score,
 )
 from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.pipeline import Tally
 
 PREFIX_SEQ = 0
 
@@ -57,8 +63,9 @@ class Engine(Protocol):
 class Job:
     pair: PreparedPair
     shared: int  # leading prompt tokens equal to the query's shared prefix
-    config: ScoringConfig | None = None  # the protocol settings of this pair (None: the scheduler's)
-    owner: Any = None  # who submitted it (the server's request), for on_result and cancelled
+    config: ScoringConfig  # the protocol settings of this pair
+    owner: Any = None  # who submitted it (a ticket), for on_result and cancelled
+    tally: Tally = field(default_factory=Tally)
 
     @property
     def prefix(self) -> list[int]:
@@ -66,13 +73,18 @@ class Job:
 
 
 class JobSource(Protocol):
-    """Where the scheduler takes its next job: ``None`` means none now (``block=False``) or none ever again."""
+    """Where the scheduler takes its next job: ``None`` means none now (``block=False``) or none ever again.
+    ``interleaved`` is true while jobs of several callers alternate (their queries are mixed)."""
+
+    interleaved: bool
 
     def next_job(self, block: bool) -> Job | None: ...
 
 
 class ListSource:
-    """A fixed list of jobs, in order."""
+    """A fixed list of jobs, in order (grouped by query: see :func:`make_jobs`)."""
+
+    interleaved = False
 
     def __init__(self, jobs: Iterable[Job]) -> None:
         self._jobs = deque(jobs)
@@ -81,8 +93,8 @@ class ListSource:
         return self._jobs.popleft() if self._jobs else None
 
 
-def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]], *,
-              config: ScoringConfig | None = None, owner: Any = None) -> list[Job]:
+def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]], config: ScoringConfig, *,
+              owner: Any = None, tally: Tally | None = None) -> list[Job]:
     """One job per pair, each query's passages together so that the query's prefix is evaluated once."""
     prefixes: dict[str, list[int]] = {}
     bos = len(tokenize(""))
@@ -90,31 +102,113 @@ def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]
         ids = tokenize(prompt_prefix(query))
         # the prefix's last token may merge with the passage's first one: never share it
         prefixes[query] = ids[:max(bos, len(ids) - 1)]
+    tally = tally or Tally()
     by_query: dict[str, list[Job]] = {}
     for pair in prepared:
         prefix = prefixes[pair.query]
         shared = min(len(prefix), len(pair.ids) - 1) if pair.ids[:len(prefix)] == prefix else 0
-        by_query.setdefault(pair.query, []).append(Job(pair, shared, config, owner))
+        by_query.setdefault(pair.query, []).append(Job(pair, shared, config, owner, tally))
     return [job for jobs in by_query.values() for job in jobs]
 
 
 @dataclass(frozen=True)
 class SchedulerParams:
     parallel: int
-    config: ScoringConfig
     true_id: int
     false_id: int
+
+
+class Phase(Enum):
+    """Where a slot is in scoring its pair."""
+
+    FREE = "free"  # no pair
+    GENERATING = "generating"  # evaluating its prompt, or reasoning one token per step: the next token is generated
+    ANSWERING = "answering"  # the next distribution is the answer's (after </think>, or the fallback prompt)
 
 
 @dataclass
 class _Slot:
     seq: int
+    phase: Phase = Phase.FREE
     job: Job | None = None
     chain: ReasoningChain | None = None
     tokens: list[int] = field(default_factory=list)  # tokens already in this sequence's KV cache
     pending: list[int] = field(default_factory=list)  # tokens to feed next
-    awaiting_answer: bool = False
     started: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.phase is not Phase.FREE
+
+    @property
+    def reasoning(self) -> bool:
+        """Feeding one token per step (generated text), not a prompt chunk."""
+        return self.busy and len(self.pending) <= 1
+
+
+class Admission:
+    """Which job a free slot takes next, and where its prefix comes from.
+
+    A job whose query prefix is not in sequence 0 copies it from a running pair of the same query if there is one.
+    Otherwise, while callers' jobs interleave, it starts from what sequence 0 shares with it (the instruction head)
+    and evaluates the rest of its prefix in its own slot, within the batch; with jobs grouped by query (one caller),
+    the prefix is loaded into sequence 0 once for all the query's pairs: while other pairs generate, inside their
+    next batch (they do not wait for it), the query's first pair starting in the step after."""
+
+    def __init__(self, scheduler: Scheduler, source: JobSource, cancelled: Callable[[Job], bool] | None,
+                 on_result: Callable[[Job, Rank1Result], None]) -> None:
+        self.scheduler, self.source, self.cancelled, self.on_result = scheduler, source, cancelled, on_result
+        self.held: Job | None = None  # a job waiting for its query's prefix, which the next batch evaluates
+        self.exhausted = False  # the source has no job left, ever
+
+    def _is_cancelled(self, job: Job) -> bool:
+        return self.cancelled is not None and self.cancelled(job)
+
+    def _next(self, slots: list[_Slot]) -> Job | None:
+        """The next job to start, or None (none now, or its prefix is still being loaded)."""
+        sched = self.scheduler
+        while True:
+            if self.held is not None:
+                if sched.prefix_todo:
+                    return None  # it starts once its prefix is in sequence 0
+                job, self.held = self.held, None
+            else:
+                job = self.source.next_job(block=not any(s.busy for s in slots))
+                if job is None:
+                    self.exhausted = not any(s.busy for s in slots)
+                    return None
+                if job.pair.too_long and not self._is_cancelled(job):  # never run, as in the official code
+                    sched.n_results += 1
+                    self.on_result(job, too_long_result(job.pair))
+                    continue
+            if not self._is_cancelled(job):
+                return job
+
+    def fill(self, slots: list[_Slot]) -> None:
+        """Give each free slot a job, while there are jobs that can start now."""
+        sched = self.scheduler
+        for slot in slots:
+            if slot.busy and self._is_cancelled(slot.job):  # type: ignore[arg-type]
+                sched.free(slot)
+            while not slot.busy and not self.exhausted:
+                job = self._next(slots)
+                if job is None:
+                    break
+                origin, keep = PREFIX_SEQ, job.shared
+                if sched.prefix != job.prefix:
+                    sibling = sched.sibling(slots, job)
+                    if sibling is not None:
+                        origin = sibling.seq
+                    elif self.source.interleaved and sched.prefix:
+                        keep = min(common_prefix_len(sched.prefix, job.prefix), job.shared)
+                    else:
+                        # a serial load would stall the slots already generating; before any generates (at the
+                        # start), it only adds a prompt chunk and every slot starts at once
+                        sched.load_prefix(job, in_batch=any(s.reasoning for s in slots))
+                        if sched.prefix_todo:
+                            self.held = job
+                            break
+                sched.start(slot, job, origin, keep)
 
 
 class Scheduler:
@@ -123,63 +217,68 @@ class Scheduler:
         self.params = params
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.n_results = 0
         self.active = 0  # slots holding a pair
-        self._prefix: list[int] = []  # the tokens sequence 0 holds (or will, once ``_prefix_todo`` is evaluated)
-        self._prefix_todo: list[int] = []  # the end of ``_prefix``, evaluated in the next batch beside running slots
+        self.prefix: list[int] = []  # the tokens sequence 0 holds (or will, once ``prefix_todo`` is evaluated)
+        self.prefix_todo: list[int] = []  # the end of ``prefix``, evaluated in the next batch beside running slots
+        self._prefix_tally: Tally | None = None  # whose pair the prefix being loaded is for
 
-    def _load_prefix(self, ids: list[int], *, in_batch: bool) -> None:
-        """Make sequence 0 hold ``ids``, keeping what it shares with the previous query's prefix (the
+    # --- sequence 0: the current query's prefix -----------------------------------------------------------------
+    def load_prefix(self, job: Job, *, in_batch: bool) -> None:
+        """Make sequence 0 hold ``job``'s prefix, keeping what it shares with the previous query's prefix (the
         instruction head and ``Query:``), so only the query-specific tail is evaluated: at once, or with
         ``in_batch`` in the next batches beside the running slots (which then need not wait for it)."""
-        keep = common_prefix_len(self._prefix, ids)
+        keep = common_prefix_len(self.prefix, job.prefix)
         self.engine.seq_remove(PREFIX_SEQ, keep, -1)  # cells still used by running slots stay
-        self._prefix, self._prefix_todo = ids, ids[keep:]
+        self.prefix, self.prefix_todo, self._prefix_tally = job.prefix, job.prefix[keep:], job.tally
         if not in_batch:
-            while self._prefix_todo:
+            while self.prefix_todo:
                 self.engine.decode(self._prefix_entries(self.engine.n_batch))
 
     def _prefix_entries(self, room: int) -> list[BatchEntry]:
         """Up to ``room`` of the prefix tokens still to evaluate in sequence 0 (no logits)."""
-        take, self._prefix_todo = self._prefix_todo[:room], self._prefix_todo[room:]
-        base = len(self._prefix) - len(self._prefix_todo) - len(take)
-        self.prompt_tokens += len(take)
+        take, self.prefix_todo = self.prefix_todo[:room], self.prefix_todo[room:]
+        base = len(self.prefix) - len(self.prefix_todo) - len(take)
+        self._count_prompt(self._prefix_tally, len(take))
         return [BatchEntry(t, base + k, PREFIX_SEQ, False) for k, t in enumerate(take)]
 
+    def _count_prompt(self, tally: Tally | None, n: int) -> None:
+        self.prompt_tokens += n
+        if tally is not None:
+            tally.prompt_tokens += n
+
     @staticmethod
-    def _sibling(slots: list[_Slot], job: Job) -> _Slot | None:
+    def sibling(slots: list[_Slot], job: Job) -> _Slot | None:
         """A running slot whose cache already holds ``job``'s prefix (a pair of the same query)."""
         for s in slots:
-            if s.job is not None and len(s.tokens) >= job.shared and s.tokens[:job.shared] == job.prefix:
+            if s.busy and len(s.tokens) >= job.shared and s.tokens[:job.shared] == job.prefix:
                 return s
         return None
 
-    def _start(self, slot: _Slot, job: Job, origin: int, keep: int) -> None:
+    # --- slots ---------------------------------------------------------------------------------------------------
+    def start(self, slot: _Slot, job: Job, origin: int, keep: int) -> None:
         """Start ``job`` in ``slot`` from the first ``keep`` prompt tokens' cells of sequence ``origin`` (sequence 0,
         or a sibling slot: cells are shared, not copied); the rest of the prompt is evaluated in the slot."""
         self.engine.seq_remove(slot.seq)
         self.engine.seq_copy(origin, slot.seq)
         self.engine.seq_remove(slot.seq, keep, -1)
-        slot.job = job
+        config = job.config
+        slot.phase, slot.job = Phase.GENERATING, job
         self.active += 1
-        config = job.config or self.params.config
         slot.chain = ReasoningChain(job.pair.prompt, config.max_think_tokens, config.rethink_rounds,
                                     official=config.protocol == "official", n_ctx=config.n_ctx)
         slot.tokens = job.pair.ids[:keep]
         slot.pending = job.pair.ids[keep:]
-        slot.awaiting_answer = False
         slot.started = time.perf_counter()
 
-    def _free(self, slot: _Slot) -> None:
+    def free(self, slot: _Slot) -> None:
         self.engine.seq_remove(slot.seq)
         self.active -= 1
-        slot.job = slot.chain = None
+        slot.phase, slot.job, slot.chain = Phase.FREE, None, None
         slot.tokens, slot.pending = [], []
 
-    def _continue_from_text(self, slot: _Slot, text: str) -> None:
-        """Re-tokenize ``text`` (a full prompt) and feed only what differs from the cache."""
-        self._continue_from_ids(slot, self.engine.tokenize(text))
-
     def _continue_from_ids(self, slot: _Slot, ids: list[int]) -> None:
+        """Make the slot's sequence ``ids``: keep the cells it shares with them, feed the rest."""
         keep = min(common_prefix_len(slot.tokens, ids), len(ids) - 1)
         self.engine.seq_remove(slot.seq, keep, -1)
         slot.tokens = slot.tokens[:keep]
@@ -190,40 +289,40 @@ class Scheduler:
         chain = slot.chain
         result = build_result(slot.job.pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
                               forced=chain.forced, seconds=time.perf_counter() - slot.started)
-        self._free(slot)
+        self.free(slot)
         return result
 
     def _fallback(self, slot: _Slot) -> Rank1Result | None:
         """Read the answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
-        assert slot.chain is not None
+        assert slot.chain is not None and slot.job is not None
         slot.chain.forced = True
-        assert slot.job is not None
         ids = self.engine.tokenize(slot.chain.fallback_prompt)
-        if not (slot.job.config or self.params.config).fits(len(ids)):
+        if not slot.job.config.fits(len(ids)):
             return self._finish(slot, NO_SCORE)
-        slot.awaiting_answer = True
+        slot.phase = Phase.ANSWERING
         self._continue_from_ids(slot, ids)
         return None
 
     def _step(self, slot: _Slot, logits: np.ndarray) -> Rank1Result | None:
         """Act on the next-token distribution of a slot whose pending tokens were all fed."""
         true_id, false_id = self.params.true_id, self.params.false_id
-        if slot.awaiting_answer:
+        if slot.phase is Phase.ANSWERING:
             return self._finish(slot, true_false_score(float(logits[true_id]), float(logits[false_id])))
-        chain = slot.chain
-        assert chain is not None
+        chain, job = slot.chain, slot.job
+        assert chain is not None and job is not None
         token = int(np.argmax(logits))
         eog = self.engine.is_eog(token)
         step = chain.advance(token, b"" if eog else self.engine.piece(token), eog, len(slot.tokens) + 1)
         if not eog:
             self.generated_tokens += 1
+            job.tally.generated_tokens += 1
         if step is Step.CONTINUE:
             slot.pending = [token]
         elif step is Step.ANSWER:
-            slot.awaiting_answer = True  # the answer's distribution is at the next position
+            slot.phase = Phase.ANSWERING  # the answer's distribution is at the next position
             slot.pending = [token]
         elif step is Step.RETHINK:
-            self._continue_from_text(slot, chain.continuation_prompt)
+            self._continue_from_ids(slot, self.engine.tokenize(chain.continuation_prompt))
         elif step is Step.FINISH:
             score = answer_score(top_logprobs(logits), true_id, false_id)
             return self._finish(slot, score) if score is not None else self._fallback(slot)
@@ -248,8 +347,32 @@ class Scheduler:
         slot.tokens += take
         slot.pending = slot.pending[len(take):]
         if len(take) > 1 or (slot.chain is not None and slot.chain.n_tokens == 0):
-            self.prompt_tokens += len(take)
+            assert slot.job is not None
+            self._count_prompt(slot.job.tally, len(take))
 
+    def _decode_step(self, slots: list[_Slot], on_result: Callable[[Job, Rank1Result], None]) -> None:
+        """One ``llama_decode`` call: one token per reasoning slot first, then a new query's prefix, then prompt
+        chunks in the room left; then each slot acts on its logits."""
+        entries: list[BatchEntry] = []
+        owners: dict[int, _Slot] = {}
+        prompts = [s for s in slots if s.busy and not s.reasoning]
+        for slot in slots:
+            if slot.reasoning:
+                self._feed(slot, entries, owners)
+        if self.prefix_todo:
+            entries += self._prefix_entries(self.engine.n_batch - len(entries))
+        for slot in prompts:
+            self._feed(slot, entries, owners)
+        logits = self.engine.decode(entries)
+        for i, slot in owners.items():
+            job = slot.job
+            assert job is not None
+            result = self._step(slot, logits[i])
+            if result is not None:
+                self.n_results += 1
+                on_result(job, result)
+
+    # --- driving -------------------------------------------------------------------------------------------------
     def run(self, jobs: Iterable[Job], on_result: Callable[[Rank1Result], None] | None = None,
             cancelled: Callable[[Job], bool] | None = None) -> tuple[list[Rank1Result], RunStats]:
         """Score ``jobs``; results sorted by pair index. ``on_result`` sees each as it finishes; a job for which
@@ -261,88 +384,24 @@ class Scheduler:
             if on_result:
                 on_result(result)
 
-        stats = self.serve(ListSource(jobs), collect, cancelled, interleaved=False)
+        stats = self.serve(ListSource(jobs), collect, cancelled)
         return sorted(results, key=lambda r: r.index), stats
 
     def serve(self, source: JobSource, on_result: Callable[[Job, Rank1Result], None],
-              cancelled: Callable[[Job], bool] | None = None, *, interleaved: bool = True) -> RunStats:
-        """Score jobs from ``source`` until it has none left (it may block while it waits for more, as the
-        server's queue does): a free slot takes the next job at once. ``on_result(job, result)`` sees each result.
-
-        A job whose query prefix is not in sequence 0 copies it from a running pair of the same query if there is
-        one. Otherwise, with ``interleaved`` jobs (the server's round-robin across requests: queries alternate), it
-        starts from what sequence 0 shares with it (the instruction head) and evaluates the rest of its prefix in its
-        own slot, within the batch; with jobs grouped by query (``run``), the prefix is loaded into sequence 0 once
-        for all the query's pairs: while other pairs generate, inside their next batch (they do not wait for it),
-        the query's first pair starting in the step after."""
+              cancelled: Callable[[Job], bool] | None = None) -> RunStats:
+        """Score jobs from ``source`` until it has none left (it may block while it waits for more): a free slot
+        takes the next job at once (:class:`Admission`). ``on_result(job, result)`` sees each result."""
         start = time.perf_counter()
-        n_results = 0
+        self.prompt_tokens = self.generated_tokens = self.n_results = self.active = 0
         slots = [_Slot(seq=i + 1) for i in range(self.params.parallel)]
         self.engine.clear()
-        self._prefix = []
-        self.active = 0
-        self._prefix_todo = []
-        held: Job | None = None  # a job waiting for its query's prefix, which the next batch evaluates
-        exhausted = False
+        self.prefix, self.prefix_todo = [], []
+        admission = Admission(self, source, cancelled, on_result)
         while True:
-            for slot in slots:
-                if slot.job is not None and cancelled is not None and cancelled(slot.job):
-                    self._free(slot)
-                while slot.job is None and not exhausted:
-                    if held is not None:
-                        if self._prefix_todo:
-                            break  # it starts once its prefix is in sequence 0
-                        job, held = held, None
-                        if cancelled is not None and cancelled(job):
-                            continue
-                    else:
-                        job = source.next_job(block=not any(s.job for s in slots))
-                        if job is None:
-                            exhausted = not any(s.job for s in slots)
-                            break
-                        if cancelled is not None and cancelled(job):
-                            continue
-                        if job.pair.too_long:  # never run, as in the official code
-                            n_results += 1
-                            on_result(job, too_long_result(job.pair))
-                            continue
-                    origin, keep = PREFIX_SEQ, job.shared
-                    if self._prefix != job.prefix:
-                        sibling = self._sibling(slots, job)
-                        if sibling is not None:
-                            origin = sibling.seq
-                        elif interleaved and self._prefix:
-                            keep = min(common_prefix_len(self._prefix, job.prefix), job.shared)
-                        else:
-                            # a serial load would stall the slots already generating; before any generates (at
-                            # the start), it only adds a prompt chunk and every slot starts at once
-                            generating = any(s.job is not None and len(s.pending) <= 1 for s in slots)
-                            self._load_prefix(job.prefix, in_batch=generating)
-                            if self._prefix_todo:
-                                held = job
-                                break
-                    self._start(slot, job, origin, keep)
-            if not self.active and not self._prefix_todo:
-                if exhausted:
+            admission.fill(slots)
+            if not self.active and not self.prefix_todo:
+                if admission.exhausted:
                     break
                 continue
-            # one token per reasoning slot first, then a new query's prefix, then prompt chunks in the room left
-            entries: list[BatchEntry] = []
-            owners: dict[int, _Slot] = {}
-            reasoning = [s for s in slots if s.job and len(s.pending) <= 1]
-            prompts = [s for s in slots if s.job and len(s.pending) > 1]
-            for slot in reasoning:
-                self._feed(slot, entries, owners)
-            if self._prefix_todo:
-                entries += self._prefix_entries(self.engine.n_batch - len(entries))
-            for slot in prompts:
-                self._feed(slot, entries, owners)
-            logits = self.engine.decode(entries)
-            for i, slot in owners.items():
-                job = slot.job
-                assert job is not None
-                result = self._step(slot, logits[i])
-                if result is not None:
-                    n_results += 1
-                    on_result(job, result)
-        return RunStats(n_results, self.prompt_tokens, self.generated_tokens, time.perf_counter() - start)
+            self._decode_step(slots, on_result)
+        return RunStats(self.n_results, self.prompt_tokens, self.generated_tokens, time.perf_counter() - start)

@@ -1,0 +1,61 @@
+"""llama.cpp's log, routed to Python logging (logger ``llama.cpp``) instead of printed to stderr.
+
+llama.cpp reports in fragments (a line may arrive in pieces, continued with the CONT level); they are joined into
+lines and logged at their level: its chatter (INFO, DEBUG) at DEBUG, warnings and errors as such, so ``-q`` and a
+logging configuration decide what a user sees. One warning that our own KV layout provokes is logged at DEBUG: with
+a unified KV cache, llama.cpp compares the cache's total size (every slot's context together) with the model's
+training context, but no sequence ever exceeds ``n_ctx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger("llama.cpp")
+
+# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous message)
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_CONT = 5
+# warnings that describe our own, intended set-up, not a problem
+_EXPECTED = ("possible training context overflow",)
+
+
+class _LineJoiner:
+    """Joins llama.cpp's log fragments into lines (one buffer per thread: contexts log from several)."""
+
+    def __init__(self) -> None:
+        self._state = threading.local()
+
+    def feed(self, level: int, text: str) -> None:
+        state = self._state
+        if level != _CONT:
+            state.level = _LEVELS.get(level, logging.DEBUG)
+        buffer = getattr(state, "buffer", "") + text
+        *lines, state.buffer = buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                emitted = logging.DEBUG if any(e in line for e in _EXPECTED) else getattr(state, "level", logging.DEBUG)
+                logger.log(emitted, "%s", line.strip())
+
+
+_joiner = _LineJoiner()
+_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
+
+
+def route_llama_logs(llama_cpp: Any) -> None:
+    """Install the routing callback (llama-cpp-python installs its own stderr printer at import)."""
+    global _callback
+    if _callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        try:
+            _joiner.feed(int(level), text.decode("utf-8", "replace"))
+        except Exception:  # never raise into C
+            pass
+
+    _callback = callback
+    llama_cpp.llama_log_set(callback, None)
