@@ -2,6 +2,8 @@
 
     rank1-bench reference --model HF_DIR|hub-id --pairs PAIRS.jsonl --output REF.jsonl [--backend vllm|transformers]
     rank1-bench compare REF.jsonl RUN.jsonl [RUN2.jsonl …] [--qrels QRELS] [--out-dir DIR] [--tokenizer PATH]
+    rank1-bench study --model HF_DIR|hub-id --types F16,Q8_0,Q4_K_M,Q4_K_M+imatrix (--pairs P --qrels Q | --beir DIR
+        --run RUN | --ir-datasets ID | --mteb TASK) --work DIR --out DIR
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="compare", help="report file name stem (default: compare)")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=_cmd_compare)
+
+    from benchmarks.study.cli import add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 

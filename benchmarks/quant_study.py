@@ -1,17 +1,19 @@
-"""The quantization accuracy study: every GGUF type against the reference, on the behaving fixture.
+"""Regenerate benchmarks/results/quant_study.{md,json,png}: `rank1-bench study` on the quantization test bed and on the
+behaving fixture.
 
-1. the behaving fixture (a trained 3-layer Qwen2 with the real Qwen2.5 tokenizer, see quantize/fixtures);
-2. a pair set with many *uncertain* pairs (same-category topics, trained to P(true) between 0.3 and 0.7)
-   and graded qrels from the task's labels;
-3. the reference: vLLM in float16, the official engine and dtype (``rank1-bench reference --backend vllm``, run with
-   the Python of vLLM's own virtualenv, ``--vllm-python``), or transformers fp32 with ``--reference transformers``;
-4. each type exported with ``rank1-quantize gguf`` and run with the llama.cpp runtime, and the GPTQ/AWQ
-   checkpoints made by ``rank1-quantize gptq|awq`` run with the transformers backend (float16 on CPU);
-5. ``rank1-bench compare`` of every run against the reference -> results/quant_study.{md,json,png}.
+1. The test bed, ``behaving-outliers``: the behaving fixture (a trained 3-layer Qwen2 that reasons rank1-style on a
+   synthetic task) given the weight and activation statistics that make LLMs sensitive to quantization, by
+   function-preserving power-of-two rescalings (quantize/fixtures/outliers.py). Its numbers test our machinery (does
+   the study detect damage, does the importance matrix weigh the right columns); they are not a claim about real rank1
+   models.
+2. The behaving fixture itself, GGUF types only: the second table (a model without outliers keeps its decisions).
 
-Everything is cached in ``--work`` and every run file is resumable, so an interrupted study picks up where it
-stopped. Usage:
-    python benchmarks/quant_study.py [--vllm-python .vllm-venv/bin/python] [--types F16,Q8_0,…] [--work DIR] [--out …]
+Both are scored on the same pairs: per query word, the same word, the five same-category words (uncertain pairs,
+trained to P(true) between 0.3 and 0.7) and two other-category words; graded qrels from the task's labels. The
+reference is vLLM in float16 (the official engine and dtype), run with the Python of vLLM's own virtualenv
+(``--vllm-python``), or transformers fp32 with ``--reference transformers``. Everything is cached in ``--work`` and
+resumes. Usage:
+    python benchmarks/quant_study.py [--vllm-python .vllm-venv/bin/python] [--work DIR] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ import argparse
 import json
 import logging
 import os
-import platform
+import time
 from pathlib import Path
 
 from quantize.fixtures.synthetic_task import CATEGORIES, SyntheticPair, make_pair
 
 HERE = Path(__file__).resolve().parent
-TYPES = "F32,F16,BF16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K,IQ4_XS"
-IMATRIX_TYPES = "Q4_K_M,Q3_K_M,Q2_K,IQ4_XS,IQ2_M"
-WEIGHT_QUANTS = "gptq-4bit,gptq-8bit,awq-4bit"
+TEST_BED_TYPES = ("F16,Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K,Q4_K_M+imatrix,Q3_K_M+imatrix,Q2_K+imatrix,IQ3_M+imatrix,"
+                  "gptq-4bit,awq-4bit")
+BEHAVING_TYPES = "F16,Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K,Q4_K_M+imatrix,Q3_K_M+imatrix,Q2_K+imatrix"
 BUDGET = 64
 N_CTX = 512
 logger = logging.getLogger("quant_study")
-REFERENCES = {"vllm": "vLLM in float16 — the official engine and dtype — on its CPU build",
-              "transformers": "transformers fp32 on the CPU"}
+NOT_A_CLAIM = ("**This is a test of our machinery, not a claim about real rank1 models**: the test bed is a 24M-parameter "
+               "fixture trained on a synthetic task, given outlier statistics on purpose. Its numbers show whether the "
+               "study detects damage and what the importance matrix does to such weights; sizes are those of a model "
+               "whose embedding dominates (ratios between GGUF types carry over, absolute sizes do not).")
 
 
 def study_pairs() -> list[SyntheticPair]:
@@ -53,39 +57,45 @@ def relevance(pair: SyntheticPair) -> int:
     return 2 if pair.kind == "same" else int(pair.label)
 
 
-def write_inputs(work: Path) -> tuple[Path, Path]:
-    from rank1_local.runs.atomic import write_text_atomic
+def study_inputs():  # -> benchmarks.study.inputs.StudyInputs
+    from benchmarks.study.inputs import StudyInputs
+    from rank1_local.runs.inputs import PairRow
 
     pairs = study_pairs()
-    rows = [{"qid": p.query_word, "query": p.query, "docid": p.passage_word, "text": p.passage} for p in pairs]
-    pairs_file, qrels_file = work / "pairs.jsonl", work / "qrels.txt"
-    write_text_atomic(pairs_file, "".join(json.dumps(r) + "\n" for r in rows))
-    write_text_atomic(qrels_file, "".join(f"{p.query_word} 0 {p.passage_word} {relevance(p)}\n" for p in pairs))
-    return pairs_file, qrels_file
+    rows = [PairRow(p.query_word, p.query, p.passage_word, p.passage) for p in pairs]
+    qrels: dict[str, dict[str, int]] = {}
+    for p in pairs:
+        qrels.setdefault(p.query_word, {})[p.passage_word] = relevance(p)
+    n_uncertain = sum(p.kind == "related" for p in pairs)
+    return StudyInputs(rows, qrels, f"the synthetic task's pairs, {n_uncertain} of them uncertain; graded qrels 2 same "
+                                    "topic, 1 related topic trained towards true, 0 otherwise")
 
 
-def vllm_reference(python: Path, source: Path, pairs_file: Path, out: Path) -> None:
-    """The float16 vLLM reference run, made by ``rank1-bench reference`` in vLLM's own virtualenv (resumable)."""
-    import subprocess
+def run_one(fixture: str, types: str, args: argparse.Namespace, title: str, note: str):  # -> StudyReport
+    from benchmarks.study.exports import parse_study_types
+    from benchmarks.study.report import analyse_study
+    from benchmarks.study.study import StudySettings, run_study
+    from quantize.fixtures import build_fixture, fixture_cache_dir
+    from rank1_local.core.config import ScoringConfig
 
-    if not python.is_file():
-        raise SystemExit(f"{python}: no such Python; build vLLM's virtualenv as the README's Tests section shows, "
-                         "pass --vllm-python, or use --reference transformers")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [str(python), "-m", "benchmarks.cli", "-q", "reference", "--backend", "vllm", "--dtype", "float16",
-           "--model", str(source), "--pairs", str(pairs_file), "--output", str(out),
-           "--max-think-tokens", str(BUDGET), "--n-ctx", str(N_CTX)]
-    logger.info("vLLM reference: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env=env, cwd=HERE.parent)
+    source = build_fixture(fixture)
+    inputs = study_inputs()
+    settings = StudySettings(
+        model=str(source), types=parse_study_types(types), config=ScoringConfig(max_think_tokens=BUDGET, n_ctx=N_CTX),
+        work=(args.work or fixture_cache_dir() / "quant-study") / source.name, out=args.out, reference=args.reference,
+        vllm_python=str(args.vllm_python) if args.reference == "vllm" else None, parallel=args.parallel,
+        threads=args.threads, title=title, note=note)
+    runs = run_study(inputs, settings)
+    return analyse_study(runs, inputs, settings)
+
+
+def demote(markdown: str) -> str:
+    """Headings one level down (the second study goes under the first's title)."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines()) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--types", default=TYPES)
-    parser.add_argument("--imatrix-types", default=IMATRIX_TYPES,
-                        help="types also exported with a rank1 importance matrix ('' for none)")
-    parser.add_argument("--weight-quants", default=WEIGHT_QUANTS,
-                        help="GPTQ/AWQ checkpoints to add, METHOD-BITSbit ('' for none; needs the gptq extra)")
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default: the fixture cache)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -94,87 +104,38 @@ def main() -> None:
                         help="vllm: float16 vLLM, the official setting (default); transformers: fp32 on the CPU")
     parser.add_argument("--vllm-python", type=Path, default=Path(".vllm-venv/bin/python"),
                         help="the Python of a virtualenv with vLLM and rank1-local (see the README's Tests)")
+    parser.add_argument("--skip-behaving", action="store_true", help="only the test bed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from benchmarks.compare import compare, plot, read_qrels, render_markdown, to_json
-    from benchmarks.runfile import read_run
-    from quantize.fixtures import build_fixture, fixture_cache_dir
-    from quantize.gguf_export import ImatrixOptions, export_gguf
-    from quantize.weight_quant import WeightQuantOptions, export_weight_quant
-    from rank1_local import Rank1, ScoringConfig
-    from rank1_local.backends.hf import TransformersRank1
+    from benchmarks.study.report import plot, render_markdown
     from rank1_local.runs.atomic import write_text_atomic
-    from rank1_local.runs.run_file import score_pairs_file
 
-    source = build_fixture("behaving")
-    work = args.work or fixture_cache_dir() / "quant-study" / source.name
-    (work / "gguf").mkdir(parents=True, exist_ok=True)
-    pairs_file, qrels_file = write_inputs(work)
-    config = ScoringConfig(max_think_tokens=BUDGET, n_ctx=N_CTX)
-
-    if args.reference == "vllm":
-        ref_file = work / "reference-vllm-fp16.jsonl"
-        vllm_reference(args.vllm_python, source, pairs_file, ref_file)
-    else:
-        ref_file = work / "reference-transformers-fp32.jsonl"
-        score_pairs_file(pairs_file, ref_file, lambda: TransformersRank1(source, config, device="cpu",
-                                                                         dtype="float32"),
-                         model_arg=str(source), backend="transformers")
-    run_files = []
-    jobs = [(t, None) for t in args.types.split(",")] + [(t, "imatrix") for t in args.imatrix_types.split(",")]
-    for gguf_type, variant in jobs:
-        gguf_type = gguf_type.strip().upper()
-        if not gguf_type:
-            continue
-        folder = work / ("gguf-imatrix" if variant else "gguf")
-        gguf = folder / f"{source.name}-{gguf_type}.gguf"
-        if not gguf.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            matrix = folder / f"{source.name}.imatrix.gguf"
-            options = None if not variant else ImatrixOptions(matrix if matrix.exists() else "auto")
-            export_gguf(source, folder, gguf_type, threads=args.threads, imatrix=options, allow_no_imatrix=True)
-        run_file = work / f"{gguf_type}{'+imatrix' if variant else ''}.jsonl"
-        score_pairs_file(pairs_file, run_file,
-                         lambda g=gguf: Rank1(g, config, parallel=args.parallel, threads=args.threads),
-                         model_arg=str(gguf), backend="llama.cpp")
-        run_files.append(run_file)
-
-    for name in filter(None, (n.strip().lower() for n in args.weight_quants.split(","))):
-        method, bits = name.split("-")
-        folder = work / "weight-quant" / name
-        if not folder.exists():
-            export_weight_quant(source, folder, WeightQuantOptions(method=method, bits=int(bits.removesuffix("bit")),
-                                                                   device="cpu"))
-        run_file = work / f"{name.upper().replace('BIT', 'bit')}.jsonl"
-        score_pairs_file(pairs_file, run_file,
-                         lambda f=folder: TransformersRank1(f, config, device="cpu"),
-                         model_arg=str(folder), backend="transformers")
-        run_files.append(run_file)
-
-    ref = read_run(ref_file)
-    runs = [read_run(p) for p in run_files]
-    results = compare(ref, runs, qrels=read_qrels(qrels_file))
-    n_uncertain = sum(p.kind == "related" for p in study_pairs())
-    intro = (f"# Quantization study (behaving fixture)\n\n"
-             f"{len(ref.rows)} pairs over {len({q for q, _ in ref.rows})} queries, {n_uncertain} of them uncertain "
-             f"(same-category topics the fixture was trained to score between 0.3 and 0.7); reasoning budget "
-             f"{BUDGET}, official protocol. Reference: {REFERENCES[args.reference]}. Every GGUF was "
-             f"exported by `rank1-quantize gguf` and run by the llama.cpp runtime (parallel {args.parallel}, "
-             f"{args.threads} threads on {platform.machine()}). nDCG@10 uses graded qrels from the task's labels "
-             f"(2 same topic, 1 related topic trained towards true, 0 otherwise). Size is the GGUF file of a "
-             f"24M-parameter model, where the embedding dominates: ratios between types, not absolute sizes, carry "
-             f"over to real rank1 models. `+imatrix` rows were quantized with a rank1 importance matrix "
-             f"(`--imatrix auto`: the packaged TREC RAG 2024 calibration prompts with the fixture's own greedy "
-             f"reasoning), the others without. GPTQ/AWQ rows are checkpoints made by `rank1-quantize gptq|awq` (group size "
-             f"128, calibrated on the same rank1 texts) and run with `--backend transformers` in float16 on the CPU; "
-             f"their size is the whole checkpoint folder (tokenizer files included). Regenerate with `python benchmarks/quant_study.py`.\n\n")
-    table = render_markdown(ref, results).split("\n", 2)[2]  # drop the generic title
+    start = time.perf_counter()
+    test_bed = run_one("behaving-outliers", TEST_BED_TYPES, args, "Quantization study: the test bed (behaving-outliers)",
+                       NOT_A_CLAIM)
+    reports = {"test_bed": test_bed}
+    markdown = render_markdown(test_bed, "quant_study.png")
+    if not args.skip_behaving:
+        behaving = run_one("behaving", BEHAVING_TYPES, args, "Second table: the behaving fixture (no outliers)",
+                           "The same pairs, reference and types on the behaving fixture, whose weights are close to "
+                           "Gaussian (kurtosis about 3) and which has no outlier channels: what the same types do to the "
+                           "model before the test bed's statistics were added. Also a test of our machinery, not a "
+                           "claim about real rank1 models.")
+        reports["behaving"] = behaving
+        markdown += "\n" + demote(render_markdown(behaving, None))
+    seconds = time.perf_counter() - start
+    markdown += (f"\nRegenerate with `python benchmarks/quant_study.py --vllm-python .vllm-venv/bin/python` (the "
+                 f"reference in vLLM's own virtualenv). This run took {seconds / 60:.1f} minutes on this machine (2 "
+                 "cores shared with other jobs), exports, importance matrices, GPTQ/AWQ and scoring included; pairs/s "
+                 "and time vary with the load of the moment.\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "quant_study.md", intro + table)
-    write_text_atomic(args.out / "quant_study.json", json.dumps(to_json(ref, results), indent=2) + "\n")
-    plot(ref, runs, results, args.out / "quant_study.png")
-    print(intro + table)
+    plot(test_bed, args.out / "quant_study.png")
+    write_text_atomic(args.out / "quant_study.md", markdown)
+    write_text_atomic(args.out / "quant_study.json", json.dumps(
+        {k: r.to_json() for k, r in reports.items()} | {"seconds": seconds}, indent=2, ensure_ascii=False,
+        default=str) + "\n")
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,29 @@ def test_every_fixture_has_recorded_weights():
     for name, spec in FIXTURES.items():
         if spec.trained:
             assert registry.trained_file(name).stat().st_size < 5_000_000
+
+
+def test_the_test_bed_recipe_and_its_base_are_part_of_the_cache_key(monkeypatch):
+    from dataclasses import replace
+
+    spec = FIXTURES["behaving-outliers"]
+    key = spec.digest()
+    recipe = registry.DERIVATIONS["outliers"]
+    monkeypatch.setitem(registry.DERIVATIONS, "outliers", replace(recipe, massive_exp=recipe.massive_exp + 1))
+    assert spec.digest() != key
+    monkeypatch.setitem(registry.DERIVATIONS, "outliers", recipe)
+    assert spec.digest() == key
+    monkeypatch.setattr(registry, "trained_file", lambda name: registry.DATA_DIR / "behaving-think.safetensors")
+    assert spec.digest() != key  # another base (its shipped weights) is another test bed
+
+
+def test_test_bed_exponents_are_exact_and_heavy_tailed():
+    from quantize.fixtures.outliers import exponents, massive_channels
+
+    e = exponents(41, "model.layers.0.input_layernorm", 20000, (0.15, 0.05, 0.02))
+    assert e.tolist() == exponents(41, "model.layers.0.input_layernorm", 20000, (0.15, 0.05, 0.02)).tolist()
+    shares = [float(np.mean(np.abs(e) == k)) for k in (0, 1, 2, 3)]
+    assert shares == pytest.approx([0.78, 0.15, 0.05, 0.02], abs=0.01)
+    assert abs(float(np.mean(e > 0)) - float(np.mean(e < 0))) < 0.02  # both signs, equally often
+    picked = massive_channels(41, "x", 256, 2)
+    assert len(set(picked.tolist())) == 2 and picked.tolist() == massive_channels(41, "x", 256, 2).tolist()

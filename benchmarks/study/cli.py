@@ -1,0 +1,124 @@
+"""``rank1-bench study``: the quantization study from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from rank1_local.cli.main import add_scoring_args, scoring_config
+from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.extras import require
+
+logger = logging.getLogger("rank1-bench")
+DEFAULT_TYPES = "F16,Q8_0,Q4_K_M,Q4_K_M+imatrix,Q3_K_M,Q3_K_M+imatrix,Q2_K,Q2_K+imatrix"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("values must be at least 1")
+    return values
+
+
+def read_study_inputs(args: argparse.Namespace):  # -> StudyInputs
+    from benchmarks.study import inputs
+
+    if args.qrels is not None and args.pairs is None:
+        raise Rank1Error("--qrels goes with --pairs (BEIR folders, ir_datasets and MTEB tasks bring their own)")
+    if args.run is not None and not (args.beir or args.ir_datasets):
+        raise Rank1Error("--run goes with --beir or --ir-datasets")
+    if args.pairs is not None:
+        return inputs.from_pairs_file(args.pairs, args.qrels)
+    if args.beir is not None:
+        if args.run is None:
+            raise Rank1Error("--beir needs --run FIRST_STAGE.trec (the ranking to rerank, e.g. BM25 top-100)")
+        return inputs.from_beir(args.beir, args.run, depth=args.depth, split=args.split)
+    if args.ir_datasets is not None:
+        return inputs.from_ir_datasets(args.ir_datasets, args.run, depth=args.depth)
+    task, _, subset = args.mteb.partition("/")
+    return inputs.from_mteb(task, split=args.split, subset=subset or None, depth=args.depth)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    for module in ("scipy", "matplotlib"):
+        require(module, "bench", "rank1-bench study")
+    from benchmarks.study.exports import Calibration, parse_study_types
+    from benchmarks.study.report import analyse_study, write_report
+    from benchmarks.study.scoring import make_scorer
+    from benchmarks.study.study import StudySettings, run_study
+
+    scorer = make_scorer(args.ray)  # --ray: refused here, before anything runs, on a version without it
+    types = parse_study_types(args.types)
+    study_inputs = read_study_inputs(args)
+    if args.prompt is None and args.dataset is None and study_inputs.dataset:
+        args.dataset = study_inputs.dataset
+        logger.info("dataset prompt: %s's, as the official evaluation picks it (--dataset none for no prompt)",
+                    study_inputs.dataset)
+    settings = StudySettings(
+        model=args.model, types=types, config=scoring_config(args), work=args.work, out=args.out,
+        reference=args.reference, reference_dtype=args.reference_dtype, vllm_python=args.vllm_python,
+        weight_quant_backend=args.weight_quant_backend, parallel=args.parallel, threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        calibration=Calibration(args.calibration, args.calibration_size, args.calibration_seed,
+                                args.calibration_budget),
+        recall_k=args.recall_k, title=args.title, note=args.note, progress=not args.quiet)
+    runs = run_study(study_inputs, settings, scorer)
+    report = analyse_study(runs, study_inputs, settings)
+    files = write_report(report, args.out)
+    print(f"report: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def add_study_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study", help="export a model to several types, score each and a reference, compare (resumable)",
+        description="Export a model to quantization types, score the reference and every export with the official "
+                    "protocol on your pairs, and report decision flips, KL divergence, rank correlations, nDCG@10 "
+                    "with paired tests, reasoning fidelity and cost, with 95%% confidence intervals. Every step "
+                    "resumes from --work.")
+    p.add_argument("--model", required=True, help="the source checkpoint: a folder or a hub id")
+    p.add_argument("--types", default=DEFAULT_TYPES,
+                   help=f"comma-separated: GGUF types (F16, Q8_0, Q4_K_M, IQ3_M …), TYPE+imatrix (quantized with the "
+                        f"rank1 importance matrix), gptq-4bit, gptq-8bit, awq-4bit (default {DEFAULT_TYPES})")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", type=Path, help='pairs JSONL {"qid","query","docid","text"[,"title","instruction"]}')
+    source.add_argument("--beir", type=Path, metavar="DIR", help="a BEIR folder (corpus.jsonl, queries.jsonl, "
+                        "qrels/SPLIT.tsv); needs --run")
+    source.add_argument("--ir-datasets", metavar="ID", help="an ir_datasets id (its scoreddocs as first stage "
+                        "unless --run)")
+    source.add_argument("--mteb", metavar="TASK[/SUBSET]", help="an MTEB reranking task (its top-ranked documents)")
+    p.add_argument("--qrels", type=Path, help="with --pairs: TREC (qid 0 docid grade) or BEIR qrels")
+    p.add_argument("--run", type=Path, metavar="FIRST_STAGE.trec", help="first-stage TREC run to rerank")
+    p.add_argument("--depth", type=int, default=100, help="documents reranked per query (default 100)")
+    p.add_argument("--split", default="test", help="BEIR/MTEB split (default test)")
+    p.add_argument("--reference", choices=["vllm", "transformers"], default="vllm",
+                   help="vllm: the official engine, float16 (default); transformers: float16 on CUDA, float32 on CPU")
+    p.add_argument("--reference-dtype", default=None, help="override the reference's dtype (float16, bfloat16, "
+                   "float32)")
+    p.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="the Python of a virtualenv with vLLM and rank1-local (vLLM pins its own transformers; see "
+                        "the README's Tests); default: this Python")
+    p.add_argument("--weight-quant-backend", choices=["transformers", "vllm"], default="transformers",
+                   help="where GPTQ/AWQ checkpoints run (default transformers)")
+    add_scoring_args(p, budget=OFFICIAL_BUDGET, n_ctx=OFFICIAL_CONTEXT)
+    p.add_argument("--parallel", type=int, default=8, help="llama.cpp: pairs decoded together (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp: layers offloaded to the GPU (-1: all)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration pairs for importance matrices and GPTQ/AWQ (default: packaged TREC RAG 2024)")
+    p.add_argument("--calibration-size", type=int, default=None)
+    p.add_argument("--calibration-seed", type=int, default=0)
+    p.add_argument("--calibration-budget", type=int, default=256, help="reasoning tokens per calibration pair")
+    p.add_argument("--recall-k", type=_ints, default=(10,), help="Recall@k cut-offs (default 10; only those below "
+                   "the depth are reported)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="score on a Ray cluster (needs the Ray integration)")
+    p.add_argument("--work", type=Path, required=True, help="cache of inputs, exports and run files (resumable)")
+    p.add_argument("--out", type=Path, required=True, help="where study.md, study.json and study.png go")
+    p.add_argument("--title", default="Quantization study")
+    p.add_argument("--note", default=None, help="a paragraph for the top of study.md")
+    p.set_defaults(func=cmd_study)

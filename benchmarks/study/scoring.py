@@ -1,0 +1,103 @@
+"""Scoring a study's runs: one :class:`ScoringJob` per model (the reference and every export), run by a *scorer*.
+
+A job scores the study's pairs file into a run file with :func:`rank1_local.runs.run_file.score_pairs_file`: rows are
+appended as pairs finish and a re-run scores only the pairs the file lacks, so a study killed at any point picks up
+where it stopped and never scores a pair twice.
+
+The scorer is the seam between the study and where models run:
+
+- :func:`subprocess_scorer` (the default) runs each job in its own Python process (``python -m
+  benchmarks.study.job JOB.json``): the peak memory of each model is measured on its own, and the reference can
+  run in another virtualenv (vLLM pins its own transformers);
+- a Ray scorer would hand the same job to the Ray integration (``--ray``): see :func:`ray_scorer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rank1_local.core.errors import Rank1Error
+from rank1_local.runs.atomic import write_text_atomic
+
+logger = logging.getLogger(__name__)
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding benchmarks/ (and rank1_local/ in a checkout)
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """Score ``pairs_file`` into ``run_file`` with ``model`` on ``backend`` (``llama.cpp``, ``transformers`` or
+    ``vllm``), its engine ``settings`` and the protocol ``config`` (a :class:`ScoringConfig` as a dict)."""
+
+    name: str
+    backend: str
+    model: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    pairs_file: str
+    run_file: str
+    python: str | None = None  # the interpreter to run it with (vLLM's own virtualenv); None: this one
+    env: dict[str, str] = field(default_factory=dict)
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Scorer = Callable[[ScoringJob], None]
+
+
+def job_record_path(run_file: Path) -> Path:
+    """Beside each run file: its peak memory and sessions (``RUN.job.json``)."""
+    return run_file.with_name(run_file.name.removesuffix(".jsonl") + ".job.json")
+
+
+def read_job_record(run_file: Path) -> dict[str, Any]:
+    path = job_record_path(run_file)
+    if not path.exists():
+        return {"sessions": []}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {"sessions": []}
+
+
+def record_session(run_file: Path, pairs: int, peak_rss_bytes: int) -> None:
+    """Add one scoring session (pairs scored, the process's peak resident memory) to the job record."""
+    record = read_job_record(run_file)
+    record["sessions"].append({"pairs": pairs, "peak_rss_bytes": peak_rss_bytes})
+    record["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in record["sessions"])
+    write_text_atomic(job_record_path(run_file), json.dumps(record, indent=2) + "\n")
+
+
+def subprocess_scorer(job: ScoringJob) -> None:
+    """Run ``job`` in a fresh Python process; an error there is an error here, naming the job."""
+    job_file = Path(job.run_file).with_name(Path(job.run_file).name.removesuffix(".jsonl") + ".job-spec.json")
+    write_text_atomic(job_file, json.dumps(job.to_json(), indent=2) + "\n")
+    python = job.python or sys.executable
+    env = {**os.environ, **job.env}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    logger.info("%s: scoring with %s (%s)", job.name, job.backend, Path(job.model).name)
+    result = subprocess.run([python, "-m", "benchmarks.study.job", str(job_file)], env=env)
+    if result.returncode != 0:
+        raise Rank1Error(f"{job.name}: scoring failed (exit status {result.returncode}); rows already written to "
+                         f"{job.run_file} are kept, re-run the study to resume")
+
+
+def ray_scorer(address: str) -> Scorer:
+    """Scoring on a Ray cluster. Not on this branch: it needs the Ray integration (``rank1_local.integrations.ray``)
+    to score one :class:`ScoringJob` on a worker and stream its result rows back, so that the run file is still
+    written (and resumed) here."""
+    raise Rank1Error(f"--ray {address}: scoring on Ray is not available in this version: it needs the Ray integration "
+                     "(rank1_local.integrations.ray) to run a study's scoring jobs; run without --ray")
+
+
+def make_scorer(ray_address: str | None) -> Scorer:
+    return ray_scorer(ray_address) if ray_address else subprocess_scorer

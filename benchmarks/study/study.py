@@ -1,0 +1,179 @@
+"""``rank1-bench study``: export a model to several quantization types, score each and the reference with the official
+protocol, compare, and write ``study.md``, ``study.json`` and ``study.png``.
+
+The work folder holds everything the study makes, and every step resumes from it:
+
+    WORK/inputs/pairs.jsonl, qrels.txt       the pairs to score (rewritten only if they would change: they must not)
+    WORK/exports/gguf[-imatrix]/…, weight-quant/…   one export per type, made once (atomic writes)
+    WORK/runs/reference-<backend>-<dtype>.jsonl, runs/<TYPE>.jsonl   run files: rows appended as pairs finish
+    WORK/study-state.json                    the inputs, source model and settings this folder belongs to
+
+A study killed at any point and started again exports nothing twice and scores only the pairs its run files lack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.study.exports import Calibration, StudyType, export_all, export_bytes
+from benchmarks.study.inputs import StudyInputs, write_inputs
+from benchmarks.study.scoring import Scorer, ScoringJob, read_job_record, subprocess_scorer
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.errors import Rank1Error
+from rank1_local.runs.atomic import write_text_atomic
+
+logger = logging.getLogger(__name__)
+REFERENCES = ("vllm", "transformers")
+
+
+@dataclass
+class StudySettings:
+    """What to study and how. ``reference_dtype`` None: float16 for vLLM (the official setting), ``auto`` for
+    transformers (float16 on CUDA, float32 on the CPU)."""
+
+    model: str
+    types: list[StudyType]
+    config: ScoringConfig
+    work: Path
+    out: Path
+    reference: str = "vllm"
+    reference_dtype: str | None = None
+    vllm_python: str | None = None  # the Python of vLLM's own virtualenv (None: this one)
+    weight_quant_backend: str = "transformers"  # where GPTQ/AWQ checkpoints run: transformers or vllm
+    parallel: int = 8
+    threads: int | None = None
+    n_gpu_layers: int = 0
+    calibration: Calibration = field(default_factory=Calibration)
+    recall_k: tuple[int, ...] = (10,)
+    title: str = "Quantization study"
+    note: str | None = None  # a paragraph for the top of study.md
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise Rank1Error(f"--reference must be one of {', '.join(REFERENCES)}, not {self.reference!r}")
+        if self.weight_quant_backend not in ("transformers", "vllm"):
+            raise Rank1Error("--weight-quant-backend must be transformers or vllm")
+        if self.vllm_python is not None and not Path(self.vllm_python).is_file():
+            raise Rank1Error(f"--vllm-python {self.vllm_python}: no such Python (build vLLM's virtualenv as the "
+                             "README's Tests section shows, or leave it out where vLLM is installed here)")
+
+    @property
+    def reference_dtype_resolved(self) -> str:
+        return self.reference_dtype or ("float16" if self.reference == "vllm" else "auto")
+
+
+@dataclass
+class StudyRuns:
+    """Where a study's runs are, once scored."""
+
+    pairs_file: Path
+    qrels_file: Path | None
+    reference: Path
+    runs: dict[str, Path]  # label -> run file
+    exports: dict[str, Path]  # label -> export
+    source: Path
+    seconds: float
+
+
+def source_fingerprint(source: Path) -> str:
+    """The source checkpoint's identity: its config and the names and sizes of its weight files (cheap for 70 GB)."""
+    h = hashlib.sha256((source / "config.json").read_bytes())
+    for f in sorted(source.glob("*.safetensors")):
+        h.update(f"{f.name}\x00{f.stat().st_size}\x00".encode())
+    return h.hexdigest()
+
+
+def check_state(work: Path, state: dict[str, Any]) -> None:
+    """A work folder belongs to one study (inputs, source model, protocol settings); anything else is refused."""
+    path = work / "study-state.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key, what in (("inputs", "other inputs (pairs or qrels)"), ("source", "another source model"),
+                          ("config", "other scoring settings")):
+            if old.get(key) != state[key]:
+                detail = f" ({old.get(key)} there, {state[key]} now)" if key == "config" else ""
+                raise Rank1Error(f"--work {work} holds a study of {what}{detail}; use another --work folder, or "
+                                 "delete this one to start again")
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def reference_job(settings: StudySettings, source: Path, pairs_file: Path, runs: Path) -> ScoringJob:
+    dtype = settings.reference_dtype_resolved
+    run_file = runs / f"reference-{settings.reference}-{dtype}.jsonl"
+    if settings.reference == "vllm":
+        engine: dict[str, Any] = {"dtype": dtype}
+        return ScoringJob("reference", "vllm", str(source), engine, settings.config.to_dict(), str(pairs_file),
+                          str(run_file), python=settings.vllm_python, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                          progress=settings.progress)
+    return ScoringJob("reference", "transformers", str(source), {"dtype": dtype, "device": "auto"},
+                      settings.config.to_dict(), str(pairs_file), str(run_file), progress=settings.progress)
+
+
+def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Path, runs: Path) -> ScoringJob:
+    run_file = str(runs / f"{t.label}.jsonl")
+    config = settings.config.to_dict()
+    if t.is_gguf:
+        engine = {"parallel": settings.parallel, "threads": settings.threads, "n_gpu_layers": settings.n_gpu_layers}
+        return ScoringJob(t.label, "llama.cpp", str(export), engine, config, str(pairs_file), run_file,
+                          progress=settings.progress)
+    if settings.weight_quant_backend == "vllm":
+        return ScoringJob(t.label, "vllm", str(export), {"dtype": "float16"}, config, str(pairs_file), run_file,
+                          python=settings.vllm_python, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                          progress=settings.progress)
+    return ScoringJob(t.label, "transformers", str(export), {"dtype": "auto", "device": "auto"}, config,
+                      str(pairs_file), run_file, progress=settings.progress)
+
+
+def run_study(inputs: StudyInputs, settings: StudySettings, scorer: Scorer = subprocess_scorer) -> StudyRuns:
+    """Export, score (resuming whatever is already there) and return where the runs are."""
+    from rank1_local.models.hub import resolve_local_or_hub
+
+    start = time.perf_counter()
+    source = resolve_local_or_hub(settings.model)
+    if not (source / "config.json").is_file():
+        raise Rank1Error(f"{source}: not a Hugging Face checkpoint folder (no config.json); a study starts from the "
+                         "source model, which it exports to each type")
+    work = settings.work
+    written = write_inputs(inputs, work / "inputs")
+    check_state(work, {"inputs": written.digest, "source": source_fingerprint(source),
+                       "config": settings.config.to_dict(), "model": str(settings.model)})
+    exports = export_all(settings.types, source, work / "exports", calibration=settings.calibration,
+                         threads=settings.threads, progress=settings.progress)
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    ref = reference_job(settings, source, written.pairs_file, runs)
+    scorer(ref)
+    run_files = {}
+    for t in settings.types:
+        job = type_job(settings, t, exports[t.label], written.pairs_file, runs)
+        scorer(job)
+        run_files[t.label] = Path(job.run_file)
+    return StudyRuns(written.pairs_file, written.qrels_file, Path(ref.run_file), run_files, exports, source,
+                     time.perf_counter() - start)
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
+def run_cost(run_file: Path, export: Path | None = None) -> Any:
+    from benchmarks.study.analysis import RunCost
+    from rank1_local.runs.run_header import header_path, read_header
+
+    header = read_header(header_path(run_file))
+    record = read_job_record(run_file)
+    size = export_bytes(export) if export is not None else (header.model_bytes if header else None)
+    return RunCost(model_bytes=size, pairs_per_second=header.pairs_per_second if header and header.seconds else None,
+                   peak_rss_bytes=record.get("peak_rss_bytes"), backend=header.backend if header else None,
+                   device=header.device if header else None)

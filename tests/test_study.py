@@ -1,0 +1,150 @@
+"""`rank1-bench study` end to end on the quantization test bed (the behaving-outliers fixture), its resume after a
+kill mid-type, and the test bed itself. The test bed is a test of our machinery, not a model of real rank1
+checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.quant_study import study_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET, N_CTX = 64, 512
+
+
+def write_pairs(folder: Path, n_queries: int) -> tuple[Path, Path]:
+    """The synthetic study pairs of the first ``n_queries`` query words (8 passages each) and their graded qrels."""
+    from benchmarks.quant_study import relevance
+
+    words = list(dict.fromkeys(p.query_word for p in study_pairs()))[:n_queries]
+    pairs = [p for p in study_pairs() if p.query_word in words]
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs_file, qrels_file = folder / "pairs.jsonl", folder / "qrels.txt"
+    pairs_file.write_text("".join(json.dumps({"qid": p.query_word, "query": p.query, "docid": p.passage_word,
+                                              "text": p.passage}) + "\n" for p in pairs))
+    qrels_file.write_text("".join(f"{p.query_word} 0 {p.passage_word} {relevance(p)}\n" for p in pairs))
+    return pairs_file, qrels_file
+
+
+def study_command(model: Path, pairs: Path, qrels: Path, work: Path, out: Path, types: str,
+                  *extra: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.cli", "-q", "study", "--model", str(model), "--types", types,
+            "--pairs", str(pairs), "--qrels", str(qrels), "--reference", "transformers", "--max-think-tokens",
+            str(BUDGET), "--n-ctx", str(N_CTX), "--threads", "2", "--work", str(work), "--out", str(out), *extra]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_test_bed_behaves_and_has_outliers(fixture_dir):
+    """Same function as `behaving` (its build checks the behaviour), heavy-tailed weights, and the channels whose
+    activations were made 8x larger are what an importance matrix weighs most (its largest column is one of them, and
+    each of them weighs far more than a typical column)."""
+    from quantize.gguf_export import load_checkpoint, plan_export
+    from quantize.imatrix import compute_imatrix
+
+    folder = fixture_dir("behaving-outliers")
+    info = json.loads((folder / "fixture.json").read_text())
+    assert info["behaviour"]["exact_reasoning"] >= 0.95
+    assert info["weight_kurtosis"]["median"] > 10 * info["weight_kurtosis"]["base_median"]
+    names = {j.entry.name: j.gguf_name for j in plan_export(load_checkpoint(folder)).jobs if j.entry is not None}
+    texts = [p.query + " " + p.passage for p in study_pairs()[:6]]
+    imatrix = compute_imatrix(folder, texts, gguf_names=names, progress=False)
+    for layer in range(3):
+        for norm, tensor in (("input_layernorm", "attn_q"), ("post_attention_layernorm", "ffn_up")):
+            massive = info["massive_channels"][f"model.layers.{layer}.{norm}"]
+            mean = imatrix.entries[f"blk.{layer}.{tensor}.weight"].mean()
+            assert int(mean.argmax()) in massive and mean[massive].min() > 5 * float(np.median(mean))
+
+
+@pytest.fixture(scope="module")
+def studied(fixture_dir, tmp_path_factory):
+    """The study of Q8_0 and Q2_K on 6 queries (48 pairs) of the test bed, reference transformers fp32."""
+    pytest.importorskip("scipy")
+    model = fixture_dir("behaving-outliers")
+    tmp = tmp_path_factory.mktemp("study")
+    pairs, qrels = write_pairs(tmp / "in", 6)
+    cmd = study_command(model, pairs, qrels, tmp / "work", tmp / "out", "Q8_0,Q2_K")
+    subprocess.run(cmd, check=True, env=env(), cwd=ROOT)
+    return cmd, tmp
+
+
+def test_study_end_to_end_on_the_test_bed(studied):
+    """The report is written, and Q2_K is measurably worse than Q8_0."""
+    _, tmp = studied
+    out = tmp / "out"
+    report = json.loads((out / "study.json").read_text())
+    assert (out / "study.png").stat().st_size > 1000 and "## Order of damage" in (out / "study.md").read_text()
+    q8, q2 = report["types"]
+    assert (q8["label"], q2["label"]) == ("Q8_0", "Q2_K") and q8["common"] == q2["common"] == 48
+    assert q8["flip_count"] <= 2 and q8["kl_mean"]["value"] < 1e-3
+    assert q2["kl_mean"]["value"] > 10 * q8["kl_mean"]["value"] and q2["flip_count"] > q8["flip_count"]
+    assert report["reference"]["backend"] == "transformers" and report["reference"]["quality"]["queries"] == 6
+    (order,) = report["order"]
+    assert order["first"] == "Q8_0" and order["second"] == "Q2_K" and order["abs_diff"]["value"] > 0
+    assert q8["cost"]["peak_rss_bytes"] > 0 and q8["cost"]["pairs_per_second"] > 0
+
+
+def test_a_study_killed_mid_type_resumes_without_scoring_anything_twice(studied, tmp_path):
+    """A copy of the finished study without its Q2_K run, killed while scoring Q2_K and started again: nothing that
+    was done (exports, the reference, Q8_0, the Q2_K rows already written) is done again."""
+    from rank1_local.runs.inputs import done_keys
+    from rank1_local.runs.run_header import header_path, read_header
+
+    cmd, tmp = studied
+    work = tmp_path / "work"
+    shutil.copytree(tmp / "work", work)
+    for stale in (work / "runs").glob("Q2_K.*"):
+        stale.unlink()
+    cmd = [str(work) if a == str(tmp / "work") else str(tmp_path / "out") if a == str(tmp / "out") else a
+           for a in cmd] + ["--parallel", "1"]
+    run_file = work / "runs" / "Q2_K.jsonl"
+    finished = {p: p.read_bytes() for p in (work / "runs").glob("*.jsonl")} | {
+        p: p.stat().st_mtime_ns for p in (work / "exports").rglob("*.gguf")}
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_file.exists() and len(run_file.read_text().splitlines()) >= 5):
+            assert proc.poll() is None, "the study ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the study and its scoring process, mid-type
+    finally:
+        proc.wait()
+    before = len(done_keys(run_file))  # complete rows (a row torn by the kill is dropped on resume)
+    assert 5 <= before < 48
+    subprocess.run(cmd, check=True, env=env(), cwd=ROOT, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in run_file.read_text().splitlines()]
+    assert len(rows) == len({(r["qid"], r["docid"]) for r in rows}) == 48
+    assert read_header(header_path(run_file)).pairs == 48 - before  # the second session scored only the rest
+    assert finished == {p: p.read_bytes() for p in finished if p.suffix == ".jsonl"} | {
+        p: p.stat().st_mtime_ns for p in finished if p.suffix == ".gguf"}  # reference, Q8_0, exports untouched
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["types"][1]["common"] == 48
+
+
+def test_an_mteb_reranking_task_as_study_inputs():
+    """An MTEB reranking task (a local one: 12 judged TREC RAG 2024 pairs) gives its top-ranked documents per query,
+    as mteb hands them to a cross-encoder, with the task's qrels."""
+    pytest.importorskip("mteb")
+    from test_mteb import _local_task
+
+    from benchmarks.study.inputs import from_mteb
+
+    task, rows = _local_task()
+    got = from_mteb(task)
+    assert [(p.qid, p.docid, p.query, p.text) for p in got.pairs] == \
+        [(r["qid"], r["docid"], r["query"], r["text"]) for r in rows]
+    assert got.qrels == {q: {r["docid"]: r["label"] for r in rows if r["qid"] == q} for q in got.queries}
+    assert got.dataset == "TrecRag24Sample" and from_mteb(task, depth=2).pairs == \
+        [p for p in got.pairs if p.docid in {r["docid"] for r in rows[:2] + rows[4:6] + rows[8:10]}]
