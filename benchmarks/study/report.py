@@ -229,18 +229,19 @@ def plot(report: StudyReport, path: Path) -> None:
 
     has_ndcg = any(r.ndcg10_delta is not None for r in report.types)
     panels = 2 if has_ndcg else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 1.8, 4.5), squeeze=False)
     xs = [(r.cost.model_bytes or 0) / 1e6 for r in report.types]
+    colours = plt.get_cmap("tab20")
 
     def draw(ax: Any, values: list[st.Estimate | None], scale: float, ylabel: str, title: str) -> None:
-        for x, r, e in zip(xs, report.types, values):
+        for i, (x, r, e) in enumerate(zip(xs, report.types, values)):
             if e is None or math.isnan(e.value):
                 continue
             low = max(0.0, e.value - e.low) if e.low is not None else 0.0  # a percentile interval may sit beside
             high = max(0.0, e.high - e.value) if e.high is not None else 0.0  # the point estimate
             marker = "s" if r.label.endswith(IMATRIX_SUFFIX) else "o"
-            ax.errorbar([x], [e.value * scale], yerr=[[low * scale], [high * scale]], fmt=marker, capsize=3)
-            ax.annotate(r.label, (x, e.value * scale), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.errorbar([x], [e.value * scale], yerr=[[low * scale], [high * scale]], fmt=marker, capsize=3,
+                        color=colours(i % 20), label=r.label, alpha=0.85)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("export size (MB)")
         ax.set_ylabel(ylabel)
@@ -253,7 +254,9 @@ def plot(report: StudyReport, path: Path) -> None:
         column = 1
     draw(axes[0][column], [r.flips for r in report.types], 100.0, "flip rate against the reference (%)",
          "Decision flips with 95% CI")
-    fig.tight_layout()
+    handles, labels = axes[0][column].get_legend_handles_labels()  # every type has a flip rate
+    fig.legend(handles, labels, loc="center right", fontsize=8, title="type (■ with imatrix)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (5.5 * panels + 1.8), 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
