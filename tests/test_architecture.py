@@ -140,3 +140,37 @@ def test_llama_backend_is_initialised_once(monkeypatch):
         assert calls == [1]
     finally:
         llama_engine._llama_cpp.cache_clear()
+
+
+def test_llama_cpp_log_levels_follow_ggml_h():
+    """llama.cpp's log reaches Python logging at its own level: its load chatter (INFO) stays out of sight, a
+    warning is a warning (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)."""
+    import logging
+
+    from rank1_local.backends.llama.logs import _LineJoiner
+
+    joiner = _LineJoiner()
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append((record.levelno, record.getMessage()))
+
+    handler = Catch()
+    logger = logging.getLogger("llama.cpp")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        joiner.feed(2, "llama_model_loader: loaded meta data\n")
+        joiner.feed(3, "control-looking token: ")
+        joiner.feed(5, "'<x>' was not control-type\n")
+        joiner.feed(4, "failed to decode\n")
+        joiner.feed(3, "n_ctx_seq (37120) > n_ctx_train (32768) -- possible training context overflow\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == [(logging.DEBUG, "llama_model_loader: loaded meta data"),
+                    (logging.WARNING, "control-looking token: '<x>' was not control-type"),
+                    (logging.ERROR, "failed to decode"),
+                    (logging.DEBUG, "n_ctx_seq (37120) > n_ctx_train (32768) -- possible training context overflow")]

@@ -15,8 +15,9 @@ from typing import Any
 
 logger = logging.getLogger("llama.cpp")
 
-# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous message)
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level (ggml.h of the llama.cpp that llama-cpp-python 0.3.36 vendors): NONE 0, DEBUG 1, INFO 2, WARN 3,
+# ERROR 4, CONT 5 (continues the previous message). llama-cpp-python's own mapping predates this order.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _CONT = 5
 # warnings that describe our own, intended set-up, not a problem
 _EXPECTED = ("possible training context overflow",)
