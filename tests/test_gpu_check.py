@@ -147,3 +147,13 @@ def test_step_timings_split_device_and_host_time():
     assert s["host_ms"] == pytest.approx(4.0) and s["readout_ms"] == pytest.approx(1.5)
     assert s["scheduler_ms"] == pytest.approx(2.5) and s["host_share"] == pytest.approx(0.4)
     assert s["host_us_per_row"] == pytest.approx(500.0)
+
+
+def test_a_step_an_earlier_call_was_stopped_in_is_reported_as_stopped(tmp_path):
+    earlier = _run(tmp_path, 600)
+    earlier.save("fidelity", {"status": "running", "reason": "started"})
+    later = _run(tmp_path, 600)
+    later.call = "a later call"
+    later.render()
+    step = json.loads((tmp_path / "out" / "gpu.json").read_text())["steps"]["fidelity"]
+    assert step["status"] == "stopped" and earlier.call in step["reason"]

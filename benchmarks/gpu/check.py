@@ -148,6 +148,10 @@ class Run:
 
     def render(self) -> None:
         results = {s.name: self.load(s.name) for s in STEPS}
+        for name, result in results.items():
+            if result and result.get("status") == "running" and result.get("call") != self.call:
+                results[name] = {**result, "status": "stopped",
+                                 "reason": f"the command of call {result.get('call')} was stopped during this step"}
         meta = {"call": self.call, "mode": self.settings.mode, "host": socket.gethostname(),
                 "budget_s": self.settings.budget_s, "elapsed_s": round(time.time() - self.started, 1),
                 "settings": asdict(self.settings)}
@@ -191,6 +195,7 @@ class Run:
                                                                  f"least {step.min_s} s"})
             return
         limit = min(self.settings.cap(step), left)
+        (self.work / "data" / f"{step.name}.json").unlink(missing_ok=True)  # never report an earlier call's data
         self.save(step.name, {"status": "running", "reason": "started; if this is the final word, the command was "
                                                             "stopped during this step", "limit_s": round(limit)})
         self.render()
@@ -238,19 +243,23 @@ class Run:
             data = self.read_data(name)
             if status == "ok" and data.get("failed"):
                 status, reason = "failed", data["failed"]
-            self.save(name, {"status": status, "reason": reason, "seconds": round(time.time() - started, 1),
-                             "data": data})
-            print(f"[check] {name}: {status} in the background after {time.time() - started:.0f} s"
+            seconds = (data.get("ended_at") or time.time()) - started
+            self.save(name, {"status": status, "reason": reason, "seconds": round(seconds, 1), "data": data})
+            print(f"[check] {name}: {status} in the background after {seconds:.0f} s"
                   + (f": {reason}" if reason else ""), flush=True)
             del self.background[name]
             self.render()
 
     def run(self) -> int:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work / "data").mkdir(parents=True, exist_ok=True)
         try:
             for step in STEPS:
                 self.finish_background(stop_running=False)
                 self.run_step(step)
+            while self.background and self.left() > 5:  # jobs asked for (--only), or whose user failed: let them end
+                self.finish_background(stop_running=False)
+                time.sleep(1)
         finally:
             self.finish_background(stop_running=True)
             self.render()

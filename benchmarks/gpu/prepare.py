@@ -125,6 +125,7 @@ def extract_trimmed(sdist: Path, dest: Path) -> dict[str, int]:
             with open(out, "wb") as f:
                 shutil.copyfileobj(src, f)
             os.chmod(out, member.mode & 0o777 | 0o600)
+            os.utime(out, (member.mtime, member.mtime))  # the sdist's times: a re-made carry is the same tree
             counts["kept_files"] += 1
             counts["kept_bytes"] += member.size
     missing = [rel for rel in REQUIRED if not (dest / rel).is_file()]

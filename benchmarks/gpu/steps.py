@@ -148,8 +148,17 @@ def step_build(ctx: Ctx, data: Data) -> None:
                           "with a package index and carry .gpu-carry")
         return
     src, build_dir = ctx.work / "llama-src", ctx.work / "llama-build"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(carried, src)  # the build writes into its source tree (llama_cpp/lib)
+    # The build writes into its source tree (llama_cpp/lib), so it gets a copy. A copy of the same sdist from an earlier
+    # call on this machine is kept, with its files' times, so that CMake and ninja go on from where a build stopped
+    # by its time guard got to.
+    sdist_sha = _read_json(ctx.carry / "MANIFEST.json").get("sdist_sha256", "unknown")
+    marker = src / ".rank1-sdist-sha256"
+    if not marker.is_file() or marker.read_text() != sdist_sha:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(carried, src)
+        marker.write_text(sdist_sha)
+    else:
+        data["sources"] = "kept from an earlier call (a build that was stopped goes on)"
     shutil.rmtree(ctx.site, ignore_errors=True)
     stamp = build_dir / "rank1-mode"
     if build_dir.exists() and (not stamp.is_file() or stamp.read_text() != " ".join(cmake_args(ctx))):
@@ -461,6 +470,7 @@ def _run_children(ctx: Ctx, jobs: dict[str, tuple[list[str], dict[str, str]]], p
 
     def start(name: str) -> None:
         args, env = jobs[name]
+        (ctx.work / "data" / f"{name}.json").unlink(missing_ok=True)  # never read an earlier call's rows
         cmd = [sys.executable, "-m", "benchmarks.gpu.steps", *args, "--name", name, "--ctx", str(ctx_path(ctx)),
                "--deadline", f"{ctx.deadline:.1f}"]
         procs[name] = subprocess.Popen(cmd, env=dict(os.environ, **env))
@@ -818,10 +828,10 @@ def main() -> int:
     try:
         steps[args.step]()
     except Exception as exc:
-        data.update(failed=f"{type(exc).__name__}: {str(exc)[:500]}", ended=True)
+        data.update(failed=f"{type(exc).__name__}: {str(exc)[:500]}", ended=True, ended_at=time.time())
         data.save()
         raise
-    data["ended"] = True
+    data.update(ended=True, ended_at=time.time())
     data.save()
     return 0
 
