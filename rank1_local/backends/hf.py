@@ -138,7 +138,9 @@ class TransformersRank1(Reranker):
         if not (path / "config.json").is_file():
             raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
         self.model_path = path
-        self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+        # where torch runs ("cpu", "cuda" …); ``device`` (the property) is the backend-and-device words
+        self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" \
+            else settings.device
         quant = quantization_method(path)
         dtype = settings.dtype
         if dtype == "auto":
