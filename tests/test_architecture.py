@@ -124,7 +124,7 @@ def test_llama_cpp_structs_have_every_field_we_set():
     cparams = llama_cpp.llama_context_default_params()
     set_fields(cparams, n_ctx=8, n_batch=8, n_ubatch=8, n_seq_max=2, kv_unified=True, n_threads=1,
                n_threads_batch=1, no_perf=True, type_k=0, type_v=0)
-    set_fields(llama_cpp.llama_model_default_params(), n_gpu_layers=0)
+    set_fields(llama_cpp.llama_model_default_params(), n_gpu_layers=0, vocab_only=True)
 
 
 def test_llama_backend_is_initialised_once(monkeypatch):
@@ -134,12 +134,12 @@ def test_llama_backend_is_initialised_once(monkeypatch):
 
     calls = []
     monkeypatch.setattr(llama_cpp, "llama_backend_init", lambda: calls.append(1))
-    llama_engine._llama_cpp.cache_clear()
+    llama_engine.llama_cpp_module.cache_clear()
     try:
-        assert llama_engine._llama_cpp() is llama_engine._llama_cpp() is llama_cpp
+        assert llama_engine.llama_cpp_module() is llama_engine.llama_cpp_module() is llama_cpp
         assert calls == [1]
     finally:
-        llama_engine._llama_cpp.cache_clear()
+        llama_engine.llama_cpp_module.cache_clear()
 
 
 def test_llama_cpp_log_levels_follow_ggml_h():
