@@ -260,7 +260,7 @@ def test_a_truncated_or_missing_file_is_refused(hub, tmp_path):
     bundle = pull(REPO, "Q4_K_M", tmp_path / "b")
     part2 = bundle.path / bundle.files[1].name
     shutil.copyfile(part2, tmp_path / "part2")
-    part2.unlink()  # a hard link to the cache blob: unlink, then write a new file
+    part2.unlink()
     part2.write_bytes((tmp_path / "part2").read_bytes()[:-4])
     with pytest.raises(CorruptFileError, match=r"00002-of-00002.gguf: \d+ bytes, the bundle manifest says \d+"):
         open_bundle(bundle.path)
@@ -329,11 +329,11 @@ def test_a_failed_write_leaves_no_half_bundle(tmp_path, monkeypatch):
     parts = [write_gguf(tmp_path / f"m-Q8_0-0000{i}-of-00002.gguf", "Q8_0", i) for i in (1, 2)]
     calls = []
 
-    def failing_place(src, dst):
+    def failing_place(src, dst, link):
         calls.append(src)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return original(src, dst)
+        return original(src, dst, link)
 
     original = bundle_module._place
     monkeypatch.setattr(bundle_module, "_place", failing_place)
@@ -380,7 +380,7 @@ def test_pull_a_local_file_takes_its_type_and_verification_card(tmp_path, monkey
     with pytest.raises(ModelNotFoundError, match="is a Q8_0 GGUF, not F16"):
         pull(str(model), "F16", tmp_path / "other")
     untyped = write_gguf(tmp_path / "models" / "plain.gguf", None, 1.0)
-    with pytest.raises(ModelNotFoundError, match="cannot tell its GGUF type.*--type"):
+    with pytest.raises(ModelNotFoundError, match="cannot tell its GGUF type.*--gguf-type"):
         pull(str(untyped))
     assert pull(str(untyped), "q4_0").path.name == "plain-Q4_0"
 

@@ -77,4 +77,4 @@ def test_cli_errors_are_plain(model, tmp_path, capsys):
     docs = tmp_path / "docs.txt"
     docs.write_text("one passage\n")
     assert main(["-q", "rerank", "--model", str(tmp_path / "none.gguf"), "--query", "q", "--docs", str(docs)]) == 2
-    assert "no such GGUF file" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err

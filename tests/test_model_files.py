@@ -47,5 +47,5 @@ def test_offline_hub_id_fails_at_once_with_the_local_route(tmp_path, monkeypatch
 
 
 def test_a_missing_local_file_is_not_taken_for_a_hub_id(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
         resolve_gguf(str(tmp_path / "nothing" / "model.gguf"))

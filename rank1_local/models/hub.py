@@ -34,8 +34,23 @@ class HubAccess:
     reason: str = ""
 
 
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` can only be meant as a file or folder: it ends in ``.gguf``, starts with ``.``, ``/`` or
+    ``~``, or has a path separator other than the one slash of ``owner/name``."""
+    text = str(model)
+    return (text.lower().endswith(".gguf") or text.startswith((".", "/", "~")) or "\\" in text
+            or text.count("/") != 1)
+
+
 def is_hub_id(model: str) -> bool:
-    return bool(_REPO_ID.match(model)) and not Path(model).expanduser().exists()
+    return bool(_REPO_ID.match(model)) and not looks_like_path(model) and not Path(model).expanduser().exists()
+
+
+def missing_model(model: str) -> str:
+    """The error for a model argument that is neither an existing path nor a hub id."""
+    if looks_like_path(model):
+        return f"{model}: no such file or folder"
+    return f"{model}: no such file or folder, and not a hub id of the form owner/name"
 
 
 def hub_is_offline() -> bool:
@@ -177,4 +192,4 @@ def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = N
     if is_hub_id(text):
         logger.info("resolving %s on the Hugging Face hub", text)
         return download_snapshot(text, allow_patterns)
-    raise ModelNotFoundError(f"{text}: no such file or folder (and not a hub id of the form owner/name)")
+    raise ModelNotFoundError(missing_model(text))
