@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF file or checkpoint: measure where reasoning diverges in tokens (default: characters)")
     p.add_argument("--out-dir", type=Path, default=None, help="write NAME.md, NAME.json and NAME.png here")
     p.add_argument("--name", default="compare", help="report file name stem (default: compare)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.set_defaults(func=_cmd_compare)
     return parser
 
