@@ -46,11 +46,14 @@ def check_binding(host: str, api_key: str | None, insecure_no_auth: bool) -> Non
 
 
 def guarded_protocol(read_timeout: float, max_connections: int) -> type:
-    """uvicorn's h11 protocol with a deadline for a new connection's first request headers (uvicorn's keep-alive
-    timer, armed at once instead of after a first response) and a cap on open connections."""
+    """uvicorn's h11 protocol with a deadline for each request's headers (from the moment the connection opens, or
+    the previous response ends, to the end of the headers: uvicorn's own keep-alive timer stops at the first byte, so
+    a client that sends part of its headers could hold a connection forever) and a cap on open connections."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
+        _header_timer: Any = None
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
@@ -59,8 +62,38 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
                 transport.write(BUSY)
                 transport.close()
                 return
-            # cancelled by uvicorn when the request's headers are complete; if they are not by then, closed
-            self.timeout_keep_alive_task = self.loop.call_later(read_timeout, self.timeout_keep_alive_handler)
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self) -> None:
+            self._cancel_header_deadline()
+            self._header_timer = self.loop.call_later(read_timeout, self._headers_too_late)
+
+        def _cancel_header_deadline(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _waiting_for_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _headers_too_late(self) -> None:
+            self._header_timer = None
+            if self._waiting_for_headers() and not self.transport.is_closing():
+                self.timeout_keep_alive_handler()  # closes the connection, as uvicorn closes an idle one
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if not self._waiting_for_headers():  # a request's headers are in: the app's body deadline takes over
+                self._cancel_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._waiting_for_headers() and not self.transport.is_closing():
+                self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_deadline()
+            super().connection_lost(exc)
 
     assert len(BUSY.split(b"\r\n\r\n", 1)[1]) == 66
     return GuardedH11Protocol
