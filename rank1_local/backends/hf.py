@@ -138,11 +138,11 @@ class TransformersRank1(Reranker):
         self.config = config
         self.torch = torch
         self.model_path = path
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+        self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
         quant = quantization_method(path)
         dtype = settings.dtype
         if dtype == "auto":
-            dtype = "float32" if self.device == "cpu" and not quant else "float16"
+            dtype = "float32" if self.torch_device == "cpu" and not quant else "float16"
         if quant in ("gptq", "awq") and dtype == "float32":
             # GPTQModel's CPU GPTQ kernel gives wrong logits with float32 activations (seen with 7.6.0).
             raise Rank1Error(f"{path.name} is a {quant} checkpoint: its kernels run in float16 or bfloat16, "
@@ -155,22 +155,22 @@ class TransformersRank1(Reranker):
             # GPTQModel (loaded by transformers for AWQ/GPTQ) prints a banner to stdout: keep stdout for results
             with contextlib.redirect_stdout(sys.stderr):
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path, dtype=getattr(torch, dtype)).to(self.device).eval()
+                    path, dtype=getattr(torch, dtype)).to(self.torch_device).eval()
         except (ImportError, ValueError, RuntimeError) as exc:
             hint = (f" ({quant} checkpoints need GPTQModel: pip install 'rank1-local[gptq]')"
                     if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
             raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
-                                        f"{self.device}{hint}: {str(exc).splitlines()[0][:300]}") from None
+                                        f"{self.torch_device}{hint}: {str(exc).splitlines()[0][:300]}") from None
         self.true_id, self.false_id = answer_token_ids(self.tokenize)
         self.eos_ids = self._eos_ids()
         self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
         self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
         self.pipeline = Pipeline(self, SerialExecutor(self._score_batch), config)
-        logger.info("loaded %s with transformers on %s (%s)", path.name, self.device, dtype)
+        logger.info("loaded %s with transformers on %s (%s)", path.name, self.torch_device, dtype)
 
     @property
     def device(self) -> str:
-        return f"transformers {self.device} {self.dtype}"
+        return f"transformers {self.torch_device} {self.dtype}"
 
     def _eos_ids(self) -> set[int]:
         """What ends generation, as vLLM decides it: the tokenizer's and the generation config's EOS."""
@@ -209,7 +209,7 @@ class TransformersRank1(Reranker):
         if pair.too_long:
             return too_long_result(pair)
         started = time.perf_counter()
-        seq = _Sequence(self.model, self.torch, self.device)
+        seq = _Sequence(self.model, self.torch, self.torch_device)
         logits = seq.feed(pair.ids)
         chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
                                official=config.protocol == "official", n_ctx=config.n_ctx)
