@@ -210,7 +210,8 @@ def test_a_hub_that_fails_to_list_falls_back_to_the_cache(online_hub, tmp_path, 
         bundle = pull(REPO, "F16", tmp_path / "b")
     assert bundle.source.revision == COMMIT and online_hub.calls == []
     assert "cannot list owner/rank1-tiny-GGUF on the hub (RuntimeError: 503" in caplog.text
-    with pytest.raises(ModelNotFoundError, match=r"owner/other-GGUF is not in the local cache .* \(listing "
+    with pytest.raises(ModelNotFoundError, match=r"owner/other-GGUF: no such file or folder here, and as a hub id it is "
+                                                 r"not in the local cache .* \(listing "
                                                  r"owner/other-GGUF failed: RuntimeError: 503"):
         pull("owner/other-GGUF", "F16", tmp_path / "c")
 
@@ -435,7 +436,8 @@ def test_offline_errors_come_at_once_and_say_each_thing_once(tmp_path, offline_e
     done = run_cli(["rerank", "--model", "owner/rank1-7b-GGUF", "--query", "q", "--docs", str(docs)], env)
     elapsed = time.perf_counter() - start
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "error: owner/rank1-7b-GGUF is not in the local cache" in done.stderr
+    assert "error: owner/rank1-7b-GGUF: no such file or folder here, and as a hub id it is not in the local cache" \
+        in done.stderr
     assert "rank1-local pull owner/rank1-7b-GGUF" in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == len(set(lines)), done.stderr
@@ -450,7 +452,8 @@ def test_toolchain_checkpoint_download_is_fast_offline_too(tmp_path):
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "quantize.cli", "gguf", "owner/rank1-7b", "--out",
                            str(tmp_path / "models")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
-    assert done.returncode == 2 and "it is not in the local cache" in done.stderr
+    assert done.returncode == 2 and "is not in the local cache" in done.stderr
+    assert "rank1-quantize fixture --help" in done.stderr  # the route that needs no download
     assert time.perf_counter() - start < 5
 
 
@@ -566,12 +569,12 @@ def test_a_bundle_is_a_copy_unless_linking_is_asked_for(tmp_path, monkeypatch):
 
 
 @pytest.mark.quick
-def test_list_shows_a_damaged_bundle_and_verify_finds_a_changed_byte(tmp_path):
+def test_list_shows_a_damaged_bundle_and_verify_finds_a_changed_byte(tmp_path, monkeypatch):
     env = cli_env(tmp_path)
+    monkeypatch.setenv("RANK1_LOCAL_HOME", env["RANK1_LOCAL_HOME"])
     folder = tmp_path / "bundles"
     for name in ("good", "cut", "flipped"):
-        source = write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", float(len(name)))
-        assert run_cli(["pull", str(source), "--out", str(folder / name)], env).returncode == 0
+        pull(str(write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", float(len(name)))), out=folder / name)
     (folder / "cut" / "cut-Q8_0.gguf").write_bytes((folder / "cut" / "cut-Q8_0.gguf").read_bytes()[:-10])
     data = bytearray((folder / "flipped" / "flipped-Q8_0.gguf").read_bytes())
     data[-1] ^= 0xFF
@@ -595,12 +598,12 @@ def test_list_shows_a_damaged_bundle_and_verify_finds_a_changed_byte(tmp_path):
     ({"repo": "o/r", "revision": 12345}, "source.revision must be a string"),
     ({"files": "x.gguf"}, "source.files must be a list"),
 ])
-def test_a_bad_manifest_is_an_error_and_list_shows_the_others(tmp_path, source, message):
+def test_a_bad_manifest_is_an_error_and_list_shows_the_others(tmp_path, monkeypatch, source, message):
     env = cli_env(tmp_path)
+    monkeypatch.setenv("RANK1_LOCAL_HOME", env["RANK1_LOCAL_HOME"])
     folder = tmp_path / "bundles"
     for name in ("a-good", "b-bad", "c-good"):
-        source_file = write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", 1.0)
-        assert run_cli(["pull", str(source_file), "--out", str(folder / name)], env).returncode == 0
+        pull(str(write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", 1.0)), out=folder / name)
     manifest = folder / "b-bad" / MANIFEST
     data = json.loads(manifest.read_text())
     data["source"] = source

@@ -148,8 +148,10 @@ def test_dataset_names_match_without_regard_to_case():
 
 
 @pytest.mark.parametrize("model", ["models/rank1-0.5b-Q8_0.gguf", "./rank1", "/abs/path/model", "a/b/c",
-                                   "~/models/x"])
-def test_a_missing_path_is_a_missing_file_not_a_hub_id(docs, capsys, model):
+                                   "~/models/x", "bundles/rank1-0.5b-Q8_0"])
+def test_a_missing_path_is_a_missing_file_not_a_hub_id(docs, capsys, model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundles").mkdir()  # a folder of that name here: the argument is a path in it
     for command in (["rerank", "--model", model, "--query", "q", "--docs", str(docs)], ["pull", model]):
         assert rerank(["-q", *command]) == 2
         err = capsys.readouterr().err

@@ -18,7 +18,15 @@ from pathlib import Path
 from rank1_local.core.errors import ModelNotFoundError
 from rank1_local.models.bundle import open_bundle
 from rank1_local.models.gguf_file import LLAMA_FTYPES, check_gguf_file
-from rank1_local.models.hub import HubAccess, cached_snapshot, check_hub, hub_cache_dir, is_hub_id, missing_model
+from rank1_local.models.hub import (
+    FIXTURE_HINT,
+    HubAccess,
+    cached_snapshot,
+    check_hub,
+    hub_cache_dir,
+    is_hub_id,
+    missing_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +194,10 @@ def _from_cache(repo_id: str, wanted: str, access: HubAccess, bundle_hint: Path 
                       f"{wanted} --bundle {name}-{wanted}`")
         routes = [publishes, checkpoint] if "gguf" in repo_id.lower() else [checkpoint, publishes]
         raise ModelNotFoundError(
-            f"{repo_id} is not in the local cache ({hub_cache_dir()}) and the hub cannot be used ({access.reason}).\n"
-            f"On a connected machine make a bundle folder and copy it here: {'; or, '.join(routes)}. Or pass a local "
-            ".gguf file or bundle folder instead of the hub id.")
+            f"{repo_id}: no such file or folder here, and as a hub id it is not in the local cache ({hub_cache_dir()}) "
+            f"and the hub cannot be used ({access.reason}).\nOn a connected machine make a bundle folder and copy it "
+            f"here: {'; or, '.join(routes)}. Or pass a local .gguf file or bundle folder instead of the hub id. "
+            f"{FIXTURE_HINT}")
     local = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf") if p.is_file())
     chosen = select_gguf(local, wanted)
     if not chosen:
