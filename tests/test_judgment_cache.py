@@ -636,7 +636,9 @@ def test_cli_rerank_with_cache_then_stats_and_clear(gguf, fixture_pairs, tmp_pat
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out) == first
+    second = json.loads(capsys.readouterr().out)
+    assert not any(row["cached"] for row in first) and all(row["cached"] for row in second)
+    assert [{**row, "cached": False} for row in second] == first
     assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["rows"] == 4 and stats["models"] == 1 and stats["hits"] == 4
