@@ -26,6 +26,7 @@ def cases() -> dict[str, tuple[str, int, list[tuple[str, str]]]]:
         "forced, no sentence end": ("behaving", 4, pairs[:6]),
         "answer outside the top 20": ("overconfident", 64, pairs),
         "</think> not followed by an answer": ("answers-muted", 48, pairs[:6]),
+        "generation ends at end of sequence": ("ends-early", 64, pairs),
         "prompt longer than the context": ("behaving", 64, [long, pairs[0]]),
         "rank1's tokenizer (<think> tokens)": ("behaving-think", 64, pairs),
     }

@@ -5,7 +5,7 @@ Run it through ``benchmarks/gpu_check.sh`` (which installs the carried wheels fi
 
 =================  =====================================================================================================
 checkpoints        (in the background, from the start) the behaving fixtures, rebuilt from their shipped weights, and
-                   the two checkpoints derived from them for the vLLM judge tests' rare cases
+                   the checkpoints derived from them for the vLLM judge tests' rare cases
 random-ggufs       (in the background, from the start) random-weight GGUFs in rank1-0.5b's and rank1-7b's shapes: F16
                    at once, Q4_K_M (llama.cpp's quantizer) once the build is done
 machine            date, GPU, driver, CUDA compiler, CMake, cores, Python, torch, transformers

@@ -282,12 +282,12 @@ def fixture_ggufs(ctx: Ctx) -> Path:
 
 def step_checkpoints(ctx: Ctx, data: Data) -> None:
     """The fixture checkpoints the fidelity cases run on (torch on the CPU, 4 threads: the build runs meanwhile): the
-    behaving fixtures, rebuilt from their shipped weights and checked, and the two checkpoints derived from them."""
+    behaving fixtures, rebuilt from their shipped weights and checked, and the checkpoints derived from them."""
     import torch
 
     torch.set_num_threads(min(4, ctx.nproc))
     sys.path.insert(0, str(ctx.root / "tests"))
-    from derived_models import answers_muted, derive, overconfident
+    from derived_models import answers_muted, derive, ends_early, overconfident
 
     from quantize.fixtures import build_fixture
 
@@ -301,6 +301,7 @@ def step_checkpoints(ctx: Ctx, data: Data) -> None:
     derived = ctx.work / "derived"
     checkpoints["overconfident"] = derive(checkpoints["behaving"], derived / "overconfident", overconfident)
     checkpoints["answers-muted"] = derive(checkpoints["behaving"], derived / "answers-muted", answers_muted)
+    checkpoints["ends-early"] = derive(checkpoints["behaving"], derived / "ends-early", ends_early)
     timings["derived"] = time.perf_counter() - t0
     data.update(checkpoints={k: str(v) for k, v in checkpoints.items()},
                 seconds={k: round(v, 1) for k, v in timings.items()})

@@ -21,6 +21,20 @@ from rank1_local.core.pairs import Pair, Passage
 from rank1_local.core.results import Rank1Result
 
 
+def check_top_k(top_k: int | None, name: str = "top_k") -> int | None:
+    """``top_k`` when it is None (every result) or a count of at least 1; anything else is an error naming it
+    (a negative count would silently drop results from the end, and 0 would return nothing)."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise Rank1Error(f"{name} must be at least 1 (or left out for every result), got {top_k!r}")
+    return top_k
+
+
+def ranked(results: Sequence[Rank1Result], top_k: int | None = None) -> list[Rank1Result]:
+    """Best first (ties: input order), cut to ``top_k``."""
+    order = sorted(results, key=lambda r: (-r.score, r.index))
+    return order[:top_k] if top_k is not None else order
+
+
 class Reranker(ABC):
     """Implementations set ``config`` and provide :meth:`score_pairs`; everything else is built on it."""
 
@@ -50,9 +64,8 @@ class Reranker(ABC):
     def rerank(self, query: str, documents: Sequence[Passage], *, instruction: str | None = None,
                top_k: int | None = None, config: ScoringConfig | None = None) -> list[Rank1Result]:
         """Score every document for ``query``; best first. ``result.index`` points into ``documents``."""
-        results = self.score_pairs([Pair(query, d, instruction) for d in documents], config=config)
-        ranked = sorted(results, key=lambda r: (-r.score, r.index))
-        return ranked[:top_k] if top_k is not None else ranked
+        check_top_k(top_k)
+        return ranked(self.score_pairs([Pair(query, d, instruction) for d in documents], config=config), top_k)
 
     def predict(self, inputs: Sequence[Any] | Pair, prompt_name: str | None = None, prompt: str | None = None,
                 batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn: Callable | None = None,
