@@ -13,6 +13,7 @@ from typing import Any
 from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
+from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
 from rank1_local.cli.support import run_command
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.dataset_prompts import dataset_prompt
@@ -119,6 +120,10 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
+    if uses_ray(args):
+        from rank1_local.cli.ray_commands import rerank_on_ray
+
+        return rerank_on_ray(args, scoring_config(args), engine_settings(args))
     if args.pairs is not None:
         return _rerank_pairs(args)
     if args.query is None or args.docs is None:
@@ -141,6 +146,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     check_binding(args.host, api_key, args.insecure_no_auth)
     config = scoring_config(args)
     settings = engine_settings(args) | {"max_waiting": args.max_queue}
+    if uses_ray(args):
+        from rank1_local.cli.ray_commands import serve_on_ray
+
+        return serve_on_ray(args, config, settings, {
+            "model_name": args.name, "api_key": api_key, "max_documents": args.max_documents,
+            "max_total_chars": args.max_chars, "max_body_bytes": args.max_body_bytes,
+            "shutdown_timeout": args.shutdown_timeout})
     with Rank1(args.model, config, **settings) as model:
         server = ServerSettings(model_name=args.name or model.model_path.stem, api_key=api_key,
                                 max_documents=args.max_documents, max_total_chars=args.max_chars,
@@ -182,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
     add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)
+    add_ray_rerank_args(p)
     p.set_defaults(func=_cmd_rerank)
 
     p = sub.add_parser("serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
@@ -206,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(backend="llama.cpp")
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_cache_arg(p)
+    add_ray_serve_args(p)
     p.set_defaults(func=_cmd_serve)
 
     add_cache_parser(sub)
