@@ -183,7 +183,7 @@ def block_overhead(workers: int, blocks: int, block: int, tmp: Path) -> dict[str
         EchoScorer, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1, max_restarts=-1, max_task_retries=3)
     ds.context.enable_progress_bars = False
-    out = BlockAppender(tmp / f"echo-{workers}.jsonl")
+    out = BlockAppender(tmp / f"echo-{workers}-{block}.jsonl")
     seen: set[tuple[str, str]] = set()
     times = []
     start = time.perf_counter()
@@ -435,7 +435,9 @@ def main() -> None:
         best = [min(rows, key=lambda r: r["wall_s"]) for rows in runs.values()]
         result["batch"] = {"pairs": n, "queries": args.queries, "docs": args.docs, "block": args.block, "rows": best,
                            "all": runs}
-        result["overhead"] = [block_overhead(w, args.overhead_blocks, 8, tmp) for w in (1, 2)]
+        result["overhead"] = [block_overhead(w, blocks, size, tmp) for size, blocks in ((8, args.overhead_blocks),
+                                                                                        (128, args.overhead_blocks // 3))
+                              for w in (1, 2)]
         print(json.dumps(result["overhead"]), flush=True)
         if not args.skip_serve:  # on the same cluster: the servers' drivers join it by its address
             result["serve"] = serve_benchmark(model, args.serve_requests, tmp,
@@ -443,7 +445,8 @@ def main() -> None:
         ray.shutdown()
     ray_two = next(r for r in best if r["workers"] == 2)
     block_s = args.block / (ray_two["steady_pairs_per_s"] / 2)
-    overhead = next(r for r in result["overhead"] if r["workers"] == 2)["ms_per_block_per_worker"]
+    overhead = next(r for r in result["overhead"] if r["workers"] == 2 and r["pairs_per_block"] == 128)[
+        "ms_per_block_per_worker"]
     result["model"] = scaling_model(overhead, max(0.0, ray_two["first_row_s"] - block_s))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = render(result)

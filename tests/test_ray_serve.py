@@ -150,3 +150,14 @@ def test_killing_a_replica_does_not_take_the_service_down(service, direct):
         assert time.monotonic() < deadline, "no replacement replica"
         time.sleep(0.5)
     assert httpx.get(service + "/health", timeout=10).status_code == 200
+
+
+def test_a_second_server_on_another_port_is_refused_naming_the_running_proxy(service, model_file, capsys):
+    from benchmarks.server_process import free_port
+    from rank1_local.cli.main import main
+
+    port = service.rsplit(":", 1)[1]
+    assert main(["-q", "serve", "--model", str(model_file), "--port", str(free_port()), "--threads", "1", "--ray",
+                 "--replicas", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"Ray Serve already runs on this cluster with its HTTP proxy on 127.0.0.1:{port}" in err, err

@@ -219,6 +219,10 @@ def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = Non
     if check_model:
         check_model_on_nodes(backend, model, gguf_type=engine.get("gguf_type"), cpus=threads_per_worker,
                              gpus=gpus_per_worker)
+    missing = [c for c in ("qid", "query", "docid", "text") if c not in ds.columns()]
+    if missing:
+        raise Rank1Error(f"the dataset has no column(s) {', '.join(missing)} (needs qid, query, docid, text[, title, "
+                         "instruction])")
     spec = WorkerSpec(backend, str(model), config.to_dict(), engine)
     if not grouped:
         ds = group_by_query(ds, pairs_per_block)

@@ -166,18 +166,50 @@ def rank1_app(spec: ReplicaSpec, options: ServeOptions = ServeOptions()) -> Any:
     return serve.deployment(**deployment_options)(serve.ingress()(Rank1Replica)).bind(spec)
 
 
-def start_serving(spec: ReplicaSpec, options: ServeOptions, *, host: str, port: int) -> None:
+def _serve_client() -> Any:
+    """Serve's controller client when Serve runs on the cluster, else None (Ray has no public call for this)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client(raise_if_no_controller_running=False)
+    except Exception:
+        return None
+
+
+def start_serving(spec: ReplicaSpec, options: ServeOptions, *, host: str, port: int) -> bool:
     """Check the model on every node that can hold a replica, then run the app on Serve (HTTP on ``host:port``) and
-    return once every replica is up (an error if they cannot start)."""
+    return once every replica is up (an error if they cannot start). True when Serve was not running before (the
+    caller stops it again)."""
     from ray import serve
 
     check_model_on_nodes("llama.cpp", spec.model, gguf_type=spec.engine.get("gguf_type"),
                          cpus=options.threads_per_replica, gpus=options.gpus_per_replica)
+    started = _serve_client() is None
     serve.start(http_options={"host": host, "port": port})
+    client = _serve_client()
+    http = getattr(client, "http_config", None)
+    if http is not None and (http.host, http.port) != (host, port):  # one proxy per cluster keeps its first options
+        raise Rank1Error(f"Ray Serve already runs on this cluster with its HTTP proxy on {http.host}:{http.port}; "
+                         f"give --host {http.host} --port {http.port}, or stop it first (`serve shutdown`)")
+    if APP_NAME in serve.status().applications:
+        logger.warning("replacing the %s app already running on this cluster", APP_NAME)
     try:
         serve.run(rank1_app(spec, options), name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as exc:
+        if started:
+            serve.shutdown()
         raise Rank1Error(f"the replicas could not start: {rank1_message(exc)}") from None
+    return started
+
+
+def stop_serving(*, stop_serve: bool) -> None:
+    """Delete the app (each replica gives its requests in flight its graceful shutdown time); with ``stop_serve``,
+    stop Serve itself too, unless other apps run on it."""
+    from ray import serve
+
+    serve.delete(APP_NAME)
+    if stop_serve and not serve.status().applications:
+        serve.shutdown()
 
 
 def serve_on_ray(spec: ReplicaSpec, options: ServeOptions, *, address: str | None = AUTO, host: str,
@@ -191,7 +223,7 @@ def serve_on_ray(spec: ReplicaSpec, options: ServeOptions, *, address: str | Non
         stop.set()
 
     try:
-        start_serving(spec, options, host=host, port=port)
+        started = start_serving(spec, options, host=host, port=port)
         scaling = (f"{options.replicas} to {options.max_replicas} replicas (autoscaling)"
                    if options.max_replicas else f"{options.replicas} replica{'s' if options.replicas > 1 else ''}")
         logger.info("rank1-local serving on Ray, %s, on http://%s:%d (POST /v1/rerank)%s", scaling, host, port,
@@ -203,10 +235,6 @@ def serve_on_ray(spec: ReplicaSpec, options: ServeOptions, *, address: str | Non
             for s, handler in previous.items():
                 signal.signal(s, handler)
         logger.info("shutting down: the replicas get up to %g s to finish their requests", options.shutdown_timeout)
-        from ray import serve
-
-        serve.delete(APP_NAME)
-        if connection.started:
-            serve.shutdown()
+        stop_serving(stop_serve=started or connection.started)
     finally:
         connection.close()
