@@ -86,3 +86,16 @@ def test_blocks_hold_whole_queries_in_input_order():
     assert sum(len(b) for b in blocks) == len(rows)
     with pytest.raises(Rank1Error, match="pairs_per_block must be at least 1"):
         query_blocks(rows, 0)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"replicas": 0}, "replicas must be at least 1"),
+    ({"replicas": 3, "max_replicas": 2}, r"max_replicas \(2\) must be at least replicas \(3\)"),
+    ({"target_ongoing_requests": 0}, "target_ongoing_requests must be > 0"),
+    ({"threads_per_replica": 0}, "threads_per_replica must be at least 1"),
+])
+def test_serve_options_are_checked(options, words):
+    from rank1_local.integrations.ray_serve import ServeOptions
+
+    with pytest.raises(Rank1Error, match=words):
+        ServeOptions(**options)

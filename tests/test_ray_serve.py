@@ -161,3 +161,17 @@ def test_a_second_server_on_another_port_is_refused_naming_the_running_proxy(ser
                  "--replicas", "1"]) == 2
     err = capsys.readouterr().err
     assert f"Ray Serve already runs on this cluster with its HTTP proxy on 127.0.0.1:{port}" in err, err
+
+
+def test_the_deployment_carries_replicas_autoscaling_and_resources():
+    pytest.importorskip("ray.serve")
+    from rank1_local.integrations.ray_serve import ServeOptions, rank1_deployment
+
+    fixed = rank1_deployment(ServeOptions(replicas=3, threads_per_replica=2, gpus_per_replica=1,
+                                          max_ongoing_requests=16, shutdown_timeout=12))
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 16
+    assert fixed.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
+    scaling = rank1_deployment(ServeOptions(replicas=2, max_replicas=6, target_ongoing_requests=3))
+    autoscaling = scaling._deployment_config.autoscaling_config  # Serve has no public getter for it
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (2, 6, 3)
+    assert fixed._deployment_config.graceful_shutdown_timeout_s == 12

@@ -28,11 +28,14 @@ from rank1_local.integrations.ray_serve import (
     ReplicaSpec,
     ServeOptions,
     rank1_app,
+    rank1_deployment,
     serve_on_ray,
     start_serving,
     stop_serving,
 )
 
-__all__ = ["AUTO", "PAIRS_PER_BLOCK", "Connection", "PairScorer", "ReplicaSpec", "ServeOptions", "WorkerSpec",
-           "check_model_on_nodes", "connect", "dataset_from_rows", "group_by_query", "query_blocks", "rank1_app",
-           "score_dataset", "score_pairs_file_on_ray", "serve_on_ray", "start_serving", "stop_serving"]
+__all__ = [
+    "AUTO", "PAIRS_PER_BLOCK", "Connection", "PairScorer", "ReplicaSpec", "ServeOptions", "WorkerSpec",
+    "check_model_on_nodes", "connect", "dataset_from_rows", "group_by_query", "query_blocks", "rank1_app",
+    "rank1_deployment", "score_dataset", "score_pairs_file_on_ray", "serve_on_ray", "start_serving", "stop_serving",
+]

@@ -146,8 +146,9 @@ class Rank1Replica:
             model.close()
 
 
-def rank1_app(spec: ReplicaSpec, options: ServeOptions = ServeOptions()) -> Any:
-    """The Serve application (``serve.run(rank1_app(…))``): :class:`Rank1Replica` behind ``serve.ingress``."""
+def rank1_deployment(options: ServeOptions = ServeOptions()) -> Any:
+    """The Serve deployment: :class:`Rank1Replica` behind ``serve.ingress``, with ``options``' replicas (or
+    autoscaling), resources, ongoing-request limit and graceful shutdown time."""
     from rank1_local.core.extras import require
 
     serve = require("ray.serve", "ray", "serving on Ray")
@@ -163,7 +164,12 @@ def rank1_app(spec: ReplicaSpec, options: ServeOptions = ServeOptions()) -> Any:
             "max_replicas": options.max_replicas, "target_ongoing_requests": options.target_ongoing_requests}
     else:
         deployment_options["num_replicas"] = options.replicas
-    return serve.deployment(**deployment_options)(serve.ingress()(Rank1Replica)).bind(spec)
+    return serve.deployment(**deployment_options)(serve.ingress()(Rank1Replica))
+
+
+def rank1_app(spec: ReplicaSpec, options: ServeOptions = ServeOptions()) -> Any:
+    """The Serve application (``serve.run(rank1_app(…))``): every replica loads and serves ``spec``."""
+    return rank1_deployment(options).bind(spec)
 
 
 def _serve_client() -> Any:
