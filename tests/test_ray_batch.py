@@ -188,3 +188,16 @@ def test_a_model_the_nodes_cannot_find_fails_fast_naming_the_node(ray_cluster, p
     assert "Traceback" not in err
     assert took < 20, f"took {took:.1f} s"
     assert not out.exists() and not set(processes(WORKER_TITLE)) - workers  # no worker was started
+
+
+def test_an_address_where_no_cluster_listens_fails_at_once(pairs, tmp_path):
+    pytest.importorskip("ray")
+    from benchmarks.server_process import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "rank1_local.cli.main", "-q", "rerank", "--model", "m.gguf", "--pairs",
+                          str(pairs[0]), "--output", str(tmp_path / "o.jsonl"), "--ray", address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - start < 60
+    assert f"error: cannot connect to the Ray cluster at {address}: Connection refused" in out.stderr, out.stderr

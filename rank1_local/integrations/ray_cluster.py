@@ -68,6 +68,7 @@ def connect(address: str | None = AUTO, *, num_cpus: int | None = None, purpose:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
             logger.info("started a local Ray cluster (%d CPUs)", int(ray.cluster_resources().get("CPU", 0)))
             return Connection(started=True, owned=True)
+    _probe(address)
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -75,6 +76,18 @@ def connect(address: str | None = AUTO, *, num_cpus: int | None = None, purpose:
         raise Rank1Error(f"cannot connect to the Ray cluster at {address}: {first}") from None
     logger.info("connected to the Ray cluster at %s", address)
     return Connection(owned=True)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when nothing listens at ``HOST:PORT`` (``ray.init`` would retry for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise Rank1Error(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc} (is `ray start "
+                         "--head` running there, and is the port open?)") from None
 
 
 def quiet_llama_cpp() -> None:
