@@ -94,9 +94,11 @@ def test_layers_import_inwards_only():
 
 def test_runtime_imports_no_torch():
     modules = ["rank1_local", "rank1_local.cli.main", "rank1_local.backends", "rank1_local.backends.hf",
-               "rank1_local.backends.vllm", "rank1_local.runs.run_file"]
+               "rank1_local.backends.vllm", "rank1_local.runs.run_file", "rank1_local.integrations.ray",
+               "rank1_local.cli.ray_commands"]
     code = f"import sys; import {', '.join(modules)}; " \
-           "bad = [m for m in ('torch', 'transformers', 'vllm', 'quantize') if m in sys.modules]; print(bad)"
+           "bad = [m for m in ('torch', 'transformers', 'vllm', 'quantize', 'ray', 'pyarrow') if m in sys.modules]; " \
+           "print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

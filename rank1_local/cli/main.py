@@ -14,6 +14,7 @@ from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
 from rank1_local.cli.output import print_results
+from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
 from rank1_local.cli.support import HelpFormatter, add_common_flags, add_subcommand, add_version, run_command
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.dataset_prompts import NO_PROMPT, resolve_dataset
@@ -126,6 +127,11 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
 def _cmd_rerank(args: argparse.Namespace) -> int:
     check_top_k(args.top_k, "--top-k")
     apply_verify(args)
+    if uses_ray(args):
+        from rank1_local.cli.ray_commands import rerank_on_ray
+
+        config = scoring_config(args)
+        return rerank_on_ray(args, config, engine_settings(args, config))
     if args.pairs is not None:
         if args.query is not None or args.docs is not None:
             raise Rank1Error("give --pairs PAIRS.jsonl --output OUT.jsonl, or --query and --docs, not both")
@@ -155,6 +161,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                   max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                   read_timeout=args.read_timeout, max_connections=args.max_connections)
     ServerSettings(model_name=args.name or "-", **server)  # checked before the model loads
+    if uses_ray(args):
+        from rank1_local.cli.ray_commands import serve_on_ray
+
+        return serve_on_ray(args, config, settings, {"model_name": args.name, **server})
     with Rank1(args.model, config, **settings) as model:
         serve(model, ServerSettings(model_name=args.name or model.model_path.stem, **server), host=args.host,
               port=args.port)
@@ -204,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
     add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)
+    add_ray_rerank_args(p)
     p.set_defaults(func=_cmd_rerank)
 
     p = add_subcommand(sub, "serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
@@ -233,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(backend="llama.cpp")
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_cache_arg(p)
+    add_ray_serve_args(p)
     p.set_defaults(func=_cmd_serve, interrupted="stopped: the server has shut down", interrupt_code=0)
 
     add_cache_parser(sub)
