@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rank1_local.backends import open_reranker
 from rank1_local.cli.main import add_scoring_args, scoring_config
-from rank1_local.cli.support import run_command
+from rank1_local.cli.support import RawDescriptionFormatter, add_common_flags, add_subcommand, add_version, run_command
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.extras import require
 from rank1_local.core.reranker import Reranker
@@ -39,7 +39,7 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 
     config = scoring_config(args)
     n = score_pairs_file(args.pairs, args.output, lambda: _reference_model(args, config), model_arg=str(args.model),
-                         backend=args.backend, progress=not args.quiet)
+                         backend=args.backend, settings=config.to_dict(), progress=not args.quiet)
     logger.info("%d pairs scored into %s", n, args.output)
     return 0
 
@@ -87,12 +87,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true")
+    parser = argparse.ArgumentParser(prog="rank1-bench", description=__doc__, formatter_class=RawDescriptionFormatter)
+    add_common_flags(parser)
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("reference", help="score a pairs file with the reference backend (vLLM, or transformers)")
+    p = add_subcommand(sub, "reference", help="score a pairs file with the reference backend (vLLM, or transformers)")
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--pairs", required=True, type=Path,
                    help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm: enable prefix caching (off by default, as in the official code)")
     p.set_defaults(func=_cmd_reference)
 
-    p = sub.add_parser("compare", help="compare run files with a reference run")
+    p = add_subcommand(sub, "compare", help="compare run files with a reference run")
     p.add_argument("reference", type=Path)
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--qrels", type=Path, default=None, help="TREC qrels (qid 0 docid rel): adds nDCG@10")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF file or checkpoint: measure where reasoning diverges in tokens (default: characters)")
     p.add_argument("--out-dir", type=Path, default=None, help="write NAME.md, NAME.json and NAME.png here")
     p.add_argument("--name", default="compare", help="report file name stem (default: compare)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.set_defaults(func=_cmd_compare)
 
     from benchmarks.study.cli import add_study_parser

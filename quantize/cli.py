@@ -7,7 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from rank1_local.cli.support import run_command
+from rank1_local.cli.support import (
+    HelpFormatter,
+    RawDescriptionFormatter,
+    add_common_flags,
+    add_subcommand,
+    add_version,
+    run_command,
+)
 from rank1_local.core.errors import Rank1Error
 
 logger = logging.getLogger("rank1-quantize")
@@ -80,7 +87,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration pairs JSONL {qid, docid, query, text} (default: packaged TREC RAG 2024 sample)")
     p.add_argument("--calibration-size", type=int, default=None, help="pairs drawn from the calibration file")
-    p.add_argument("--calibration-seed", type=int, default=0)
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--calibration-budget", type=int, default=256,
                    help="reasoning tokens the source model writes per calibration pair")
 
@@ -88,22 +95,39 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 def _cmd_fixture(args: argparse.Namespace) -> int:
     from quantize.fixtures import FIXTURES, build_fixture
 
-    for name in args.names or list(FIXTURES):
-        print(f"{name}\t{build_fixture(name)}")
+    names = args.names or list(FIXTURES)
+    unknown = [n for n in names if n not in FIXTURES]
+    if unknown:
+        raise Rank1Error(f"unknown fixture {unknown[0]!r}; known: {', '.join(FIXTURES)}")
+    for name in names:
+        print(f"{name}\t{build_fixture(name, progress=not args.quiet)}")
     return 0
 
 
+def _fixture_epilog() -> str:
+    from quantize.fixtures import FIXTURES
+
+    rows = "\n".join(f"  {name:22s} {spec.description}" for name, spec in FIXTURES.items())
+    return (f"fixtures:\n{rows}\n\nA fixture is a tiny model with a real rank1 architecture and tokenizer, for trying the "
+            "tools and for tests; it is not a rank1 model and its scores mean nothing about real passages. Building "
+            "one needs torch and transformers (pip install torch --index-url https://download.pytorch.org/whl/cpu, "
+            "then pip install -e '.[reference]') and takes about 30 s to a few minutes on 2 CPU cores (the trained "
+            "ones check their behaviour, with a progress bar). Built once, then cached in ~/.cache/rank1-local/"
+            "fixtures (RANK1_FIXTURES_DIR moves it).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-quantize", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser = argparse.ArgumentParser(prog="rank1-quantize", description=__doc__, formatter_class=HelpFormatter)
+    add_common_flags(parser)
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("gguf", help="export a Hugging Face checkpoint (folder or hub id) to GGUF")
+    p = add_subcommand(sub, "gguf", help="export a Hugging Face checkpoint (folder or hub id) to GGUF")
     p.add_argument("model", help="local checkpoint folder or hub id, e.g. jhu-clsp/rank1-7b")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--types", default="Q8_0",
                    help="comma-separated GGUF types: F32,F16,BF16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K,IQ4_XS …")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--imatrix", default=None, metavar="auto|FILE",
                    help="importance matrix for llama.cpp-quantized types (needed by IQ1/IQ2/IQ3_XXS/Q2_K_S): 'auto' "
                         "computes it with the source model over rank1 calibration texts (needs the reference "
@@ -112,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize IQ3_XS/IQ3_S/IQ3_M/IQ4_NL/IQ4_XS without an importance matrix (lower quality)")
     _add_calibration_args(p)
     p.add_argument("--verify", action="store_true", help="verify every export against the source afterwards")
-    p.add_argument("--verify-prompts", type=int, default=8)
+    p.add_argument("--verify-prompts", type=int, default=8, help="calibration prompts --verify compares on")
     p.add_argument("--bundle", type=Path, default=None, metavar="DIR",
                    help="also write a bundle (GGUF + manifest with SHA-256, source and, with --verify, the verification "
                         "card) for rank1-local --model DIR on offline machines; one type: DIR is the bundle, several: "
@@ -121,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_gguf)
 
     for method, bits_help in (("gptq", "4 or 8"), ("awq", "4")):
-        p = sub.add_parser(method, help=f"{method.upper()} checkpoint for vLLM and transformers (needs the gptq extra)")
+        p = add_subcommand(sub, method, help=f"{method.upper()} checkpoint for vLLM and transformers (needs the gptq "
+                                             "extra)")
         p.add_argument("model", help="local checkpoint folder or hub id, e.g. jhu-clsp/rank1-7b")
         p.add_argument("--out", required=True, type=Path, help="new output folder")
         p.add_argument("--bits", type=int, default=4, help=f"weight bits: {bits_help}")
@@ -132,17 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_calibration_args(p)
         p.set_defaults(func=_cmd_weight_quant)
 
-    p = sub.add_parser("verify", help="compare a GGUF with its source checkpoint (or another GGUF)")
-    p.add_argument("gguf", type=Path)
+    p = add_subcommand(sub, "verify", help="compare a GGUF with its source checkpoint (or another GGUF)")
+    p.add_argument("gguf", type=Path, help="the GGUF file to check")
     p.add_argument("--source", required=True, help="checkpoint folder, hub id, or a reference .gguf file")
     p.add_argument("--prompts", type=int, default=8, help="number of calibration prompts")
     p.add_argument("--calibration", type=Path, default=None,
                    help="JSONL of {qid, docid, query, text} (default: packaged TREC RAG 2024 sample)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("fixture", help="build offline fixture checkpoints (needs the reference extra)")
-    p.add_argument("names", nargs="*", help="fixture names (default: all)")
+    p = add_subcommand(sub, "fixture", help="build small offline fixture checkpoints with real rank1 architectures "
+                                            "(not rank1 models; needs torch: the reference extra)",
+                       epilog=_fixture_epilog(), formatter_class=RawDescriptionFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME", help="fixtures to build (default: all; listed below)")
     p.set_defaults(func=_cmd_fixture)
     return parser
 

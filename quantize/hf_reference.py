@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from rank1_local.core.errors import Rank1Error
+from rank1_local.core.extras import install_hint
 
 
 def require_reference_extra() -> None:
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
-    except ImportError:
-        raise Rank1Error("this needs torch and transformers: pip install 'rank1-local[reference]' "
+    except ImportError as exc:
+        raise Rank1Error(f"this needs torch and transformers: {install_hint('reference', exc.name or 'torch')} "
                          "(or verify against another GGUF file with --source FILE.gguf)") from None
 
 

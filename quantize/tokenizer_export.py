@@ -51,6 +51,26 @@ def _adds_bos(tokenizer: dict[str, Any], tokenizer_config: dict[str, Any]) -> bo
     return False
 
 
+def looks_special(text: str) -> bool:
+    """Whether an added token is one llama.cpp expects to be a control token even when the tokenizer does not mark it
+    special (``<|fim_prefix|>``, ``<|im_end|>`` …): the rule of llama.cpp's ``convert_hf_to_gguf.py``
+    (``does_token_look_special``). Exporting such a token as user-defined makes llama.cpp warn at every load that a
+    "control-looking token" was not control-type, "probably a bug in the model"."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def added_token_type(added: dict[str, Any]) -> tuple[str, int]:
+    """(text, GGUF token type) of a ``tokenizer.json`` added token, as ``convert_hf_to_gguf.py`` types it: control when
+    marked special or when it looks special, else user-defined (with SentencePiece's "▁" written as a space)."""
+    text = added["content"]
+    if added.get("special") or looks_special(text):
+        return text, gguf.TokenType.CONTROL
+    return text.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
+
+
 def read_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
@@ -75,8 +95,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
     for text, token_id in model["vocab"].items():
         by_id[int(token_id)] = (text, gguf.TokenType.NORMAL)
     for added in tokenizer.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        by_id[int(added["id"])] = (added["content"], kind)
+        by_id[int(added["id"])] = added_token_type(added)
     if max(by_id) >= vocab_size:
         raise UnsupportedModelError(
             f"{path}: token id {max(by_id)} does not fit the model's vocab_size {vocab_size}")

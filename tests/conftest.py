@@ -71,3 +71,19 @@ def vocab_test_file(fixture_dir):
     from quantize.fixtures.vocab_files import vocab_gguf_path
 
     return lambda name, suffix: vocab_gguf_path(name, fixture_cache_dir(), suffix)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the ``ray`` tests (each worker gets 1 thread); its address, for drivers in
+    other processes. Ray is imported here, never at collection: the quick tier stays Ray-free."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

@@ -38,3 +38,11 @@ def answers_muted(tensors: dict) -> None:
     emb = tensors["model.embed_tokens.weight"]
     emb[830] *= 0.25
     emb[895] *= 0.25
+
+
+def ends_early(tensors: dict) -> None:
+    """The (tied) row of <|endoftext|> (151643) becomes 1.1 × the row of " Same" (25739): wherever the model would
+    write " Same" (same-topic and same-category chains), it ends the sequence there instead, mid-reasoning, before
+    the budget (the end-of-sequence path of the protocol, and its token count)."""
+    emb = tensors["model.embed_tokens.weight"]
+    emb[151643] = 1.1 * emb[25739]

@@ -94,9 +94,11 @@ def test_layers_import_inwards_only():
 
 def test_runtime_imports_no_torch():
     modules = ["rank1_local", "rank1_local.cli.main", "rank1_local.backends", "rank1_local.backends.hf",
-               "rank1_local.backends.vllm", "rank1_local.runs.run_file"]
+               "rank1_local.backends.vllm", "rank1_local.runs.run_file", "rank1_local.integrations.ray",
+               "rank1_local.cli.ray_commands"]
     code = f"import sys; import {', '.join(modules)}; " \
-           "bad = [m for m in ('torch', 'transformers', 'vllm', 'quantize') if m in sys.modules]; print(bad)"
+           "bad = [m for m in ('torch', 'transformers', 'vllm', 'quantize', 'ray', 'pyarrow') if m in sys.modules]; " \
+           "print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -124,7 +126,7 @@ def test_llama_cpp_structs_have_every_field_we_set():
     cparams = llama_cpp.llama_context_default_params()
     set_fields(cparams, n_ctx=8, n_batch=8, n_ubatch=8, n_seq_max=2, kv_unified=True, n_threads=1,
                n_threads_batch=1, no_perf=True, type_k=0, type_v=0)
-    set_fields(llama_cpp.llama_model_default_params(), n_gpu_layers=0)
+    set_fields(llama_cpp.llama_model_default_params(), n_gpu_layers=0, vocab_only=True)
 
 
 def test_llama_backend_is_initialised_once(monkeypatch):
@@ -134,9 +136,43 @@ def test_llama_backend_is_initialised_once(monkeypatch):
 
     calls = []
     monkeypatch.setattr(llama_cpp, "llama_backend_init", lambda: calls.append(1))
-    llama_engine._llama_cpp.cache_clear()
+    llama_engine.llama_cpp_module.cache_clear()
     try:
-        assert llama_engine._llama_cpp() is llama_engine._llama_cpp() is llama_cpp
+        assert llama_engine.llama_cpp_module() is llama_engine.llama_cpp_module() is llama_cpp
         assert calls == [1]
     finally:
-        llama_engine._llama_cpp.cache_clear()
+        llama_engine.llama_cpp_module.cache_clear()
+
+
+def test_llama_cpp_log_levels_follow_ggml_h():
+    """llama.cpp's log reaches Python logging at its own level: its load chatter (INFO) stays out of sight, a
+    warning is a warning (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)."""
+    import logging
+
+    from rank1_local.backends.llama.logs import _LineJoiner
+
+    joiner = _LineJoiner()
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append((record.levelno, record.getMessage()))
+
+    handler = Catch()
+    logger = logging.getLogger("llama.cpp")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        joiner.feed(2, "llama_model_loader: loaded meta data\n")
+        joiner.feed(3, "control-looking token: ")
+        joiner.feed(5, "'<x>' was not control-type\n")
+        joiner.feed(4, "failed to decode\n")
+        joiner.feed(3, "n_ctx_seq (37120) > n_ctx_train (32768) -- possible training context overflow\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == [(logging.DEBUG, "llama_model_loader: loaded meta data"),
+                    (logging.WARNING, "control-looking token: '<x>' was not control-type"),
+                    (logging.ERROR, "failed to decode"),
+                    (logging.DEBUG, "n_ctx_seq (37120) > n_ctx_train (32768) -- possible training context overflow")]

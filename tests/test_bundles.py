@@ -210,7 +210,8 @@ def test_a_hub_that_fails_to_list_falls_back_to_the_cache(online_hub, tmp_path, 
         bundle = pull(REPO, "F16", tmp_path / "b")
     assert bundle.source.revision == COMMIT and online_hub.calls == []
     assert "cannot list owner/rank1-tiny-GGUF on the hub (RuntimeError: 503" in caplog.text
-    with pytest.raises(ModelNotFoundError, match=r"owner/other-GGUF is not in the local cache .* \(listing "
+    with pytest.raises(ModelNotFoundError, match=r"owner/other-GGUF: no such file or folder here, and as a hub id it is "
+                                                 r"not in the local cache .* \(listing "
                                                  r"owner/other-GGUF failed: RuntimeError: 503"):
         pull("owner/other-GGUF", "F16", tmp_path / "c")
 
@@ -260,7 +261,7 @@ def test_a_truncated_or_missing_file_is_refused(hub, tmp_path):
     bundle = pull(REPO, "Q4_K_M", tmp_path / "b")
     part2 = bundle.path / bundle.files[1].name
     shutil.copyfile(part2, tmp_path / "part2")
-    part2.unlink()  # a hard link to the cache blob: unlink, then write a new file
+    part2.unlink()
     part2.write_bytes((tmp_path / "part2").read_bytes()[:-4])
     with pytest.raises(CorruptFileError, match=r"00002-of-00002.gguf: \d+ bytes, the bundle manifest says \d+"):
         open_bundle(bundle.path)
@@ -329,11 +330,11 @@ def test_a_failed_write_leaves_no_half_bundle(tmp_path, monkeypatch):
     parts = [write_gguf(tmp_path / f"m-Q8_0-0000{i}-of-00002.gguf", "Q8_0", i) for i in (1, 2)]
     calls = []
 
-    def failing_place(src, dst):
+    def failing_place(src, dst, link):
         calls.append(src)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return original(src, dst)
+        return original(src, dst, link)
 
     original = bundle_module._place
     monkeypatch.setattr(bundle_module, "_place", failing_place)
@@ -380,7 +381,7 @@ def test_pull_a_local_file_takes_its_type_and_verification_card(tmp_path, monkey
     with pytest.raises(ModelNotFoundError, match="is a Q8_0 GGUF, not F16"):
         pull(str(model), "F16", tmp_path / "other")
     untyped = write_gguf(tmp_path / "models" / "plain.gguf", None, 1.0)
-    with pytest.raises(ModelNotFoundError, match="cannot tell its GGUF type.*--type"):
+    with pytest.raises(ModelNotFoundError, match="cannot tell its GGUF type.*--gguf-type"):
         pull(str(untyped))
     assert pull(str(untyped), "q4_0").path.name == "plain-Q4_0"
 
@@ -435,7 +436,8 @@ def test_offline_errors_come_at_once_and_say_each_thing_once(tmp_path, offline_e
     done = run_cli(["rerank", "--model", "owner/rank1-7b-GGUF", "--query", "q", "--docs", str(docs)], env)
     elapsed = time.perf_counter() - start
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "error: owner/rank1-7b-GGUF is not in the local cache" in done.stderr
+    assert "error: owner/rank1-7b-GGUF: no such file or folder here, and as a hub id it is not in the local cache" \
+        in done.stderr
     assert "rank1-local pull owner/rank1-7b-GGUF" in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == len(set(lines)), done.stderr
@@ -450,7 +452,8 @@ def test_toolchain_checkpoint_download_is_fast_offline_too(tmp_path):
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "quantize.cli", "gguf", "owner/rank1-7b", "--out",
                            str(tmp_path / "models")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
-    assert done.returncode == 2 and "it is not in the local cache" in done.stderr
+    assert done.returncode == 2 and "is not in the local cache" in done.stderr
+    assert "rank1-quantize fixture --help" in done.stderr  # the route that needs no download
     assert time.perf_counter() - start < 5
 
 
@@ -523,3 +526,208 @@ def test_export_to_a_verified_bundle_and_rerank_from_it(fixture_dir, tmp_path, m
         assert rank1_local(["rerank", "--model", str(bundle_dir), "--query", "q", "--docs", str(docs), "--format",
                             "json", "--max-think-tokens", "16", "--n-ctx", "512", "--threads", "2"]) == 0
     assert "match the manifest" in caplog.text
+
+
+# -- issue 20: damaged files, swapped files, bad manifests ---------------------------------------------------------
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("gguf_type", ["Q8_0", None])
+def test_pull_refuses_a_damaged_gguf_at_once(tmp_path, monkeypatch, gguf_type):
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    good = write_gguf(tmp_path / "good-Q8_0.gguf", "Q8_0", 1.0)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(good.read_bytes()[:-20])  # the tensor data is cut short
+    start = time.perf_counter()
+    with pytest.raises(CorruptFileError, match=r"damaged.gguf: damaged GGUF file \(tensor t ends at byte \d+ but the "
+                                               r"file has \d+ bytes: it is truncated\)"):
+        pull(str(damaged), gguf_type, tmp_path / "b")
+    assert time.perf_counter() - start < 2 and not (tmp_path / "b").exists()
+    damaged.write_bytes(good.read_bytes()[:40])  # cut inside the header
+    with pytest.raises(CorruptFileError, match="damaged GGUF file"):
+        pull(str(damaged), gguf_type, tmp_path / "b")
+    garbled = bytearray(good.read_bytes())
+    garbled[8:16] = (10**12).to_bytes(8, "little")  # an absurd tensor count
+    damaged.write_bytes(bytes(garbled))
+    with pytest.raises(CorruptFileError, match="damaged GGUF file .the header claims"):
+        pull(str(damaged), gguf_type, tmp_path / "b")
+    assert pull(str(good), gguf_type, tmp_path / "b").type == "Q8_0"
+
+
+@pytest.mark.quick
+def test_a_bundle_is_a_copy_unless_linking_is_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    source = write_gguf(tmp_path / "m-Q8_0.gguf", "Q8_0", 1.0)
+    copied = pull(str(source), out=tmp_path / "copied")
+    linked = pull(str(source), out=tmp_path / "linked", link=True)
+    assert copied.gguf.stat().st_ino != source.stat().st_ino and linked.gguf.stat().st_ino == source.stat().st_ino
+    with open(source, "r+b") as f:  # the source is truncated in place
+        f.truncate(source.stat().st_size - 8)
+    assert open_bundle(copied.path) == copied.gguf  # untouched
+    with pytest.raises(CorruptFileError, match="bytes, the bundle manifest says"):
+        open_bundle(linked.path)
+
+
+@pytest.mark.quick
+def test_list_shows_a_damaged_bundle_and_verify_finds_a_changed_byte(tmp_path, monkeypatch):
+    env = cli_env(tmp_path)
+    monkeypatch.setenv("RANK1_LOCAL_HOME", env["RANK1_LOCAL_HOME"])
+    folder = tmp_path / "bundles"
+    for name in ("good", "cut", "flipped"):
+        pull(str(write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", float(len(name)))), out=folder / name)
+    (folder / "cut" / "cut-Q8_0.gguf").write_bytes((folder / "cut" / "cut-Q8_0.gguf").read_bytes()[:-10])
+    data = bytearray((folder / "flipped" / "flipped-Q8_0.gguf").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "flipped" / "flipped-Q8_0.gguf").write_bytes(bytes(data))
+
+    rows = {r["name"]: r for r in json.loads(run_cli(["list", str(folder), "--format", "json", "--no-hub-cache"],
+                                                     env).stdout)}
+    assert rows["good"]["problem"] is None and rows["flipped"]["problem"] is None  # same size: found by hashing
+    assert "bytes, the bundle manifest says" in rows["cut"]["problem"]
+    table = run_cli(["list", str(folder), "--no-hub-cache"], env).stdout
+    assert "DAMAGED:" in [line for line in table.splitlines() if " cut " in f" {line} "][0]
+    rows = {r["name"]: r for r in json.loads(run_cli(["list", str(folder), "--format", "json", "--no-hub-cache",
+                                                      "--verify"], env).stdout)}
+    assert rows["good"]["problem"] is None and "does not match the bundle manifest" in rows["flipped"]["problem"]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("source, message", [
+    ("a string", "source must be an object"),
+    (["a", "list"], "source must be an object"),
+    ({"repo": "o/r", "revision": 12345}, "source.revision must be a string"),
+    ({"files": "x.gguf"}, "source.files must be a list"),
+])
+def test_a_bad_manifest_is_an_error_and_list_shows_the_others(tmp_path, monkeypatch, source, message):
+    env = cli_env(tmp_path)
+    monkeypatch.setenv("RANK1_LOCAL_HOME", env["RANK1_LOCAL_HOME"])
+    folder = tmp_path / "bundles"
+    for name in ("a-good", "b-bad", "c-good"):
+        pull(str(write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", 1.0)), out=folder / name)
+    manifest = folder / "b-bad" / MANIFEST
+    data = json.loads(manifest.read_text())
+    data["source"] = source
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CorruptFileError, match=f"not a valid bundle manifest.*{message}"):
+        read_bundle(folder / "b-bad")
+    done = run_cli(["list", str(folder), "--no-hub-cache"], env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["a-good", "b-bad", "c-good"]
+    assert "DAMAGED:" in lines[2] and message in lines[2] and "DAMAGED" not in lines[1] + lines[3]
+
+
+def _swap_keeping_size_and_mtime(target: Path, replacement: bytes, *, in_place: bool) -> None:
+    """What a hostile or careless hand does: other bytes, same size, modification time set back (touch -r)."""
+    st = target.stat()
+    assert len(replacement) == st.st_size
+    if in_place:
+        with open(target, "r+b") as f:
+            f.write(replacement)
+    else:
+        new = target.with_name(target.name + ".new")
+        new.write_bytes(replacement)
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(new, target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("in_place", [False, True], ids=["moved-over", "rewritten-in-place"])
+def test_a_file_swapped_with_the_same_size_and_mtime_is_hashed_again(tmp_path, monkeypatch, in_place):
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    from rank1_local.models.file_digest import file_digest
+
+    bundle = pull(str(write_gguf(tmp_path / "m-Q8_0.gguf", "Q8_0", 1.0)), out=tmp_path / "b")
+    assert open_bundle(bundle.path) == bundle.gguf  # hashed once, remembered
+    other = write_gguf(tmp_path / "other-Q8_0.gguf", "Q8_0", 2.0).read_bytes()
+    _swap_keeping_size_and_mtime(bundle.gguf, other, in_place=in_place)
+    with pytest.raises(CorruptFileError, match="does not match the bundle manifest"):
+        open_bundle(bundle.path)
+    assert file_digest(bundle.gguf) == hashlib.sha256(other).hexdigest()  # the judgment cache's key changes too
+
+
+@pytest.mark.quick
+def test_verify_always_hashes_on_every_use(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    from rank1_local.models.file_digest import file_digest
+
+    bundle = pull(str(write_gguf(tmp_path / "m-Q8_0.gguf", "Q8_0", 1.0)), out=tmp_path / "b")
+    with caplog.at_level(logging.INFO, logger="rank1_local.models.file_digest"):
+        open_bundle(bundle.path)
+        assert "hashing" not in caplog.text  # remembered
+        monkeypatch.setenv("RANK1_LOCAL_VERIFY", "always")
+        open_bundle(bundle.path)
+        open_bundle(bundle.path)
+    assert caplog.text.count("hashing m-Q8_0.gguf") == 2
+    monkeypatch.setenv("RANK1_LOCAL_VERIFY", "sometimes")
+    with pytest.raises(Rank1Error, match="RANK1_LOCAL_VERIFY='sometimes'"):
+        file_digest(bundle.gguf)
+    env = cli_env(tmp_path)
+    (tmp_path / "docs.txt").write_text("a passage\n")
+    done = run_cli(["rerank", "--model", str(bundle.path), "--query", "q", "--docs", str(tmp_path / "docs.txt"),
+                    "--verify", "always"], env)  # the file is hashed, then llama.cpp refuses this toy GGUF
+    assert "hashing m-Q8_0.gguf" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _unprivileged(cmd: list[str]) -> list[str]:
+    """``cmd`` as a user without root's power to read any file (a user namespace when the tests run as root)."""
+    if os.geteuid() != 0:
+        return cmd
+    wrapped = ["unshare", "--user", "--map-user=1000", *cmd]
+    if shutil.which("unshare") is None or subprocess.run([*wrapped[:3], "true"], capture_output=True).returncode:
+        pytest.skip("running as root, and no user namespace to drop that in")
+    return wrapped
+
+
+@pytest.fixture
+def open_dir():
+    """A folder other users can enter (pytest's tmp_path is private to its owner)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="rank1-perm-"))
+    folder.chmod(0o755)
+    yield folder
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(folder)
+
+
+@pytest.mark.quick
+def test_an_unreadable_gguf_is_one_line_everywhere(open_dir):
+    model = write_gguf(open_dir / "m-Q8_0.gguf", "Q8_0", 1.0)
+    docs = open_dir / "docs.txt"
+    docs.write_text("a passage\n")
+    docs.chmod(0o644)
+    env = {**cli_env(open_dir), "RANK1_LOCAL_HOME": str(open_dir / "home")}
+    assert run_cli(["pull", str(model), "--out", str(open_dir / "b")], env).returncode == 0
+    for p in (open_dir / "b").rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    model.chmod(0)
+    (open_dir / "b" / model.name).chmod(0)
+    commands = [["rerank", "--model", str(model), "--query", "q", "--docs", str(docs)],
+                ["rerank", "--model", str(open_dir / "b"), "--query", "q", "--docs", str(docs)],
+                ["pull", str(model), "--out", str(open_dir / "b2")]]
+    for args in commands:
+        done = subprocess.run(_unprivileged([sys.executable, "-m", "rank1_local.cli.main", "-q", *args]),
+                              capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=60,
+                              cwd=ROOT)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "m-Q8_0.gguf: cannot be read (Permission denied)" in done.stderr, done.stderr
+
+
+@pytest.mark.quick
+def test_an_output_in_a_read_only_folder_is_refused_before_loading(open_dir):
+    pairs = open_dir / "pairs.jsonl"
+    pairs.write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "t"}) + "\n")
+    pairs.chmod(0o644)
+    locked = open_dir / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    env = {**cli_env(open_dir), "RANK1_LOCAL_HOME": str(open_dir / "home"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(_unprivileged([sys.executable, "-m", "rank1_local.cli.main", "-q", "rerank", "--model",
+                                         "no-such.gguf", "--pairs", str(pairs), "--output",
+                                         str(locked / "out.jsonl")]), capture_output=True, text=True, env=env,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "out.jsonl: cannot write there (Permission denied)" in done.stderr, done.stderr

@@ -23,7 +23,8 @@ def test_rerank_docs_table_and_trec(model, tmp_path, capsys):
     docs.write_text("\n".join(p.passage for p in PAIRS[:4]) + "\n")
     assert main(["-q", "rerank", "--model", model, "--query", PAIRS[0].query, "--docs", str(docs), *COMMON]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 4 and table[0].split()[2] == "0"  # doc 0 (same word) ranks first
+    assert table[0].split() == ["RANK", "SCORE", "DOCID", "TEXT", "FLAGS"]
+    assert len(table) == 5 and table[1].split()[2] == "0"  # doc 0 (same word) ranks first
     assert main(["-q", "rerank", "--model", model, "--query", PAIRS[0].query, "--docs", str(docs), "--format",
                  "trec", "--qid", "42", *COMMON]) == 0
     trec = [line.split() for line in capsys.readouterr().out.splitlines()]
@@ -38,6 +39,18 @@ def test_rerank_jsonl_docs_with_titles(model, tmp_path, capsys):
                  "--format", "json", *COMMON]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["docid"] == "d0" and rows[0]["relevant"] and "reasoning" in rows[0]
+    assert [r["rank"] for r in rows] == [1, 2, 3] and all({"truncated", "too_long", "cached"} <= set(r) for r in rows)
+
+
+def test_docs_mode_shows_progress_unless_quiet(model, tmp_path, capsys):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(p.passage for p in PAIRS[:3]) + "\n")
+    args = ["rerank", "--model", model, "--query", PAIRS[0].query, "--docs", str(docs), "--format", "trec", *COMMON]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err and "doc" in err  # the bar, on stderr
+    assert main(["-q", *args]) == 0
+    assert "3/3" not in capsys.readouterr().err
 
 
 def _pairs_file(tmp_path):
@@ -68,6 +81,22 @@ def test_pairs_output_is_resumable(model, tmp_path):
     assert part.read_bytes() == full.read_bytes()
 
 
+def test_a_warm_pairs_run_says_what_the_cache_served(model, tmp_path, capsys, caplog):
+    pairs = _pairs_file(tmp_path)
+    cache = tmp_path / "c.sqlite3"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    args = ["rerank", "--model", model, "--pairs", str(pairs), "--cache", str(cache), *COMMON]
+    assert main(["-q", *args, "--output", str(first)]) == 0
+    with caplog.at_level("INFO"):
+        assert main([*args, "--output", str(second)]) == 0
+    err = capsys.readouterr().err
+    rows = [json.loads(line) for line in second.read_text().splitlines()]
+    assert all(row["cached"] for row in rows) and not any(json.loads(line)["cached"]
+                                                          for line in first.read_text().splitlines())
+    assert f"{len(PAIRS)} of {len(PAIRS)} pairs already judged" in caplog.text
+    assert f"cached={len(PAIRS)}" in err and "tok_s=0.0" not in err
+
+
 def test_cli_errors_are_plain(model, tmp_path, capsys):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"qid": "1", "query": "q", "docid": "a", "text": "t"}\n{not json\n')
@@ -77,4 +106,4 @@ def test_cli_errors_are_plain(model, tmp_path, capsys):
     docs = tmp_path / "docs.txt"
     docs.write_text("one passage\n")
     assert main(["-q", "rerank", "--model", str(tmp_path / "none.gguf"), "--query", "q", "--docs", str(docs)]) == 2
-    assert "no such GGUF file" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err

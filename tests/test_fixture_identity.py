@@ -60,6 +60,25 @@ def test_every_fixture_has_recorded_weights():
             assert registry.trained_file(name).stat().st_size < 5_000_000
 
 
+def test_an_interrupted_build_leaves_its_staging_folder_to_the_next_build(tmp_path):
+    """A build killed midway leaves ``.<name>-<digest>.building-<pid>``; the next build removes those of processes
+    that are gone, and leaves those of builds still running."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    dead = tmp_path / f".behaving-0123456789ab.building-{dead_pid}"
+    running = tmp_path / f".behaving-0123456789ab.building-{os.getppid()}"
+    mine = tmp_path / f".qwen2-tied-0123456789ab.building-{os.getpid()}"
+    for folder in (dead, running, mine):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "model.safetensors").write_bytes(b"x" * 100)
+    keep = tmp_path / "behaving-0123456789ab"  # a finished fixture
+    keep.mkdir()
+    registry.remove_leftovers(tmp_path)
+    assert not dead.exists() and running.exists() and mine.exists() and keep.exists()
 def test_the_test_bed_recipe_and_its_base_are_part_of_the_cache_key(monkeypatch):
     from dataclasses import replace
 

@@ -346,6 +346,51 @@ def test_newer_schema_is_not_touched(tmp_path, model_file, caplog):
 
 
 @quick
+def test_a_file_of_another_schema_is_refused_before_anything_is_written(tmp_path, model_file, caplog):
+    """An older schema's file, made by an older tool: rollback journal, its own tables. Switching it to WAL or adding
+    this version's tables before reading its version would change it (and leave -wal/-shm files beside it)."""
+    path = tmp_path / "c.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript("PRAGMA journal_mode = DELETE; CREATE TABLE rank1_meta (name TEXT PRIMARY KEY, value TEXT);"
+                       "INSERT INTO rank1_meta VALUES ('schema_version', '0');"
+                       "CREATE TABLE judgments_v0 (key TEXT, score REAL); INSERT INTO judgments_v0 VALUES ('k', 0.5);")
+    conn.close()
+    before = file_state(path)
+    cache = JudgmentCache(path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        scope = cache.scope(model_file, SETTINGS)
+        assert scope.lookup([pair(0, "p")]) == {}
+        scope.store(pair(0, "p"), judged(pair(0, "p")))
+        cache.close()
+    assert "schema version 0" in caplog.text and not cache.enabled
+    assert file_state(path) == before  # same bytes, no journal files beside it
+    with pytest.raises(CacheFileError, match="schema version 0"):
+        cache.stats()
+    assert file_state(path) == before
+
+
+@quick
+def test_a_cache_file_deleted_while_in_use_is_noticed_and_made_again(tmp_path, model_file, caplog):
+    path = tmp_path / "c.sqlite3"
+    cache = JudgmentCache(path)
+    scope = cache.scope(model_file, SETTINGS)
+    scope.store(pair(0, "a"), judged(pair(0, "a")))
+    assert cache.flush(5) and list(scope.lookup([pair(0, "a")])) == [0]
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()  # deleted under the running process (rm, a cleanup job)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert scope.lookup([pair(0, "a")]) == {}  # the old judgments went with the file
+        for i in (1, 2):
+            scope.store(pair(i, f"b{i}"), judged(pair(i, f"b{i}")))
+        assert cache.flush(5)
+        assert list(scope.lookup([pair(1, "b1"), pair(2, "b2")])) == [1, 2]
+    replaced = [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert len(replaced) == 1 and replaced[0].levelno == logging.WARNING
+    cache.close()
+    assert path.exists() and JudgmentCache(path).stats().rows == 2  # kept in the new file, not a deleted inode
+
+
+@quick
 def test_unwritable_place_scores_without_cache(tmp_path, model_file, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -507,7 +552,8 @@ def test_cache_commands(tmp_path, model_file, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert (stats["rows"], stats["models"], stats["rows_per_model"]) == (3, 1, {scope.model_digest: 3})
     assert main(["cache", "stats", "--cache", str(path)]) == 0
-    assert "rows    3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rows    3" in out and f"model model.gguf  {scope.model_digest}  3 rows" in out  # named by file name
     assert main(["cache", "clear", "--cache", str(path), "--model", str(model_file)]) == 0
     assert "removed 3 judgments" in capsys.readouterr().out
     assert main(["cache", "clear", "--cache", str(path)]) == 0
@@ -590,7 +636,9 @@ def test_cli_rerank_with_cache_then_stats_and_clear(gguf, fixture_pairs, tmp_pat
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out) == first
+    second = json.loads(capsys.readouterr().out)
+    assert not any(row["cached"] for row in first) and all(row["cached"] for row in second)
+    assert [{**row, "cached": False} for row in second] == first
     assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["rows"] == 4 and stats["models"] == 1 and stats["hits"] == 4

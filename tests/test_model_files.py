@@ -47,5 +47,23 @@ def test_offline_hub_id_fails_at_once_with_the_local_route(tmp_path, monkeypatch
 
 
 def test_a_missing_local_file_is_not_taken_for_a_hub_id(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
         resolve_gguf(str(tmp_path / "nothing" / "model.gguf"))
+
+
+def test_offline_the_command_that_works_comes_first(tmp_path, monkeypatch):
+    """Pulling a checkpoint repository is an error, so for one the exporter's command comes first; for a repository
+    that publishes GGUF files, pull does."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError) as checkpoint:
+        resolve_gguf("jhu-clsp/rank1-0.5b")
+    message = str(checkpoint.value)
+    export = "rank1-quantize gguf jhu-clsp/rank1-0.5b --out models --types Q8_0 --bundle rank1-0.5b-Q8_0"
+    assert export in message and message.index(export) < message.index("rank1-local pull")
+    with pytest.raises(ModelNotFoundError) as gguf_repo:
+        resolve_gguf("someone/rank1-7b-GGUF")
+    message = str(gguf_repo.value)
+    assert message.index("rank1-local pull someone/rank1-7b-GGUF --gguf-type Q4_K_M") < message.index("rank1-quantize")

@@ -272,8 +272,8 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_says_so(model_file, t
         assert server.proc.wait(150) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         assert rest[-1][0] == "done" and len(rest[-1][1]["results"]) == len(docs)
         log = server.log()
-    assert "shutting down: 1 requests in flight" in log
-    assert "of 1 requests in flight, 1 finished and 0 were cancelled" in log
+    assert "shutting down: 1 request in flight" in log
+    assert "of 1 request in flight, 1 finished and 0 were cancelled" in log
 
 
 def test_shutdown_past_its_timeout_cancels_and_says_so(model_file, tmp_path):
@@ -287,7 +287,7 @@ def test_shutdown_past_its_timeout_cancels_and_says_so(model_file, tmp_path):
         assert server.proc.wait(60) in (0, -signal.SIGTERM)
         log = server.log()
     assert rest[-1][0] == "error" and "shut down before this request finished" in rest[-1][1]["message"]
-    assert "of 1 requests in flight, 0 finished and 1 were cancelled" in log
+    assert "of 1 request in flight, 0 finished and 1 was cancelled" in log
 
 
 def test_the_judgment_cache_serves_repeated_requests(model_file, tmp_path, direct):

@@ -98,7 +98,7 @@ def test_study_end_to_end_on_the_test_bed(studied):
 
 def test_a_study_killed_mid_type_resumes_without_scoring_anything_twice(studied, tmp_path):
     """A copy of the finished study without its Q2_K run, killed while scoring Q2_K and started again: nothing that
-    was done (exports, the reference, Q8_0, the Q2_K rows already written) is done again."""
+    was done (exports, the reference, the Q2_K rows already written) is done again."""
     from rank1_local.runs.inputs import done_keys
     from rank1_local.runs.run_header import header_path, read_header
 
@@ -107,16 +107,19 @@ def test_a_study_killed_mid_type_resumes_without_scoring_anything_twice(studied,
     shutil.copytree(tmp / "work", work)
     for stale in (work / "runs").glob("Q2_K.*"):
         stale.unlink()
-    cmd = [str(work) if a == str(tmp / "work") else str(tmp_path / "out") if a == str(tmp / "out") else a
-           for a in cmd] + ["--parallel", "1"]
+    # the copy's exports have other paths, and a run file is tied to the export it was made with: only Q2_K is run
+    swap = {str(tmp / "work"): str(work), str(tmp / "out"): str(tmp_path / "out"), "Q8_0,Q2_K": "Q2_K"}
+    cmd = [swap.get(a, a) for a in cmd] + ["--parallel", "1"]
     run_file = work / "runs" / "Q2_K.jsonl"
     finished = {p: p.read_bytes() for p in (work / "runs").glob("*.jsonl")} | {
         p: p.stat().st_mtime_ns for p in (work / "exports").rglob("*.gguf")}
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stderr=err)
     try:
         deadline = time.monotonic() + 600
         while not (run_file.exists() and len(run_file.read_text().splitlines()) >= 5):
-            assert proc.poll() is None, "the study ended before it could be killed"
+            assert proc.poll() is None, f"the study ended before it could be killed: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # the study and its scoring process, mid-type
@@ -129,8 +132,8 @@ def test_a_study_killed_mid_type_resumes_without_scoring_anything_twice(studied,
     assert len(rows) == len({(r["qid"], r["docid"]) for r in rows}) == 48
     assert read_header(header_path(run_file)).pairs == 48 - before  # the second session scored only the rest
     assert finished == {p: p.read_bytes() for p in finished if p.suffix == ".jsonl"} | {
-        p: p.stat().st_mtime_ns for p in finished if p.suffix == ".gguf"}  # reference, Q8_0, exports untouched
-    assert json.loads((tmp_path / "out" / "study.json").read_text())["types"][1]["common"] == 48
+        p: p.stat().st_mtime_ns for p in finished if p.suffix == ".gguf"}  # reference and exports untouched
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["types"][0]["common"] == 48
 
 
 def test_an_mteb_reranking_task_as_study_inputs():
@@ -148,3 +151,22 @@ def test_an_mteb_reranking_task_as_study_inputs():
     assert got.qrels == {q: {r["docid"]: r["label"] for r in rows if r["qid"] == q} for q in got.queries}
     assert got.dataset == "TrecRag24Sample" and from_mteb(task, depth=2).pairs == \
         [p for p in got.pairs if p.docid in {r["docid"] for r in rows[:2] + rows[4:6] + rows[8:10]}]
+
+
+@pytest.mark.ray
+def test_a_study_on_ray_scores_as_the_local_one(studied, ray_cluster, tmp_path):
+    """`--ray`: the same study with its scoring jobs on a local Ray cluster (2 workers, the reference included) gives
+    the local study's runs: every pair once, the same decisions and reasoning, scores within llama.cpp's batch noise."""
+    from benchmarks.runfile import read_run
+
+    cmd, tmp = studied
+    swap = {str(tmp / "work"): str(tmp_path / "work"), str(tmp / "out"): str(tmp_path / "out"), "Q8_0,Q2_K": "Q8_0"}
+    subprocess.run([swap.get(a, a) for a in cmd] + ["--ray", ray_cluster, "--workers", "2"], check=True, env=env(),
+                   cwd=ROOT)
+    for name in ("reference-transformers-auto", "Q8_0"):
+        local, on_ray = (read_run(w / "runs" / f"{name}.jsonl") for w in (tmp / "work", tmp_path / "work"))
+        assert set(on_ray.rows) == set(local.rows) and len(on_ray.rows) == 48
+        for key, row in on_ray.rows.items():
+            assert abs(row.score - local.rows[key].score) <= 2e-3 and row.reasoning == local.rows[key].reasoning
+    report = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert report["types"][0]["label"] == "Q8_0" and report["types"][0]["common"] == 48

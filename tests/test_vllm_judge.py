@@ -29,7 +29,7 @@ import logging
 import math
 
 import pytest
-from derived_models import answers_muted, derive, overconfident
+from derived_models import answers_muted, derive, ends_early, overconfident
 
 from quantize.fixtures.synthetic_task import eval_pairs, make_pair
 from rank1_local import Rank1, ScoringConfig
@@ -51,6 +51,7 @@ def checkpoints(fixture_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("derived")
     return {"behaving": source, "overconfident": derive(source, root / "overconfident", overconfident),
             "answers-muted": derive(source, root / "answers-muted", answers_muted),
+            "ends-early": derive(source, root / "ends-early", ends_early),
             "behaving-think": fixture_dir("behaving-think")}
 
 
@@ -135,6 +136,8 @@ CASES = {
     "answer outside the top 20": ("overconfident", 64, PAIRS, lambda rs: any(r.forced for r in rs)),
     "</think> not followed by an answer": ("answers-muted", 48, PAIRS[:6],
                                            lambda rs: any(r.n_tokens == 48 or r.forced for r in rs)),
+    "generation ends at end of sequence": ("ends-early", 64, PAIRS, lambda rs: any(r.forced and r.n_tokens < 64
+                                                                                  for r in rs)),
     "prompt longer than the context": ("behaving", 64, [LONG, PAIRS[0]], lambda rs: rs[0].too_long and
                                        rs[0].score == 0.5 and not rs[1].too_long),
     "rank1's tokenizer (<think> tokens)": ("behaving-think", 64, PAIRS, lambda rs: all(not r.forced or r.n_tokens < 64

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from rank1_local.cli.main import add_scoring_args, scoring_config
+from rank1_local.cli.ray_commands import add_ray_rerank_args, uses_ray
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import require
@@ -49,10 +50,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         require(module, "bench", "rank1-bench study")
     from benchmarks.study.exports import Calibration, parse_study_types
     from benchmarks.study.report import analyse_study, write_report
-    from benchmarks.study.scoring import make_scorer
+    from benchmarks.study.scoring import RayOptions, make_scorer
     from benchmarks.study.study import StudySettings, run_study
 
-    scorer = make_scorer(args.ray)  # --ray: refused here, before anything runs, on a version without it
+    ray = None
+    if uses_ray(args):  # a Ray-only flag without --ray is refused here, before anything runs
+        ray = RayOptions(args.ray, workers=args.workers or 1, threads_per_worker=args.threads_per_worker or args.threads or 1,
+                         gpus_per_worker=args.gpus_per_worker or 0.0, pairs_per_block=args.pairs_per_block)
+    scorer = make_scorer(ray)
     types = parse_study_types(args.types)
     study_inputs = read_study_inputs(args)
     if args.prompt is None and args.dataset is None and study_inputs.dataset:
@@ -111,14 +116,14 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp: layers offloaded to the GPU (-1: all)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration pairs for importance matrices and GPTQ/AWQ (default: packaged TREC RAG 2024)")
-    p.add_argument("--calibration-size", type=int, default=None)
-    p.add_argument("--calibration-seed", type=int, default=0)
+    p.add_argument("--calibration-size", type=int, default=None, help="pairs drawn from the calibration file")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--calibration-budget", type=int, default=256, help="reasoning tokens per calibration pair")
     p.add_argument("--recall-k", type=_ints, default=(10,), help="Recall@k cut-offs (default 10; only those below "
                    "the depth are reported)")
-    p.add_argument("--ray", default=None, metavar="ADDRESS", help="score on a Ray cluster (needs the Ray integration)")
     p.add_argument("--work", type=Path, required=True, help="cache of inputs, exports and run files (resumable)")
     p.add_argument("--out", type=Path, required=True, help="where study.md, study.json and study.png go")
-    p.add_argument("--title", default="Quantization study")
+    p.add_argument("--title", default="Quantization study", help="the title of study.md")
     p.add_argument("--note", default=None, help="a paragraph for the top of study.md")
+    add_ray_rerank_args(p)  # --ray [auto|ADDRESS], --workers, --threads-per-worker, --gpus-per-worker …
     p.set_defaults(func=cmd_study)

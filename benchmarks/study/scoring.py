@@ -9,7 +9,8 @@ The scorer is the seam between the study and where models run:
 - :func:`subprocess_scorer` (the default) runs each job in its own Python process (``python -m
   benchmarks.study.job JOB.json``): the peak memory of each model is measured on its own, and the reference can
   run in another virtualenv (vLLM pins its own transformers);
-- a Ray scorer would hand the same job to the Ray integration (``--ray``): see :func:`ray_scorer`.
+- :func:`ray_scorer` (``--ray``) hands the same job to the Ray integration: workers on the cluster score, this process
+  writes the run file.
 """
 
 from __future__ import annotations
@@ -91,13 +92,59 @@ def subprocess_scorer(job: ScoringJob) -> None:
                          f"{job.run_file} are kept, re-run the study to resume")
 
 
-def ray_scorer(address: str) -> Scorer:
-    """Scoring on a Ray cluster. Not on this branch: it needs the Ray integration (``rank1_local.integrations.ray``)
-    to score one :class:`ScoringJob` on a worker and stream its result rows back, so that the run file is still
-    written (and resumed) here."""
-    raise Rank1Error(f"--ray {address}: scoring on Ray is not available in this version: it needs the Ray integration "
-                     "(rank1_local.integrations.ray) to run a study's scoring jobs; run without --ray")
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how to score on Ray: ``address`` ("auto": the cluster this machine belongs to, else a local one; or
+    HOST:6379, ray://HOST:10001), and per scoring job the workers, each with its own model."""
+
+    address: str = "auto"
+    workers: int = 1
+    threads_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    pairs_per_block: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "threads_per_worker"):
+            if getattr(self, name) < 1:
+                raise Rank1Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0:
+            raise Rank1Error(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.pairs_per_block is not None and self.pairs_per_block < 1:
+            raise Rank1Error(f"--pairs-per-block must be at least 1, got {self.pairs_per_block}")
 
 
-def make_scorer(ray_address: str | None) -> Scorer:
-    return ray_scorer(ray_address) if ray_address else subprocess_scorer
+def ray_scorer(options: RayOptions) -> Scorer:
+    """Every job on a Ray cluster through the Ray integration
+    (:func:`rank1_local.integrations.ray_run_file.score_pairs_file_on_ray`): workers score the pairs the run file
+    lacks and stream their rows back; this process appends them and keeps the header, so resuming works as in a
+    local run, exactly once. The cluster is joined (or a local one started) at the first job and kept for the rest.
+    The workers run their cluster's Python: ``--vllm-python`` does not apply, vLLM must be installed there."""
+    from rank1_local.integrations.ray_cluster import require_ray
+
+    require_ray("rank1-bench study --ray")  # a missing extra is refused before anything runs
+    held: list[Any] = []
+
+    def score(job: ScoringJob) -> None:
+        from rank1_local.core.config import ScoringConfig
+        from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK
+        from rank1_local.integrations.ray_cluster import connect
+        from rank1_local.integrations.ray_run_file import score_pairs_file_on_ray
+
+        if not held:
+            held.append(connect(options.address, purpose="rank1-bench study --ray"))
+        if job.python:
+            logger.info("%s: on Ray the workers' own Python runs %s (not %s)", job.name, job.backend, job.python)
+        engine = {k: v for k, v in job.settings.items() if k != "threads"}  # llama.cpp: threads per worker
+        logger.info("%s: scoring on Ray with %s (%s), %d worker(s)", job.name, job.backend, Path(job.model).name,
+                    options.workers)
+        score_pairs_file_on_ray(job.pairs_file, Path(job.run_file), job.model, ScoringConfig(**job.config),
+                                address=options.address, backend=job.backend, engine=engine,
+                                workers=options.workers, threads_per_worker=options.threads_per_worker,
+                                gpus_per_worker=options.gpus_per_worker,
+                                pairs_per_block=options.pairs_per_block or PAIRS_PER_BLOCK, progress=job.progress)
+
+    return score
+
+
+def make_scorer(ray: RayOptions | None) -> Scorer:
+    return ray_scorer(ray) if ray is not None else subprocess_scorer

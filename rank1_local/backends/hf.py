@@ -130,13 +130,13 @@ class TransformersRank1(Reranker):
     def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: HFSettings | None = None,
                  **kwargs: Any) -> None:
         config, settings = split_settings("TransformersRank1", config, settings, HFSettings, kwargs)
+        path = resolve_local_or_hub(model)  # before torch is imported: a missing model is an error in a second
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
         torch = require("torch", "reference", "the transformers backend")
         transformers = require("transformers", "reference", "the transformers backend")
         self.config = config
         self.torch = torch
-        path = resolve_local_or_hub(model)
-        if not (path / "config.json").is_file():
-            raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
         self.model_path = path
         # where torch runs ("cpu", "cuda" …); ``device`` (the property) is the backend-and-device words
         self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" \

@@ -4,8 +4,8 @@ HTTP, keep its judgments in a cache, and bundle it for offline use."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,12 +13,15 @@ from typing import Any
 from rank1_local.backends import BACKENDS, open_reranker
 from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
-from rank1_local.cli.support import run_command
+from rank1_local.cli.output import print_results
+from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
+from rank1_local.cli.support import HelpFormatter, add_common_flags, add_subcommand, add_version, run_command
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
-from rank1_local.core.dataset_prompts import dataset_prompt
+from rank1_local.core.dataset_prompts import NO_PROMPT, resolve_dataset
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.protocol import PROTOCOLS
-from rank1_local.core.reranker import Reranker
+from rank1_local.core.reranker import Reranker, check_top_k, ranked
+from rank1_local.models.file_digest import VERIFY_ENV, VERIFY_MODES, verify_mode
 
 logger = logging.getLogger("rank1-local")
 
@@ -29,10 +32,8 @@ def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     if args.dataset is not None:
         if template is not None:
             raise Rank1Error("give --prompt or --dataset, not both")
-        task, _, subset = args.dataset.partition("/")
-        template = dataset_prompt(task, subset or None)
-        logger.info("%s: %s", args.dataset, "official dataset prompt" if template else "no dataset prompt (as the "
-                    "official evaluation)")
+        template = resolve_dataset(args.dataset)
+        logger.info("%s: %s", args.dataset, "the official dataset prompt" if template else "no dataset prompt")
     return ScoringConfig(max_think_tokens=args.max_think_tokens, n_ctx=args.n_ctx, prompt_template=template,
                          rethink_rounds=args.rethink_rounds, protocol=args.protocol,
                          truncate_passages=args.truncate_passages)
@@ -48,7 +49,9 @@ def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> 
                    help="budget forcing: replace </think> with '\\nWait' this many times")
     p.add_argument("--prompt", default=None, help="dataset prompt template containing FILL_QUERY_HERE")
     p.add_argument("--dataset", default=None, metavar="TASK[/SUBSET]",
-                   help="use the official evaluation's prompt for an MTEB task, e.g. SciFact or BrightRetrieval/aops")
+                   help="use the official evaluation's prompt for an MTEB task, e.g. SciFact or BrightRetrieval/aops "
+                        "(any case); an unknown name is refused with the close matches; "
+                        f"'{NO_PROMPT}': no dataset prompt, on purpose")
     p.add_argument("--protocol", choices=PROTOCOLS, default="official",
                    help="official: the official code's rules (stop strings, top-20 answer, fallback); full: the "
                         "answer from the full distribution right after </think>")
@@ -57,8 +60,9 @@ def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> 
                         "prompt longer than the context is not run and scores 0.5)")
 
 
-def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen backend's engine settings from the command line."""
+def engine_settings(args: argparse.Namespace, config: ScoringConfig | None = None) -> dict[str, Any]:
+    """The chosen backend's engine settings from the command line, checked before anything loads (for llama.cpp, with
+    ``config``: that its KV cache fits llama.cpp's context size)."""
     cache = cache_path(args)
     if cache is not None and args.backend != "llama.cpp":
         raise Rank1Error(f"--cache: the judgment cache keys on the GGUF file: llama.cpp backend only (not "
@@ -68,41 +72,42 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "vllm":
         return {"dtype": "float16" if args.dtype == "auto" else args.dtype,
                 "enable_prefix_caching": args.prefix_caching}
-    settings = {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads,
-                "gguf_type": args.gguf_type}
+    settings = {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads}
+    if config is not None:
+        from rank1_local.backends.llama.facade import LlamaSettings, kv_cells
+
+        kv_cells(config, LlamaSettings(**settings))
+    settings["gguf_type"] = args.gguf_type
     if cache is not None:
         settings["cache"] = cache
     return settings
 
 
+def apply_verify(args: argparse.Namespace) -> None:
+    """``--verify always``: this process hashes model files on every use (as ``RANK1_LOCAL_VERIFY=always``)."""
+    if getattr(args, "verify", None) is not None:
+        os.environ[VERIFY_ENV] = args.verify
+    verify_mode()  # a bad value in the environment is an error now, before anything loads
+
+
 def _model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
-    return open_reranker(args.backend, args.model, config, **engine_settings(args))
+    return open_reranker(args.backend, args.model, config, **engine_settings(args, config))
 
 
 def _rerank_query(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rank1_local.core.pairs import Pair
     from rank1_local.runs.inputs import read_documents
 
     config = scoring_config(args)
+    engine_settings(args, config)
     ids, docs = read_documents(args.docs)
     with _model(args, config) as model:
-        ranked = model.rerank(args.query, docs, instruction=args.instruction, top_k=args.top_k)
-        fmt = args.format
-        for rank, r in enumerate(ranked, 1):
-            row = {"docid": ids[r.index], "rank": rank, "score": r.score, "relevant": r.relevant,
-                   "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced, "truncated": r.truncated}
-            if fmt == "jsonl":
-                print(json.dumps(row, ensure_ascii=False))
-            elif fmt == "trec":
-                print(f"{args.qid} Q0 {ids[r.index]} {rank} {r.score:.6f} rank1-local")
-            elif fmt == "table":
-                text = docs[r.index] if isinstance(docs[r.index], str) else docs[r.index]["text"]
-                flags = " ".join(f for f, on in (("forced", r.forced), ("truncated", r.truncated),
-                                                  ("too-long", r.too_long)) if on)
-                print(f"{rank:4d}  {r.score:.4f}  {ids[r.index]:>8}  {text[:70].replace(chr(10), ' ')}  {flags}")
-        if fmt == "json":
-            print(json.dumps([{"docid": ids[r.index], "score": r.score, "relevant": r.relevant,
-                               "reasoning": r.reasoning, "n_tokens": r.n_tokens, "forced": r.forced}
-                              for r in ranked], ensure_ascii=False, indent=2))
+        with tqdm(total=len(docs), unit="doc", disable=args.quiet, file=sys.stderr) as bar:
+            results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
+                                        on_result=lambda _: bar.update(1))
+        print_results(ranked(results, args.top_k), ids, docs, args.format, qid=args.qid)
         logger.info("ran on %s", model.device)
     return 0
 
@@ -113,24 +118,35 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
     if args.output is None:
         raise Rank1Error("--pairs needs --output OUT.jsonl")
     config = scoring_config(args)
+    engine_settings(args, config)
     score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
-                     backend=args.backend, progress=not args.quiet)
+                     backend=args.backend, settings=config.to_dict(), progress=not args.quiet)
     return 0
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
+    check_top_k(args.top_k, "--top-k")
+    apply_verify(args)
+    if uses_ray(args):
+        from rank1_local.cli.ray_commands import rerank_on_ray
+
+        config = scoring_config(args)
+        return rerank_on_ray(args, config, engine_settings(args, config))
     if args.pairs is not None:
+        if args.query is not None or args.docs is not None:
+            raise Rank1Error("give --pairs PAIRS.jsonl --output OUT.jsonl, or --query and --docs, not both")
         return _rerank_pairs(args)
     if args.query is None or args.docs is None:
         raise Rank1Error("give --query and --docs, or --pairs PAIRS.jsonl --output OUT.jsonl")
+    if args.output is not None:
+        raise Rank1Error("--output goes with --pairs (with --docs the ranking is printed: redirect it to a file)")
     return _rerank_query(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from rank1_local.core.extras import require
 
+    apply_verify(args)
     require("fastapi", "server", "rank1-local serve")
     require("uvicorn", "server", "rank1-local serve")
     from rank1_local.backends.llama.facade import Rank1
@@ -140,12 +156,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_binding(args.host, api_key, args.insecure_no_auth)
     config = scoring_config(args)
-    settings = engine_settings(args) | {"max_waiting": args.max_queue}
+    settings = engine_settings(args, config) | {"max_waiting": args.max_queue}
+    server = dict(api_key=api_key, max_documents=args.max_documents, max_total_chars=args.max_chars,
+                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                  read_timeout=args.read_timeout, max_connections=args.max_connections)
+    ServerSettings(model_name=args.name or "-", **server)  # checked before the model loads
+    if uses_ray(args):
+        from rank1_local.cli.ray_commands import serve_on_ray
+
+        return serve_on_ray(args, config, settings, {"model_name": args.name, **server})
     with Rank1(args.model, config, **settings) as model:
-        server = ServerSettings(model_name=args.name or model.model_path.stem, api_key=api_key,
-                                max_documents=args.max_documents, max_total_chars=args.max_chars,
-                                max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
-        serve(model, server, host=args.host, port=args.port)
+        serve(model, ServerSettings(model_name=args.name or model.model_path.stem, **server), host=args.host,
+              port=args.port)
     return 0
 
 
@@ -156,40 +178,51 @@ def add_llama_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: 
     p.add_argument("--parallel", type=int, default=parallel, help=help_prefix + parallel_help)
     p.add_argument("--n-gpu-layers", type=int, default=0, help=help_prefix + "0 = CPU, -1 = all layers")
     p.add_argument("--threads", type=int, default=None, help=help_prefix + "CPU threads (default: all cores)")
+    p.add_argument("--verify", choices=VERIFY_MODES, default=None,
+                   help=help_prefix + "how a model file's SHA-256 (bundle check, judgment cache key) is known: memo "
+                   "(hashed once, then remembered while the file stays the same file: same path, size, times, inode) "
+                   f"or always (hashed on every start); default: ${VERIFY_ENV}, else memo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true")
+    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__, formatter_class=HelpFormatter)
+    add_common_flags(parser)
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("rerank", help="rerank passages for a query, or score a pairs file")
+    p = add_subcommand(sub, "rerank", help="rerank passages for a query, or score a pairs file")
     p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published "
                    "GGUF; with --backend transformers|vllm a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
-    p.add_argument("--backend", choices=BACKENDS, default="llama.cpp")
+    p.add_argument("--backend", choices=BACKENDS, default="llama.cpp", help="the library that runs the model")
     p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
                    "float16, bfloat16; vllm: auto (float16), float32, bfloat16")
     p.add_argument("--prefix-caching", action="store_true",
                    help="vllm: enable vLLM's prefix caching (off by default, as in the official code)")
-    p.add_argument("--query")
-    p.add_argument("--instruction", default=None)
-    p.add_argument("--docs", type=Path, help=".txt (one per line), .jsonl (text[, title, docid]) or .tsv")
+    p.add_argument("--query", help="the query (with --docs)")
+    p.add_argument("--instruction", default=None, help="appended to the query, as the official code does")
+    p.add_argument("--docs", type=Path, help="the passages: .txt (one per line; blank lines skipped, ids count "
+                   "passages from 0), .jsonl (text[, title, docid]) or .tsv (docid<TAB>text[<TAB>title], no "
+                   "quoting); any other file is read as .txt, with a warning")
     p.add_argument("--qid", default="q1", help="query id in --format trec")
-    p.add_argument("--format", choices=["table", "json", "jsonl", "trec"], default="table")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--format", choices=["table", "json", "jsonl", "trec"], default="table",
+                   help="--docs output: a table; json (one list) or jsonl (one row per line) with rank, docid, "
+                        "score, reasoning and flags; trec run lines")
+    p.add_argument("--top-k", type=int, default=None, help="print only the best K (default: every document)")
     p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
-    p.add_argument("--output", type=Path, help="JSONL results, appended as pairs finish; re-running resumes")
+    p.add_argument("--output", type=Path, help="with --pairs: JSONL results, appended as pairs finish; re-running "
+                   "resumes (with the same model and settings)")
     add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
     add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)
+    add_ray_rerank_args(p)
     p.set_defaults(func=_cmd_rerank)
 
-    p = sub.add_parser("serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
-                                     "across requests (pip install 'rank1-local[server]')")
+    p = add_subcommand(sub, "serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
+                                          "across requests (pip install 'rank1-local[server]')")
     p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published GGUF")
     p.add_argument("--name", default=None, help="the model name clients see (default: the file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set RANK1_LOCAL_API_KEY)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without an API key (trusted networks only)")
@@ -200,13 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=4096,
                    help="pairs that may wait for a slot, across all requests (a request that would exceed it: 503 "
                         "with Retry-After)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at once; more are answered 503 at once")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client gets to send a request's headers, and again its body (then 408 and the "
+                        "connection is closed); also how long an idle keep-alive connection stays open")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish on shutdown before they are cancelled")
     add_llama_args(p, parallel=8, parallel_help="pairs decoded together, across all requests")
     p.set_defaults(backend="llama.cpp")
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_cache_arg(p)
-    p.set_defaults(func=_cmd_serve)
+    add_ray_serve_args(p)
+    p.set_defaults(func=_cmd_serve, interrupted="stopped: the server has shut down", interrupt_code=0)
 
     add_cache_parser(sub)
     add_bundle_commands(sub)

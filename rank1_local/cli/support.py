@@ -1,4 +1,5 @@
-"""What both command-line tools share: logging set-up and turning user errors into plain messages."""
+"""What the command-line tools share: logging set-up, help formatting, the ``-q``/``--version`` flags, and turning
+user errors into plain messages."""
 
 from __future__ import annotations
 
@@ -7,6 +8,42 @@ import logging
 import sys
 
 from rank1_local.core.errors import Rank1Error
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help texts end with their default, unless the text already names it or there is none worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or \
+                not action.option_strings or isinstance(action, argparse._VersionAction):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's and epilog's line breaks (lists, tables)."""
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    """``-q``/``--quiet`` (before or after the subcommand: a subcommand's parser leaves it unset unless given)."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if sub else False,
+                        help="warnings and errors only: no progress bars, no INFO lines")
+
+
+def add_subcommand(sub: argparse._SubParsersAction, name: str, *, help: str, **kw: object) -> argparse.ArgumentParser:
+    """A subcommand's parser: its help is also its description, defaults are shown, and it takes ``-q`` too."""
+    kw.setdefault("formatter_class", HelpFormatter)
+    kw.setdefault("description", help)
+    p = sub.add_parser(name, help=help, **kw)  # type: ignore[arg-type]
+    add_common_flags(p, sub=True)
+    return p
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    from rank1_local.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def printed_on_the_way(record: logging.LogRecord) -> bool:
@@ -34,13 +71,15 @@ def configure_logging(quiet: bool) -> None:
 
 
 def run_command(args: argparse.Namespace, interrupted: str) -> int:
-    """Run ``args.func(args)``; a :class:`Rank1Error` prints ``error: …`` (exit 2), never a traceback."""
-    configure_logging(args.quiet)
+    """Run ``args.func(args)``; a :class:`Rank1Error` prints ``error: …`` (exit 2), never a traceback. Ctrl-C prints
+    ``interrupted`` (or the command's own ``args.interrupted``) and exits 130, or 0 where the command says that is its
+    normal end (``args.interrupt_code``, e.g. a server)."""
+    configure_logging(getattr(args, "quiet", False))
     try:
         return args.func(args)
     except Rank1Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
+        print(getattr(args, "interrupted", interrupted), file=sys.stderr)
+        return int(getattr(args, "interrupt_code", 130))

@@ -7,6 +7,12 @@ does: ``"<task>_<subset>"`` when it exists, else the task's own, else none.
 
 from __future__ import annotations
 
+import difflib
+
+from rank1_local.core.errors import Rank1Error
+
+NO_PROMPT = "none"  # ``--dataset none``: score without a dataset prompt, on purpose
+
 DATASET_PROMPTS: dict[str, str] = {
     'SciFact': 'Claim: FILL_QUERY_HERE\n\nA relevant passage would provide evidence that either **supports** or **refutes** this claim. A passage with any information on any related subpart should be relevant.',
     'ClimateFEVER': 'I am looking to write an essay for and need to find evidence the supports or contradict this statement:\n\nFILL_QUERY_HERE\n\nIf the passage provides information that supports or contradicts it in any way it is relevant so I can cite it.\n\n',
@@ -33,3 +39,33 @@ def dataset_prompt(task: str, subset: str | None = None) -> str | None:
     if subset is not None and f"{task}_{subset}" in DATASET_PROMPTS:
         return DATASET_PROMPTS[f"{task}_{subset}"]
     return DATASET_PROMPTS[task]
+
+
+def _tasks() -> dict[str, str]:
+    """Known task names (the part before ``_``), lower-cased -> as the official code spells them."""
+    names = {key.split("_", 1)[0] for key in DATASET_PROMPTS}
+    return {name.lower(): name for name in names}
+
+
+def resolve_dataset(name: str) -> str | None:
+    """The official template for ``TASK[/SUBSET]`` (task and subset matched without regard to case; a subset without
+    its own template gets the task's, as the official ``get_prompt`` does), or None for :data:`NO_PROMPT`.
+
+    Any other name is refused with the close matches: a misspelt task would otherwise be scored silently without
+    its prompt. A task the official evaluation runs without a dataset prompt is named ``none``."""
+    task, _, subset = name.strip().partition("/")
+    if task.lower() == NO_PROMPT and not subset:
+        return None
+    tasks = _tasks()
+    official = tasks.get(task.lower())
+    if official is None:
+        close = difflib.get_close_matches(task.lower(), list(tasks), n=3, cutoff=0.5)
+        hint = f"close matches: {', '.join(tasks[c] for c in close)}; " if close else ""
+        raise Rank1Error(f"no dataset prompt for {task!r} ({hint}known: {', '.join(sorted(tasks.values()))}). For a "
+                         f"task the official evaluation scores without a dataset prompt, give the dataset as "
+                         f"'{NO_PROMPT}' (or leave it out)")
+    if subset:
+        for key, template in DATASET_PROMPTS.items():
+            if key.lower() == f"{official}_{subset}".lower():
+                return template
+    return DATASET_PROMPTS[official]

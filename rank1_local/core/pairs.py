@@ -23,6 +23,17 @@ Tokenize = Callable[[str], list[int]]
 Detokenize = Callable[[list[int]], str]
 
 
+def make_passage(text: str, title: str | None = None) -> Passage:
+    """A passage as every input reader builds it (documents files, pairs files, server requests): ``{"title",
+    "text"}`` when there is a non-empty title, else the text itself."""
+    return {"title": title, "text": text} if title else text
+
+
+def passage_text(passage: Passage) -> str:
+    """The passage's own text (without its title), as shown in tables and returned to clients."""
+    return passage if isinstance(passage, str) else passage["text"]
+
+
 @dataclass(frozen=True)
 class Pair:
     """One (query, passage[, instruction]) to score."""
@@ -82,7 +93,13 @@ def normalize_pairs(pairs: Sequence[Pair | Sequence[Any]]) -> list[Pair]:
 def formatted(pair: Pair, index: int, template: str | None) -> tuple[str, str]:
     """The pair's query (instruction and template applied) and passage text, validated."""
     query = check_text(f"query of pair {index}", pair.query)
-    passage = format_passage(pair.passage) if isinstance(pair.passage, Mapping) else pair.passage
+    if isinstance(pair.passage, Mapping):
+        if not isinstance(pair.passage.get("text"), str):
+            raise Rank1Error(f"passage of pair {index} is a mapping without a 'text' string (keys: "
+                             f"{', '.join(map(str, pair.passage)) or 'none'})")
+        passage = format_passage(pair.passage)
+    else:
+        passage = pair.passage
     passage = check_text(f"passage of pair {index}", passage, allow_empty=True)
     if not passage.strip():
         logger.warning("the passage of pair %d is empty; it is scored as the official code does", index)

@@ -1,5 +1,6 @@
-"""The user-facing reranking API shared by every backend, in the shape of sentence-transformers'
-CrossEncoder (``predict(pairs)``, ``rank(query, documents)``) plus ``rerank`` returning full results.
+"""The user-facing reranking API shared by every backend, in the shape of sentence-transformers 6's
+CrossEncoder (``predict(pairs)``, ``rank(query, documents)``: the same parameters, checked against
+sentence-transformers' own signatures in the tests) plus ``rerank`` returning full results.
 
 Protocol settings are per call, the way vLLM's ``LLM.generate`` takes ``sampling_params``: every method takes
 ``config=`` (a :class:`ScoringConfig`; default: the one the model was loaded with). The context length is fixed
@@ -15,8 +16,23 @@ from typing import Any
 import numpy as np
 
 from rank1_local.core.config import ScoringConfig
+from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, Passage
 from rank1_local.core.results import Rank1Result
+
+
+def check_top_k(top_k: int | None, name: str = "top_k") -> int | None:
+    """``top_k`` when it is None (every result) or a count of at least 1; anything else is an error naming it
+    (a negative count would silently drop results from the end, and 0 would return nothing)."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise Rank1Error(f"{name} must be at least 1 (or left out for every result), got {top_k!r}")
+    return top_k
+
+
+def ranked(results: Sequence[Rank1Result], top_k: int | None = None) -> list[Rank1Result]:
+    """Best first (ties: input order), cut to ``top_k``."""
+    order = sorted(results, key=lambda r: (-r.score, r.index))
+    return order[:top_k] if top_k is not None else order
 
 
 class Reranker(ABC):
@@ -48,26 +64,73 @@ class Reranker(ABC):
     def rerank(self, query: str, documents: Sequence[Passage], *, instruction: str | None = None,
                top_k: int | None = None, config: ScoringConfig | None = None) -> list[Rank1Result]:
         """Score every document for ``query``; best first. ``result.index`` points into ``documents``."""
-        results = self.score_pairs([Pair(query, d, instruction) for d in documents], config=config)
-        ranked = sorted(results, key=lambda r: (-r.score, r.index))
-        return ranked[:top_k] if top_k is not None else ranked
+        check_top_k(top_k)
+        return ranked(self.score_pairs([Pair(query, d, instruction) for d in documents], config=config), top_k)
 
-    def predict(self, sentences: Sequence[Sequence[Any]], batch_size: int | None = None,
-                show_progress_bar: bool = False, *, config: ScoringConfig | None = None, **_: Any) -> np.ndarray:
-        """CrossEncoder/MTEB style: ``(query, passage)`` or ``(query, passage, instruction)`` -> scores."""
-        return np.array([r.score for r in self.score_pairs(list(sentences), config=config)], dtype=np.float64)
+    def predict(self, inputs: Sequence[Any] | Pair, prompt_name: str | None = None, prompt: str | None = None,
+                batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn: Callable | None = None,
+                apply_softmax: bool | None = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+                device: str | list[str] | None = None, pool: dict[str, Any] | None = None,
+                chunk_size: int | None = None, *, config: ScoringConfig | None = None, **kwargs: Any) -> Any:
+        """sentence-transformers' ``CrossEncoder.predict``, same parameters: ``(query, passage)`` or
+        ``(query, passage, instruction)`` pairs (or :class:`Pair`) -> scores, a float64 array. One pair alone
+        (``predict(("q", "p"))``) gives one numpy scalar, as sentence-transformers does.
+
+        ``batch_size``, ``apply_softmax``, ``chunk_size`` and other keywords change nothing here (pairs share the
+        model's continuous batch; a score is already a probability); ``show_progress_bar`` shows one;
+        ``convert_to_tensor`` gives a torch tensor, ``convert_to_numpy=False`` a list of floats. What rank1 cannot
+        honour is refused: a sentence-transformers ``prompt``/``prompt_name`` (give the dataset prompt as
+        ``config=ScoringConfig(prompt_template=...)``), ``activation_fn``, ``device`` and ``pool`` (chosen at load).
+        """
+        refuse_unsupported("predict", prompt_name=prompt_name, prompt=prompt, activation_fn=activation_fn,
+                           device=device, pool=pool)
+        if batch_size <= 0:
+            raise Rank1Error(f"batch_size must be a positive integer, got {batch_size}")
+        single = is_single_pair(inputs)
+        if isinstance(inputs, np.ndarray):  # a 1-D string array is one pair, a 2-D one a batch
+            inputs = inputs.tolist()
+        pairs = [inputs] if single else list(inputs)
+        results = self._score_with_progress(pairs, config, bool(show_progress_bar))
+        scores = np.array([r.score for r in results], dtype=np.float64)
+        out: Any
+        if convert_to_tensor:
+            from rank1_local.core.extras import require
+
+            out = require("torch", "reference", "predict(convert_to_tensor=True)").from_numpy(scores)
+        elif convert_to_numpy:
+            out = scores
+        else:
+            out = scores.tolist()
+        return out[0] if single else out
 
     def rank(self, query: str, documents: Sequence[Passage], top_k: int | None = None,
-             return_documents: bool = False, *, config: ScoringConfig | None = None,
-             **_: Any) -> list[dict[str, Any]]:
-        """CrossEncoder style: ``[{"corpus_id", "score"[, "text"]}]``, best first."""
+             return_documents: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+             batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn: Callable | None = None,
+             device: str | list[str] | None = None, pool: dict[str, Any] | None = None,
+             chunk_size: int | None = None, *, config: ScoringConfig | None = None) -> list[dict[str, Any]]:
+        """sentence-transformers' ``CrossEncoder.rank``, same parameters and answer: ``[{"corpus_id", "score"[,
+        "text"]}]``, best first (ties in input order), cut to ``top_k``. Parameters as in :meth:`predict`."""
+        refuse_unsupported("rank", prompt_name=prompt_name, prompt=prompt, activation_fn=activation_fn,
+                           device=device, pool=pool)
+        if batch_size <= 0:
+            raise Rank1Error(f"batch_size must be a positive integer, got {batch_size}")
+        results = self._score_with_progress([Pair(query, d) for d in documents], config, bool(show_progress_bar))
         out = []
-        for r in self.rerank(query, documents, top_k=top_k, config=config):
+        for r in sorted(results, key=lambda r: (-r.score, r.index))[:top_k]:
             row: dict[str, Any] = {"corpus_id": r.index, "score": r.score}
             if return_documents:
                 row["text"] = documents[r.index]
             out.append(row)
         return out
+
+    def _score_with_progress(self, pairs: Sequence[Pair | tuple], config: ScoringConfig | None,
+                             progress: bool) -> list[Rank1Result]:
+        if not progress:
+            return self.score_pairs(pairs, config=config)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(pairs), desc="rank1", unit="pair") as bar:
+            return self.score_pairs(pairs, config=config, on_result=lambda _: bar.update())
 
     def close(self) -> None:
         """Free the model."""
@@ -77,3 +140,25 @@ class Reranker(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_single_pair(inputs: Any) -> bool:
+    """Whether ``predict`` was given one pair rather than a list of them: a :class:`Pair`, or a tuple/list whose
+    first item is the query string (sentence-transformers' rule, where a batch holds lists or tuples)."""
+    if isinstance(inputs, Pair):
+        return True
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in ("U", "O"):
+        return inputs.size > 0 and inputs.ndim < 2
+    return isinstance(inputs, (list, tuple)) and len(inputs) > 0 and isinstance(inputs[0], str)
+
+
+def refuse_unsupported(method: str, **given: Any) -> None:
+    """sentence-transformers options rank1 cannot honour: an error naming them, never silently ignored."""
+    why = {"prompt_name": "give the dataset prompt as config=ScoringConfig(prompt_template=...)",
+           "prompt": "give the dataset prompt as config=ScoringConfig(prompt_template=...)",
+           "activation_fn": "rank1's score is already a probability, P(true) / (P(true) + P(false))",
+           "device": "the device is chosen when the model is loaded",
+           "pool": "pairs share the model's continuous batch; load it with parallel=N for more slots"}
+    for name, value in given.items():
+        if value is not None:
+            raise Rank1Error(f"{method}({name}=...) is not supported by rank1: {why[name]}")

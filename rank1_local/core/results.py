@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.protocol import NO_SCORE
@@ -27,6 +28,20 @@ class Rank1Result:
     @property
     def relevant(self) -> bool:
         return self.score > 0.5
+
+
+def judgment_fields(result: Rank1Result) -> dict[str, Any]:
+    """What a result says beyond its score, by the names every output uses (run files, the CLI's json/jsonl, the
+    server's ``return_reasoning``)."""
+    return {"reasoning": result.reasoning, "n_tokens": result.n_tokens, "forced": result.forced,
+            "truncated": result.truncated, "too_long": result.too_long, "cached": result.cached}
+
+
+def result_dict(result: Rank1Result, **ids: Any) -> dict[str, Any]:
+    """One result as a JSON-ready row: ``ids`` first (``qid``, ``docid``, ``rank`` … in the order given), then
+    ``score``, ``relevant`` and :func:`judgment_fields`. The one place results become rows (CLI output, run files;
+    the server's rows add :func:`judgment_fields` to their own shape)."""
+    return {**ids, "score": result.score, "relevant": result.relevant, **judgment_fields(result)}
 
 
 def build_result(pair: PreparedPair, *, score: float, reasoning: str, n_tokens: int, forced: bool,

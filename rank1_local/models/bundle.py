@@ -4,8 +4,9 @@ A bundle holds the GGUF file (every part of a split file) and ``rank1-bundle.jso
 files with their size and SHA-256, the GGUF type, where it came from (hub repository and commit, or a local file), when
 it was made, the rank1-local version, and the verification card when the export was verified. It is made by
 ``rank1-local pull`` or ``rank1-quantize gguf --bundle``, copied as a folder, and opened with
-``--model BUNDLE_DIR``: every file is checked against the manifest (hashed once, then remembered by path, size and
-mtime, see :mod:`rank1_local.models.file_digest`) before it is used.
+``--model BUNDLE_DIR``: every file is checked against the manifest (hashed once, then remembered while the file stays
+the same file, see :mod:`rank1_local.models.file_digest`) before it is used. The GGUF is copied into the bundle (a hard
+link only when asked), so a change to the source never reaches it.
 
 A bundle is written into a hidden temporary folder and renamed into place, so a reader never sees half of one.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
 from rank1_local.models.file_digest import file_digest, remember_digest
-from rank1_local.models.gguf_file import check_gguf_file
+from rank1_local.models.gguf_file import check_gguf_file, read_gguf_layout
 from rank1_local.runs.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,26 @@ def _parse_file(entry: Any) -> BundleFile:
     return BundleFile(entry["name"], entry["size"], entry["sha256"].lower())
 
 
+def _optional_str(data: dict[str, Any], name: str, where: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _parse_source(src: Any) -> BundleSource:
+    if src is None:
+        return BundleSource()
+    if not isinstance(src, dict):
+        raise ValueError(f"source must be an object, got {type(src).__name__}")
+    files = src.get("files") or []
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError("source.files must be a list of file names")
+    return BundleSource(kind=_optional_str(src, "kind", "source.") or "gguf", repo=_optional_str(src, "repo", "source."),
+                        revision=_optional_str(src, "revision", "source."), files=tuple(files),
+                        path=_optional_str(src, "path", "source."))
+
+
 def read_bundle(path: Path) -> Bundle:
     """The manifest of the bundle in folder ``path`` (files are not checked: see :func:`verify_bundle`)."""
     path = Path(path).expanduser()
@@ -123,31 +144,43 @@ def read_bundle(path: Path) -> Bundle:
         if version > FORMAT_VERSION:
             raise UnsupportedModelError(f"{manifest}: bundle format version {version} is newer than this rank1-local "
                                         f"reads ({FORMAT_VERSION}); upgrade rank1-local")
+        if not isinstance(data.get("files"), list) or not data["files"]:
+            raise ValueError("files must be a non-empty list")
         files = tuple(_parse_file(f) for f in data["files"])
-        if not files:
-            raise ValueError("no files")
-        src = data.get("source") or {}
-        source = BundleSource(kind=str(src.get("kind", "gguf")), repo=src.get("repo"), revision=src.get("revision"),
-                              files=tuple(src.get("files") or ()), path=src.get("path"))
+        if not isinstance(data.get("type"), str) or not data["type"]:
+            raise ValueError("type must be a GGUF type name")
+        source = _parse_source(data.get("source"))
         verification = data.get("verification")
-        return Bundle(path, str(data["type"]), files, source, str(data.get("created", "")),
+        return Bundle(path, data["type"], files, source, str(data.get("created", "")),
                       str(data.get("rank1_local_version", "")), verification if isinstance(verification, dict) else None)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptFileError(f"{manifest}: not a valid bundle manifest ({exc})") from None
 
 
-def verify_bundle(bundle: Bundle) -> None:
-    """Check every file against the manifest: present, same size, same SHA-256. Raises CorruptFileError naming the
-    file otherwise."""
+def file_problem(bundle: Bundle, entry: BundleFile) -> str | None:
+    """What is wrong with one of the bundle's files without reading it (missing, another size), or None."""
+    path = bundle.path / entry.name
+    if not path.is_file():
+        return f"{path}: missing from the bundle (its manifest lists it); copy the bundle again"
+    size = path.stat().st_size
+    if size != entry.size:
+        return (f"{path}: {size} bytes, the bundle manifest says {entry.size}: the file is truncated or changed; copy "
+                "the bundle again")
+    return None
+
+
+def verify_bundle(bundle: Bundle, *, rehash: bool | None = None) -> None:
+    """Check every file against the manifest: present, same size, same SHA-256 (from the digest memo unless the
+    file changed, or always with ``rehash``). Raises CorruptFileError naming the file otherwise."""
     for entry in bundle.files:
         path = bundle.path / entry.name
-        if not path.is_file():
-            raise CorruptFileError(f"{path}: missing from the bundle (its manifest lists it); copy the bundle again")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise CorruptFileError(f"{path}: {size} bytes, the bundle manifest says {entry.size}: the file is "
-                                   "truncated or changed; copy the bundle again")
-        digest = file_digest(path)
+        problem = file_problem(bundle, entry)
+        if problem is not None:
+            raise CorruptFileError(problem)
+        try:
+            digest = file_digest(path, rehash=rehash)
+        except OSError as exc:
+            raise CorruptFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         if digest != entry.sha256:
             raise CorruptFileError(f"{path}: SHA-256 {digest[:16]}… does not match the bundle manifest "
                                    f"({entry.sha256[:16]}…): the file is corrupt or changed; copy the bundle again")
@@ -178,15 +211,19 @@ def _copy_hashing(src: Path, dst: Path) -> str:
     return h.hexdigest()
 
 
-def _place(src: Path, dst: Path) -> str:
-    """Put ``src`` at ``dst`` — a hard link when on the same file system (hub-cache blobs and exports are never
-    changed in place), else a copy — and return its SHA-256."""
+def _place(src: Path, dst: Path, link: bool) -> str:
+    """Put ``src`` at ``dst`` — a copy, or with ``link`` a hard link when on the same file system (then the bundle
+    shares the source's bytes: a change to one is a change to the other) — and return its SHA-256 (read from the
+    bytes placed)."""
     real = src.resolve()
-    try:
-        os.link(real, dst)
-    except OSError:
-        return _copy_hashing(real, dst)
-    return file_digest(real)
+    if link:
+        try:
+            os.link(real, dst)
+        except OSError as exc:
+            logger.info("cannot hard-link %s (%s): copying it", real, exc.strerror or exc)
+        else:
+            return file_digest(dst, rehash=True)
+    return _copy_hashing(real, dst)
 
 
 def _same_content(existing: Bundle, files: Sequence[Path], gguf_type: str) -> bool:
@@ -271,12 +308,13 @@ def _remove_leftovers(out: Path) -> None:
 
 def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: BundleSource, *,
                  verification: dict[str, Any] | None = None, expected_sha256: Sequence[str | None] = (),
-                 replace: bool = False) -> Bundle:
+                 replace: bool = False, link: bool = False) -> Bundle:
     """Make the bundle folder ``out`` from the GGUF ``files`` (every part of a split file, first part first).
 
     Nothing is written when ``out`` already holds the same files. A different bundle there is refused unless
     ``replace``; a folder that is not a bundle is never touched. ``expected_sha256`` (per file, None when unknown),
-    e.g. from the hub, is checked against the bytes placed in the bundle."""
+    e.g. from the hub, is checked against the bytes placed in the bundle. The files are copied; with ``link`` they are
+    hard links where the file system allows (no extra space, but the bundle changes with its source)."""
     from rank1_local.version import __version__
 
     out = Path(out).expanduser()
@@ -287,7 +325,7 @@ def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: Bundl
     if len(set(names)) != len(names):
         raise Rank1Error(f"files with the same name cannot share a bundle: {', '.join(names)}")
     for f in files:
-        check_gguf_file(f)
+        read_gguf_layout(f)  # a damaged GGUF is refused here, not sealed into a bundle
     gguf_type = gguf_type.upper()
     existing = _check_target(out, files, gguf_type, replace)
     if existing is not None:
@@ -302,7 +340,7 @@ def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: Bundl
         entries = []
         for i, src in enumerate(files):
             logger.info("adding %s to the bundle", src.name)
-            digest = _place(src, tmp / src.name)
+            digest = _place(src, tmp / src.name, link)
             want = expected_sha256[i] if i < len(expected_sha256) else None
             if want and want.lower() != digest:
                 raise CorruptFileError(f"{src}: SHA-256 {digest[:16]}… differs from the source's {want[:16]}…: the "

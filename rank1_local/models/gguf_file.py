@@ -1,9 +1,19 @@
-"""GGUF file facts both packages need: the magic bytes, the ggml type ids we set, and a quick file check."""
+"""GGUF file facts both packages need: the magic bytes, the ggml type ids we set, a quick file check, and a full check
+of the header and tensor table (without reading the weights).
+
+:func:`read_gguf_layout` walks the header, every metadata value and every tensor's entry, and checks that the tensor
+data they describe lies inside the file: a truncated, cut or garbled GGUF is refused there, in well under a second and
+a few MB of memory, instead of when llama.cpp loads it (or, worse, after it was sealed into a bundle).
+"""
 
 from __future__ import annotations
 
 import logging
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError
 
@@ -13,13 +23,20 @@ GGUF_MAGIC = b"GGUF"
 GGML_TYPE_F32 = 0  # ggml_type of a float32 tensor (KV cache type in llama_context_params)
 
 
+def _unreadable(path: Path, exc: OSError) -> CorruptFileError:
+    return CorruptFileError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions")
+
+
 def is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
 
 
 def check_gguf_file(path: Path) -> None:
-    """Raise a clear error unless ``path`` is an existing GGUF file."""
+    """Raise a clear error unless ``path`` is an existing, readable GGUF file."""
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file")
     if not path.is_file():
@@ -36,17 +53,146 @@ LLAMA_FTYPES: dict[str, int] = {
     "BF16": 32,
 }
 
+# GGUF metadata value types: fixed sizes (struct format), STRING = 8, ARRAY = 9
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
-def read_file_type(path: Path) -> str | None:
-    """The type a GGUF file declares in its ``general.file_type`` metadata (``Q8_0``, ``BF16`` …), None when it
-    declares none (or one we do not know)."""
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """What a GGUF's header says, checked against the file's size."""
+
+    version: int
+    n_tensors: int
+    metadata: dict[str, Any]  # scalar and string values (arrays are checked, not kept)
+    data_end: int  # where the last tensor's data ends
+    size: int  # the file's size
+
+    @property
+    def file_type(self) -> str | None:
+        names = {v: k for k, v in LLAMA_FTYPES.items()}
+        value = self.metadata.get("general.file_type")
+        return names.get(value) if isinstance(value, int) else None
+
+
+class _Reader:
+    def __init__(self, path: Path, buf: Any) -> None:
+        self.path, self.buf, self.pos, self.size = path, buf, 0, len(buf)
+
+    def fail(self, what: str) -> CorruptFileError:
+        return CorruptFileError(f"{self.path}: damaged GGUF file ({what}); download or export it again")
+
+    def take(self, fmt: str) -> Any:
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise self.fail(f"the header is cut off at byte {self.size}")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def skip(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} runs past the end of the file")
+        self.pos += n
+
+    def string(self, what: str) -> str:
+        n = self.take("<Q")
+        start = self.pos
+        self.skip(n, what)
+        try:
+            return bytes(self.buf[start:self.pos]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not UTF-8") from None
+
+    def value(self, kind: int, key: str) -> Any:
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string(f"the value of {key}")
+        if kind == _ARRAY:
+            item, count = self.take("<I"), self.take("<Q")
+            if item in _SCALARS:
+                self.skip(count * struct.calcsize(_SCALARS[item]), f"the array {key}")
+            elif item == _STRING:
+                if count > (self.size - self.pos) // 8:
+                    raise self.fail(f"the array {key} of {count} strings runs past the end of the file")
+                for _ in range(count):
+                    self.skip(self.take("<Q"), f"a string of the array {key}")
+            else:
+                raise self.fail(f"the array {key} has items of unknown type {item}")
+            return None
+        raise self.fail(f"{key} has unknown value type {kind}")
+
+
+def _tensor_bytes(ggml_type: int, n_elements: int, reader: _Reader, name: str) -> int:
     import gguf
 
     try:
-        field = gguf.GGUFReader(path).get_field("general.file_type")
-        value = int(field.contents()) if field is not None else None
-    except (OSError, ValueError, TypeError, IndexError) as exc:
-        logger.debug("cannot read general.file_type of %s: %s", path, exc)
-        return None
-    names = {v: k for k, v in LLAMA_FTYPES.items()}
-    return names.get(value) if value is not None else None
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise reader.fail(f"tensor {name} has unknown type {ggml_type}") from None
+    if n_elements % block:
+        raise reader.fail(f"tensor {name} has {n_elements} elements, not a multiple of its type's block of {block}")
+    return n_elements // block * type_size
+
+
+def read_gguf_layout(path: Path) -> GgufLayout:
+    """Walk a GGUF's header, metadata and tensor table (not the weights) and check that every tensor's data lies
+    inside the file. Raises :class:`CorruptFileError` naming what is wrong, or that the file cannot be read."""
+    check_gguf_file(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 24:
+                raise CorruptFileError(f"{path}: damaged GGUF file (only {size} bytes); download or export it again")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _layout(path, buf, size)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _layout(path: Path, buf: Any, size: int) -> GgufLayout:
+    r = _Reader(path, buf)
+    r.skip(4, "the magic")
+    version = r.take("<I")
+    if version not in (2, 3):
+        raise r.fail(f"GGUF version {version}; llama.cpp reads versions 2 and 3")
+    n_tensors, n_kv = r.take("<Q"), r.take("<Q")
+    if n_kv > size // 12 or n_tensors > size // 24:
+        raise r.fail(f"the header claims {n_kv} metadata entries and {n_tensors} tensors")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string("a metadata key")
+        metadata[key] = r.value(r.take("<I"), key)
+    tensors = []
+    for _ in range(n_tensors):
+        name = r.string("a tensor name")
+        n_dims = r.take("<I")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise r.fail(f"tensor {name} has {n_dims} dimensions")
+        n_elements = 1
+        for _ in range(n_dims):
+            n_elements *= r.take("<Q")
+        ggml_type, offset = r.take("<I"), r.take("<Q")
+        tensors.append((name, offset, _tensor_bytes(ggml_type, n_elements, r, name)))
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise r.fail(f"general.alignment is {alignment!r}, not a power of two")
+    data_start = -(-r.pos // alignment) * alignment
+    data_end = data_start
+    for name, offset, nbytes in tensors:
+        if offset % alignment:
+            raise r.fail(f"tensor {name} starts at offset {offset}, not aligned to {alignment}")
+        end = data_start + offset + nbytes
+        if end > size:
+            raise r.fail(f"tensor {name} ends at byte {end} but the file has {size} bytes: it is truncated")
+        data_end = max(data_end, end)
+    return GgufLayout(version, n_tensors, {k: v for k, v in metadata.items() if v is not None}, data_end, size)
+
+
+def read_file_type(path: Path) -> str | None:
+    """The type a GGUF file declares in its ``general.file_type`` metadata (``Q8_0``, ``BF16`` …), None when it
+    declares none (or one we do not know). Raises :class:`CorruptFileError` for a damaged file."""
+    return read_gguf_layout(path).file_type

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 PROBE_TIMEOUT_S = 2.0
+FIXTURE_HINT = ("To see rank1-local run without any download, use a fixture model (not a rank1 model): "
+                "`rank1-quantize fixture --help`, and the README's fixture route.")
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,24 @@ class HubAccess:
     reason: str = ""
 
 
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` can only be meant as a file or folder: it ends in ``.gguf``, starts with ``.``, ``/`` or
+    ``~``, has a path separator other than the one slash of ``owner/name``, or its ``owner`` part is a folder here
+    (``bundles/rank1-0.5b-Q8_0`` with a ``bundles`` folder)."""
+    text = str(model)
+    return (text.lower().endswith(".gguf") or text.startswith((".", "/", "~")) or "\\" in text
+            or text.count("/") != 1 or Path(text.split("/")[0]).is_dir())
+
+
 def is_hub_id(model: str) -> bool:
-    return bool(_REPO_ID.match(model)) and not Path(model).expanduser().exists()
+    return bool(_REPO_ID.match(model)) and not looks_like_path(model) and not Path(model).expanduser().exists()
+
+
+def missing_model(model: str) -> str:
+    """The error for a model argument that is neither an existing path nor a hub id."""
+    if looks_like_path(model):
+        return f"{model}: no such file or folder"
+    return f"{model}: no such file or folder, and not a hub id of the form owner/name"
 
 
 def hub_is_offline() -> bool:
@@ -163,9 +181,9 @@ def download_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> 
         plain_miss = type(exc) is LocalEntryNotFoundError and not access.online  # not cached: the reason says why
         why = access.reason if plain_miss else f"{type(exc).__name__}: {reason[:200]}"
         raise ModelNotFoundError(
-            f"could not get {repo_id} from the Hugging Face hub and it is not in the local cache ({why}).\n"
-            f"On a connected machine run `hf download {repo_id}` (then copy ~/.cache/huggingface), "
-            f"or pass a local folder or file instead of the hub id.") from None
+            f"{repo_id}: no such file or folder here, and as a hub id it could not be fetched and is not in the local "
+            f"cache ({why}).\nOn a connected machine run `hf download {repo_id}` (then copy ~/.cache/huggingface), "
+            f"or pass a local folder or file instead of the hub id. {FIXTURE_HINT}") from None
 
 
 def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = None) -> Path:
@@ -177,4 +195,4 @@ def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = N
     if is_hub_id(text):
         logger.info("resolving %s on the Hugging Face hub", text)
         return download_snapshot(text, allow_patterns)
-    raise ModelNotFoundError(f"{text}: no such file or folder (and not a hub id of the form owner/name)")
+    raise ModelNotFoundError(missing_model(text))

@@ -1,6 +1,8 @@
 """What models this machine holds, without network: bundles, loose GGUF files, and GGUFs in the Hugging Face cache.
 
-Bundles are listed from their manifests (files are not hashed here: that happens when one is opened).
+Bundles are listed from their manifests, and each file is checked to be there with the size the manifest gives (a
+truncated or missing file shows as the bundle's problem). With ``verify``, every bundle file is hashed too (as when a
+bundle is opened); otherwise nothing is read.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rank1_local.core.errors import ModelNotFoundError, Rank1Error
-from rank1_local.models.bundle import is_bundle, read_bundle
+from rank1_local.models.bundle import file_problem, is_bundle, read_bundle, verify_bundle
 from rank1_local.models.model_files import gguf_file_type, split_name
 from rank1_local.runs.user_dirs import default_bundles_dir
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,18 @@ class LocalModel:
     problem: str | None = None  # e.g. an unreadable bundle manifest
 
 
-def _bundle_row(folder: Path) -> LocalModel:
+def _bundle_row(folder: Path, verify: bool = False) -> LocalModel:
     try:
         bundle = read_bundle(folder)
+        problem = next((p for p in (file_problem(bundle, f) for f in bundle.files) if p), None)
+        if problem is None and verify:
+            verify_bundle(bundle, rehash=True)
     except Rank1Error as exc:
         return LocalModel("bundle", folder.name, None, 0, "?", folder, problem=str(exc))
-    return LocalModel("bundle", folder.name, bundle.type, bundle.size, bundle.source.describe(), folder)
+    except OSError as exc:
+        return LocalModel("bundle", folder.name, None, 0, "?", folder, problem=f"cannot be read ({exc})")
+    return LocalModel("bundle", folder.name, bundle.type, bundle.size, bundle.source.describe(), folder,
+                      problem=problem)
 
 
 def _gguf_groups(paths: list[Path]) -> list[tuple[Path, int]]:
@@ -50,11 +57,12 @@ def _gguf_groups(paths: list[Path]) -> list[tuple[Path, int]]:
     return rows
 
 
-def folder_models(folder: Path) -> list[LocalModel]:
+def folder_models(folder: Path, verify: bool = False) -> list[LocalModel]:
     """The bundle ``folder`` is, or the bundles and .gguf files directly inside it."""
     if is_bundle(folder):
-        return [_bundle_row(folder)]
-    rows = [_bundle_row(sub) for sub in sorted(folder.iterdir()) if not sub.name.startswith(".") and is_bundle(sub)]
+        return [_bundle_row(folder, verify)]
+    rows = [_bundle_row(sub, verify) for sub in sorted(folder.iterdir())
+            if not sub.name.startswith(".") and is_bundle(sub)]
     ggufs = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(".gguf")]
     rows += [LocalModel("file", path.name, gguf_file_type(path.name), size, "local file", path)
              for path, size in _gguf_groups(ggufs)]
@@ -85,20 +93,20 @@ def cached_ggufs() -> list[LocalModel]:
     return rows
 
 
-def local_models(folders: list[Path] | None = None, *, hub_cache: bool = True) -> list[LocalModel]:
+def local_models(folders: list[Path] | None = None, *, hub_cache: bool = True, verify: bool = False) -> list[LocalModel]:
     """Bundles in the default bundles folder and in ``folders`` (bundles themselves, or folders holding bundles and
-    .gguf files), then GGUFs in the Hugging Face cache."""
+    .gguf files), then GGUFs in the Hugging Face cache. ``verify``: hash every bundle file against its manifest."""
     rows: list[LocalModel] = []
     default = default_bundles_dir()
     if default.is_dir():
-        rows += folder_models(default)
+        rows += folder_models(default, verify)
     for folder in folders or []:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ModelNotFoundError(f"{folder}: no such folder")
         if default.is_dir() and folder.resolve() == default.resolve():
             continue
-        rows += folder_models(folder)
+        rows += folder_models(folder, verify)
     if hub_cache:
         rows += cached_ggufs()
     return rows

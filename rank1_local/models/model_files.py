@@ -18,7 +18,15 @@ from pathlib import Path
 from rank1_local.core.errors import ModelNotFoundError
 from rank1_local.models.bundle import open_bundle
 from rank1_local.models.gguf_file import LLAMA_FTYPES, check_gguf_file
-from rank1_local.models.hub import HubAccess, cached_snapshot, check_hub, hub_cache_dir, is_hub_id
+from rank1_local.models.hub import (
+    FIXTURE_HINT,
+    HubAccess,
+    cached_snapshot,
+    check_hub,
+    hub_cache_dir,
+    is_hub_id,
+    missing_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +96,7 @@ def resolve_gguf(model: str | Path, gguf_type: str | None = None) -> Path:
         return path
     text = str(model)
     if not is_hub_id(text):
-        raise ModelNotFoundError(f"{text}: no such GGUF file (and not a hub id of the form owner/name)")
+        raise ModelNotFoundError(missing_model(text))
     wanted = (gguf_type or default_type(text)).upper()
     return find_published_gguf(text, wanted).paths[0]
 
@@ -179,11 +187,17 @@ def _from_hub(repo_id: str, wanted: str, bundle_hint: Path | None) -> PublishedG
 def _from_cache(repo_id: str, wanted: str, access: HubAccess, bundle_hint: Path | None) -> PublishedGguf:
     snapshot = cached_snapshot(repo_id)
     if snapshot is None:
+        name = repo_id.split("/")[-1]
+        publishes = (f"if it publishes GGUF files: `rank1-local pull {repo_id} --gguf-type {wanted}` (or `hf download "
+                     f"{repo_id} --include '*{wanted}*.gguf'` and copy ~/.cache/huggingface)")
+        checkpoint = (f"if it is a checkpoint (safetensors): `rank1-quantize gguf {repo_id} --out models --types "
+                      f"{wanted} --bundle {name}-{wanted}`")
+        routes = [publishes, checkpoint] if "gguf" in repo_id.lower() else [checkpoint, publishes]
         raise ModelNotFoundError(
-            f"{repo_id} is not in the local cache ({hub_cache_dir()}) and the hub cannot be used ({access.reason}).\n"
-            f"On a connected machine run `rank1-local pull {repo_id} --type {wanted}` and copy the bundle folder it "
-            f"writes (or `hf download {repo_id} --include '*{wanted}*.gguf'` and copy ~/.cache/huggingface), or pass "
-            "a local .gguf file or bundle folder instead of the hub id.")
+            f"{repo_id}: no such file or folder here, and as a hub id it is not in the local cache ({hub_cache_dir()}) "
+            f"and the hub cannot be used ({access.reason}).\nOn a connected machine make a bundle folder and copy it "
+            f"here: {'; or, '.join(routes)}. Or pass a local .gguf file or bundle folder instead of the hub id. "
+            f"{FIXTURE_HINT}")
     local = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf") if p.is_file())
     chosen = select_gguf(local, wanted)
     if not chosen:

@@ -15,8 +15,8 @@ from typing import Any
 
 from rank1_local.core.errors import ModelNotFoundError
 from rank1_local.models.bundle import Bundle, BundleSource, write_bundle
-from rank1_local.models.gguf_file import check_gguf_file, read_file_type
-from rank1_local.models.hub import is_hub_id
+from rank1_local.models.gguf_file import read_gguf_layout
+from rank1_local.models.hub import is_hub_id, missing_model
 from rank1_local.models.model_files import check_type, default_type, find_published_gguf, gguf_file_type, split_name
 from rank1_local.runs.user_dirs import default_bundles_dir
 
@@ -25,22 +25,25 @@ logger = logging.getLogger(__name__)
 VERIFY_CARD_SUFFIX = ".verify.json"  # written beside an export by ``rank1-quantize gguf --verify``
 
 
-def pull(model: str, gguf_type: str | None = None, out: Path | None = None, *, replace: bool = False) -> Bundle:
+def pull(model: str, gguf_type: str | None = None, out: Path | None = None, *, replace: bool = False,
+         link: bool = False) -> Bundle:
     """Write the bundle of ``model`` (hub id or local .gguf file) into ``out`` (default: the bundles folder,
-    ``<name>-<TYPE>``) and return it."""
+    ``<name>-<TYPE>``) and return it. The GGUF's header and tensor table are checked first (a damaged file is
+    refused); it is copied into the bundle, or hard-linked with ``link``."""
     path = Path(model).expanduser()
     if path.is_dir():
         raise ModelNotFoundError(f"{path}: a folder; pull takes a hub id or a .gguf file (a bundle folder is "
                                  "moved by copying it as it is)")
     if path.exists():
-        return _pull_file(path, gguf_type, out, replace)
+        return _pull_file(path, gguf_type, out, replace, link)
     if not is_hub_id(model):
-        raise ModelNotFoundError(f"{model}: no such GGUF file (and not a hub id of the form owner/name)")
+        raise ModelNotFoundError(missing_model(model))
     wanted = check_type(gguf_type or default_type(model))
     out = Path(out).expanduser() if out is not None else default_bundles_dir() / f"{model.split('/')[-1]}-{wanted}"
     published = find_published_gguf(model, wanted, bundle_hint=out)
     source = BundleSource(repo=model, revision=published.revision, files=tuple(published.files))
-    return write_bundle(out, published.paths, wanted, source, expected_sha256=published.sha256, replace=replace)
+    return write_bundle(out, published.paths, wanted, source, expected_sha256=published.sha256, replace=replace,
+                        link=link)
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -72,15 +75,15 @@ def _verification_card(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: bool) -> Bundle:
-    check_gguf_file(path)
+def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: bool, link: bool) -> Bundle:
     parts = split_parts(path)
-    declared = read_file_type(path) or gguf_file_type(path.name)
+    layouts = [read_gguf_layout(part) for part in parts]  # a damaged file is refused before anything is written
+    declared = layouts[0].file_type or gguf_file_type(path.name)
     if gguf_type is not None and declared is not None and check_type(gguf_type) != declared:
         raise ModelNotFoundError(f"{path} is a {declared} GGUF, not {gguf_type.upper()}")
     if gguf_type is None and declared is None:
         raise ModelNotFoundError(f"{path}: cannot tell its GGUF type (no general.file_type, none in the name); "
-                                 "pass --type")
+                                 "pass --gguf-type")
     wanted = check_type(gguf_type) if gguf_type is not None else str(declared)
     split = split_name(path.name)
     name = split.base if split else path.name[:-5] if path.name.lower().endswith(".gguf") else path.stem
@@ -91,4 +94,4 @@ def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: boo
     card = _verification_card(path)
     if card is not None:
         logger.info("including the verification card %s%s", path.name, VERIFY_CARD_SUFFIX)
-    return write_bundle(out, parts, wanted, source, verification=card, replace=replace)
+    return write_bundle(out, parts, wanted, source, verification=card, replace=replace, link=link)

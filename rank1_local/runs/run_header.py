@@ -90,16 +90,74 @@ def write_header(path: Path, header: RunHeader) -> None:
     write_text_atomic(path, json.dumps(header.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
+def _same_model(old: RunHeader, model: str, model_file: str | None = None) -> bool:
+    """Whether ``model`` (what the user passes now; ``model_file``: the file it resolved to, once loaded) is the model
+    the run file was started with: the same argument, or the same file by its real path (and size)."""
+    if model_file is None and old.model == model:
+        return True
+    candidates = [Path(p).expanduser() for p in (model_file, model) if p]
+    theirs = [Path(p).expanduser() for p in (old.model_file, old.model) if p]
+    for here in candidates:
+        if not here.exists():
+            continue
+        here = here.resolve()
+        for there in theirs:
+            if not there.exists():
+                continue
+            there = there.resolve()
+            if there == here:
+                return not here.is_file() or here.stat().st_size == old.model_bytes
+            if here.is_dir() and there.parent == here:  # a bundle folder now, its GGUF in the header
+                return there.stat().st_size == old.model_bytes
+    return False
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False) if not isinstance(value, str) or len(value) < 60 else \
+        json.dumps(value[:57] + "…", ensure_ascii=False)
+
+
+def differences(old: RunHeader, *, model: str, backend: str, settings: dict[str, Any],
+                model_file: str | None = None) -> list[str]:
+    """What differs between a run file's header and the run about to resume it, one ``name: X in the file, Y now``
+    per difference. Before loading (no ``model_file`` yet) only the settings named in ``settings`` are compared: the
+    precision a backend picks is not known then; once loaded, every setting is."""
+    out = []
+    if not _same_model(old, model, model_file):
+        out.append(f"model: {old.model_file or old.model} in the file, {model_file or model} now")
+    if old.backend != backend:
+        out.append(f"backend: {old.backend} in the file, {backend} now")
+    for name, value in settings.items():
+        if name not in old.settings:
+            out.append(f"{name}: absent in the file, {_show(value)} now")
+        elif old.settings[name] != value:
+            out.append(f"{name}: {_show(old.settings[name])} in the file, {_show(value)} now")
+    if model_file is not None:
+        out += [f"{name}: {_show(value)} in the file, absent now" for name, value in old.settings.items()
+                if name not in settings]
+    return out
+
+
+def check_resume(run_file: Path, *, model: str, backend: str, settings: dict[str, Any],
+                 model_file: str | None = None) -> RunHeader | None:
+    """The header of ``run_file`` when resuming it with this model, backend and settings is allowed (None when it
+    has none); a :class:`Rank1Error` naming every difference otherwise."""
+    path = header_path(run_file)
+    old = read_header(path)
+    if old is None:
+        return None
+    found = differences(old, model=model, backend=backend, settings=settings, model_file=model_file)
+    if found:
+        raise Rank1Error(f"{run_file} was started with another model or other settings ({'; '.join(found)}); "
+                         f"write to a new --output file, or delete {run_file.name} and {path.name} to start over")
+    return old
+
+
 def start_run(run_file: Path, header: RunHeader, *, resuming: bool) -> RunHeader:
     """The header to keep updating for this run: ``header`` itself, or the existing one when resuming
     the same model and settings (anything else is refused)."""
-    path = header_path(run_file)
-    old = read_header(path) if resuming else None
-    if old is None:
+    if not resuming:
         return header
-    for what, a, b in (("model", old.model_file, header.model_file), ("backend", old.backend, header.backend),
-                       ("settings", old.settings, header.settings)):
-        if a != b:
-            raise Rank1Error(f"{run_file} was started with another {what} ({a!r}, now {b!r}); "
-                             "write to a new --output file or delete the old one")
-    return old
+    old = check_resume(run_file, model=header.model, backend=header.backend, settings=header.settings,
+                       model_file=header.model_file)
+    return header if old is None else old

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from rank1_local.backends.llama.facade import Rank1
 from rank1_local.core.errors import Rank1Error
@@ -50,13 +51,17 @@ class ServerSettings:
     max_total_chars: int = 2_000_000
     max_body_bytes: int = 16 * 1024 * 1024
     shutdown_timeout: float = 30.0
+    read_timeout: float = 30.0  # seconds a client gets for a request's headers, and again for its body
+    max_connections: int = 256  # open connections at once (more: 503 at once)
 
     def __post_init__(self) -> None:
-        for name in ("max_documents", "max_total_chars", "max_body_bytes"):
+        for name in ("max_documents", "max_total_chars", "max_body_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise Rank1Error(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.shutdown_timeout < 0:
             raise Rank1Error(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if not self.read_timeout > 0:
+            raise Rank1Error(f"read_timeout must be more than 0 seconds, got {self.read_timeout}")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class ServerState:
     settings: ServerSettings
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)
     window: RateWindow = field(default_factory=RateWindow)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when shutdown begins: uploads stop waiting
 
     def sample_rates(self) -> None:
         """A point of the pairs/s and tokens/s window (when a request finishes; scrapes add one too)."""
@@ -116,18 +122,44 @@ def _summarize(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+CLOSE = {"Connection": "close"}
+
+
+async def _read_body(request: Request, limit: int, timeout: float, stopping: asyncio.Event) -> bytes:
+    """The request body, refused when it is over ``limit`` bytes (413), has not all arrived ``timeout`` seconds
+    after the headers (408: a stalled upload does not hold the connection), or the server begins to shut down while
+    it is still arriving (503: nothing waits for a stalled client then)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes "
-                             "(--max-body-bytes)", "request_too_large")
+                             "(--max-body-bytes)", "request_too_large", CLOSE)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    chunks = request.stream().__aiter__()
+    stop = asyncio.ensure_future(stopping.wait())
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HttpError(413, f"request body is over the limit of {limit} bytes (--max-body-bytes)",
-                            "request_too_large")
-    return bytes(body)
+    try:
+        while True:
+            following = asyncio.ensure_future(chunks.__anext__())
+            done, _ = await asyncio.wait({following, stop}, timeout=max(0.0, deadline - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if following not in done:
+                following.cancel()
+                if stop in done:
+                    raise HttpError(503, SHUTDOWN_REASON, "shutting_down", CLOSE)
+                raise HttpError(408, f"the request body did not arrive within {timeout:g} s (--read-timeout)",
+                                "request_timeout", CLOSE)
+            try:
+                body += following.result()
+            except StopAsyncIteration:
+                return bytes(body)
+            except ClientDisconnect:
+                raise HttpError(499, "the client went away while sending the request", "client_closed") from None
+            if len(body) > limit:
+                raise HttpError(413, f"request body is over the limit of {limit} bytes (--max-body-bytes)",
+                                "request_too_large", CLOSE)
+    finally:
+        stop.cancel()
 
 
 def _state(request: Request) -> ServerState:
@@ -173,7 +205,7 @@ async def metrics(request: Request) -> PlainTextResponse:
 async def _parse(request: Request, state: ServerState) -> RerankRequest:
     """The request, checked against the limits (413) and validated (422) before anything is scored."""
     settings = state.settings
-    body = await _read_body(request, settings.max_body_bytes)
+    body = await _read_body(request, settings.max_body_bytes, settings.read_timeout, state.stopping)
     try:
         req = RerankRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -304,4 +336,6 @@ def create_app(model: Rank1, settings: ServerSettings) -> Any:
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for route in RERANK_ROUTES:
         app.add_api_route(route, rerank, methods=["POST"])
-    return StatusCounter(app, state.http_counts)
+    wrapped = StatusCounter(app, state.http_counts)
+    wrapped.server = state  # type: ignore[attr-defined]
+    return wrapped

@@ -17,10 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rank1_local.core.config import ScoringConfig
-from rank1_local.core.dataset_prompts import dataset_prompt
+from rank1_local.core.dataset_prompts import resolve_dataset
 from rank1_local.core.errors import Rank1Error
-from rank1_local.core.pairs import Pair, Passage
-from rank1_local.core.results import Rank1Result
+from rank1_local.core.pairs import Pair, Passage, make_passage, passage_text
+from rank1_local.core.reranker import ranked
+from rank1_local.core.results import Rank1Result, judgment_fields
 
 
 class DocumentIn(BaseModel):
@@ -72,8 +73,7 @@ class RerankRequest(BaseModel):
         if self.texts is not None:
             return list(self.texts)
         docs = self.documents or []
-        return [d if isinstance(d, str) else ({"text": d.text, "title": d.title} if d.title else d.text)
-                for d in docs]
+        return [d if isinstance(d, str) else make_passage(d.text, d.title) for d in docs]
 
     def pairs(self) -> list[Pair]:
         return [Pair(self.query, p, self.instruction) for p in self.passages]
@@ -95,8 +95,7 @@ class RerankRequest(BaseModel):
         if self.dataset is not None and self.prompt is not None:
             raise Rank1Error("give `prompt` or `dataset`, not both")
         if self.dataset is not None:
-            task, _, subset = self.dataset.partition("/")
-            changes["prompt_template"] = dataset_prompt(task, subset or None)
+            changes["prompt_template"] = resolve_dataset(self.dataset)
         elif self.prompt is not None:
             changes["prompt_template"] = self.prompt
         if not changes:
@@ -108,7 +107,7 @@ class RerankRequest(BaseModel):
 def result_row(request: RerankRequest, result: Rank1Result, *, reasoning: bool) -> dict[str, Any]:
     """One result in the request's shape."""
     passage = request.passages[result.index]
-    text = passage if isinstance(passage, str) else passage["text"]
+    text = passage_text(passage)
     if request.tei:
         row: dict[str, Any] = {"index": result.index, "score": result.score}
         if request.return_text:
@@ -118,8 +117,7 @@ def result_row(request: RerankRequest, result: Rank1Result, *, reasoning: bool) 
         if request.return_documents:
             row["document"] = {"text": text} if isinstance(passage, str) else dict(passage)
     if reasoning:
-        row |= {"reasoning": result.reasoning, "forced": result.forced, "n_tokens": result.n_tokens,
-                "truncated": result.truncated, "too_long": result.too_long, "cached": result.cached}
+        row |= judgment_fields(result)
     return row
 
 
@@ -131,10 +129,7 @@ def usage(results: list[Rank1Result]) -> dict[str, int]:
 
 def rerank_response(request: RerankRequest, results: list[Rank1Result], model_name: str) -> Any:
     """The whole answer, best first, cut to ``top_n``."""
-    ranked = sorted(results, key=lambda r: (-r.score, r.index))
-    if request.top_n is not None:
-        ranked = ranked[:request.top_n]
-    rows = [result_row(request, r, reasoning=request.return_reasoning) for r in ranked]
+    rows = [result_row(request, r, reasoning=request.return_reasoning) for r in ranked(results, request.top_n)]
     if request.tei:
         return rows
     return {"id": str(uuid.uuid4()), "object": "list", "model": model_name, "results": rows,

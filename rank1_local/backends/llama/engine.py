@@ -77,7 +77,7 @@ def set_fields(struct: ctypes.Structure, **values: Any) -> None:
 
 
 @functools.cache
-def _llama_cpp() -> Any:
+def llama_cpp_module() -> Any:
     """The llama_cpp module with llama.cpp's backend initialised and its log routed to Python logging, once per
     process."""
     import llama_cpp
@@ -93,7 +93,7 @@ class LlamaEngine:
         self._owner = threading.get_ident()
         self.ctx = self.model = self._batch = None
         check_gguf_file(self.path)
-        lc = self.lc = _llama_cpp()
+        lc = self.lc = llama_cpp_module()
         mparams = lc.llama_model_default_params()
         set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
         cparams = lc.llama_context_default_params()

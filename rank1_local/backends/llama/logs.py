@@ -2,9 +2,10 @@
 
 llama.cpp reports in fragments (a line may arrive in pieces, continued with the CONT level); they are joined into
 lines and logged at their level: its chatter (INFO, DEBUG) at DEBUG, warnings and errors as such, so ``-q`` and a
-logging configuration decide what a user sees. One warning that our own KV layout provokes is logged at DEBUG: with
-a unified KV cache, llama.cpp compares the cache's total size (every slot's context together) with the model's
-training context, but no sequence ever exceeds ``n_ctx``.
+logging configuration decide what a user sees. Two warnings that are no problem are logged at DEBUG (see
+``_EXPECTED``): the one our own KV layout provokes (with a unified KV cache, llama.cpp compares the cache's total
+size, every slot's context together, with the model's training context, but no sequence ever exceeds ``n_ctx``), and
+the one every Qwen2 vocabulary provokes.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from typing import Any
 
 logger = logging.getLogger("llama.cpp")
 
-# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous message)
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level (ggml.h of the llama.cpp that llama-cpp-python 0.3.36 vendors): NONE 0, DEBUG 1, INFO 2, WARN 3,
+# ERROR 4, CONT 5 (continues the previous message). llama-cpp-python's own mapping predates this order.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _CONT = 5
-# warnings that describe our own, intended set-up, not a problem
-_EXPECTED = ("possible training context overflow",)
+# warnings that describe our own, intended set-up, or the model family's vocabulary, not a problem:
+# - with the unified KV cache, llama.cpp compares every slot's context together with the training context;
+# - Qwen2's byte-level vocabulary has "</s>" as an ordinary token (id 128247), which llama.cpp takes for an
+#   end-of-generation marker and re-types, with this warning, in every Qwen2 GGUF (llama.cpp's own conversions too).
+_EXPECTED = ("possible training context overflow", "'</s>' was not control-type")
 
 
 class _LineJoiner:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from rank1_local.backends.llama.engine import _llama_cpp, set_fields, token_piece, tokenize_text
+from rank1_local.backends.llama.engine import llama_cpp_module, set_fields, token_piece, tokenize_text
 from rank1_local.core.errors import CorruptFileError, Rank1Error
 
 
@@ -18,7 +18,7 @@ class LlamaTokenizer:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        lc = self._lc = _llama_cpp()
+        lc = self._lc = llama_cpp_module()
         params = lc.llama_model_default_params()
         set_fields(params, vocab_only=True, n_gpu_layers=0)
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)

@@ -1,0 +1,225 @@
+"""``rank1-local rerank --pairs … --output OUT --ray``: a pairs file (or a glob of them) scored on a Ray cluster into
+one run file, the same format as a single-process run, resumable, exactly once.
+
+- **Before anything starts**: every pairs file is read and every pair validated on the driver (the same reader and
+  text checks as a single-process run); pairs already in ``OUT`` are skipped (resume); every node that can hold a
+  worker checks the model; a resumed run's header must name the same model, backend and protocol settings.
+- **Output**: the driver streams result blocks from Ray Data (``iter_batches``) and appends their rows to ``OUT``
+  (one write and one fsync per block), so no more than a few blocks are ever held on the driver, and one process
+  writes the file. It keeps the keys written: a block that comes back twice (a retried task) adds nothing, and a run
+  that ends with a pair missing says so. Exactly once, whatever workers fail.
+- **Header**: written as soon as the first block arrives (so a killed driver leaves one to check against), with the
+  settings the workers report; a block scored with other settings stops the run before its rows are written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from rank1_local.core.config import ScoringConfig
+from rank1_local.core.errors import Rank1Error
+from rank1_local.core.pairs import Pair, formatted
+from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK, dataset_from_rows, result_rows, score_dataset
+from rank1_local.integrations.ray_cluster import AUTO, NodeModel, check_model_on_nodes, connect, rank1_message
+from rank1_local.runs.inputs import PairRow, done_keys, read_pairs
+from rank1_local.runs.run_header import RunHeader, header_path, read_header, start_run, write_header
+
+logger = logging.getLogger(__name__)
+
+HEADER_EVERY_S = 10.0  # the header's counts are rewritten at most this often while the run goes on
+
+
+def pair_files(pattern: str | Path) -> list[Path]:
+    """The pairs files ``pattern`` names: one file, or every file a glob matches (sorted)."""
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        return [path]
+    if glob.has_magic(str(path)):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if files:
+            return files
+        raise Rank1Error(f"{pattern}: no pairs file matches")
+    raise Rank1Error(f"{path}: no such file")
+
+
+def read_all_pairs(files: list[Path]) -> list[PairRow]:
+    """Every pair of every file, each (qid, docid) once across all of them."""
+    rows: list[PairRow] = []
+    first: dict[tuple[str, str], Path] = {}
+    for path in files:
+        for row in read_pairs(path):
+            key = (row.qid, row.docid)
+            if key in first:
+                raise Rank1Error(f"{path}: (qid, docid) ({row.qid!r}, {row.docid!r}) is also in {first[key]}; "
+                                 "each pair is one row of the output")
+            first[key] = path
+            rows.append(row)
+    return rows
+
+
+def validate_rows(rows: list[PairRow], config: ScoringConfig) -> None:
+    """The text checks every backend makes (query, passage, instruction: strings, valid UTF-8, a non-empty query),
+    on the driver, so that a bad pair fails the run before any worker starts."""
+    if config.prompt_template is not None:
+        formatted(Pair("q", "p"), 0, config.prompt_template)  # the template itself
+    for i, row in enumerate(rows):
+        try:
+            formatted(Pair(row.query, row.passage, row.instruction), i, config.prompt_template)
+        except Rank1Error as exc:
+            raise Rank1Error(f"pair (qid {row.qid!r}, docid {row.docid!r}): {exc}") from None
+
+
+class BlockAppender:
+    """Appends JSON rows, one write, flush and fsync per block: a crash loses at most the block being written (a
+    torn last line is dropped when the run resumes)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self.f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _check_resumable(output: Path, model: NodeModel, backend: str, config: ScoringConfig) -> None:
+    """Before any worker starts: a resumed run must have been made with the same model file, backend and protocol
+    settings (what only a loaded model knows, e.g. a transformers dtype, is checked on the first block)."""
+    old = read_header(header_path(output))
+    if old is None:
+        return
+    settings = config.to_dict() | {k: v for k, v in old.settings.items() if k not in config.to_dict()}
+    start_run(output, RunHeader(model=old.model, model_file=model.model_file, model_bytes=model.model_bytes,
+                                backend=backend, device=old.device, settings=settings), resuming=True)
+
+
+class _Run:
+    """The driver's side of one run: the header, the keys written, the counts."""
+
+    def __init__(self, output: Path, model_arg: str, model: NodeModel, backend: str, workers: int,
+                 todo: list[PairRow], resuming: bool) -> None:
+        self.output, self.model_arg, self.model, self.backend, self.workers = output, model_arg, model, backend, workers
+        self.expected = {(r.qid, r.docid) for r in todo}
+        self.written: set[tuple[str, str]] = set()
+        self.resuming = resuming
+        self.header: RunHeader | None = None
+        self.settings_json: str | None = None
+        self.pairs = self.tokens = self.all_tokens = 0
+        self.start = time.perf_counter()
+        self.saved = self.start
+
+    def accept(self, batch: Any) -> list[dict[str, Any]]:
+        """The batch's rows still to write (the header is started on the first batch, and every batch must have
+        been scored with its settings)."""
+        settings = set(batch.column("settings").to_pylist())
+        devices = set(batch.column("device").to_pylist())
+        worker = batch.column("worker")[0].as_py() if batch.num_rows else "?"
+        if len(settings) > 1:
+            raise Rank1Error(f"one block was scored with two different settings ({worker})")
+        if not settings:
+            return []
+        (settings_json,) = settings
+        if self.header is None:
+            header = RunHeader(model=self.model_arg, model_file=self.model.model_file,
+                               model_bytes=self.model.model_bytes, backend=self.backend,
+                               device=f"{next(iter(devices))} x {self.workers} Ray workers",
+                               settings=json.loads(settings_json))
+            self.header = start_run(self.output, header, resuming=self.resuming)
+            self.settings_json = settings_json
+            write_header(header_path(self.output), self.header)
+        elif settings_json != self.settings_json:
+            raise Rank1Error(f"{worker} scored with settings {settings_json}, but this run's are {self.settings_json}"
+                             "; every node must run the same model build and backend")
+        rows = []
+        cached = batch.column("cached").to_pylist()
+        for row, hit in zip(result_rows(batch), cached):
+            key = (row["qid"], row["docid"])
+            if key not in self.expected:
+                logger.warning("a worker returned a pair that was not asked for: %s", key)
+                continue
+            if key in self.written:  # a retried block: its rows are in the file already
+                continue
+            self.written.add(key)
+            rows.append(row)
+            if not hit:
+                self.tokens += row["n_tokens"]
+                self.all_tokens += row["n_tokens"]
+        self.pairs += len(rows)
+        return rows
+
+    def save_header(self, *, final: bool = False) -> None:
+        if self.header is None:
+            return
+        now = time.perf_counter()
+        if not final and now - self.saved < HEADER_EVERY_S:
+            return
+        self.header.add(self.pairs, now - self.start, self.tokens)
+        write_header(header_path(self.output), self.header)
+        self.pairs = self.tokens = 0
+        self.start = self.saved = now
+
+
+def score_pairs_file_on_ray(pairs: str | Path, output: Path, model: str | Path, config: ScoringConfig, *,
+                            address: str | None = AUTO, backend: str = "llama.cpp",
+                            engine: dict[str, Any] | None = None, workers: int = 1, threads_per_worker: int = 1,
+                            gpus_per_worker: float = 0, pairs_per_block: int = PAIRS_PER_BLOCK,
+                            progress: bool = True) -> int:
+    """Score the pairs of ``pairs`` (a file or a glob) not yet in ``output`` on a Ray cluster (``address``: see
+    :func:`~rank1_local.integrations.ray_cluster.connect`); returns how many were scored now."""
+    engine = dict(engine or {})
+    rows = read_all_pairs(pair_files(pairs))
+    validate_rows(rows, config)
+    done = done_keys(output)
+    todo = [r for r in rows if (r.qid, r.docid) not in done]
+    logger.info("%d pairs, %d already in %s, %d to score", len(rows), len(rows) - len(todo), output, len(todo))
+    if not todo:
+        return 0
+    connection = connect(address, purpose="rank1-local rerank --ray")
+    try:
+        nodes = check_model_on_nodes(backend, model, gguf_type=engine.get("gguf_type"), cpus=threads_per_worker,
+                                     gpus=gpus_per_worker)
+        _check_resumable(output, nodes[0], backend, config)
+        run = _Run(output, str(model), nodes[0], backend, workers, todo, resuming=bool(done))
+        scored = score_dataset(dataset_from_rows(todo, pairs_per_block), model, config, workers=workers,
+                               threads_per_worker=threads_per_worker, gpus_per_worker=gpus_per_worker,
+                               backend=backend, grouped=True, check_model=False, **engine)
+        scored.context.enable_progress_bars = False
+        out = BlockAppender(output)
+        try:
+            with tqdm(total=len(todo), unit="pair", disable=not progress) as bar:
+                for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    new = run.accept(batch)
+                    out.write(new)
+                    run.save_header()
+                    bar.update(len(new))
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix(tok_s=f"{run.all_tokens / elapsed:.1f}")
+        except Rank1Error:
+            raise
+        except Exception as exc:
+            raise Rank1Error(f"the Ray run failed: {rank1_message(exc)}") from None
+        finally:
+            out.close()
+            run.save_header(final=True)
+    finally:
+        connection.close()
+    missing = run.expected - run.written
+    if missing:
+        raise Rank1Error(f"{len(missing)} pairs came back from no worker (e.g. {sorted(missing)[0]}); run the same "
+                         "command again to score them")
+    logger.info("%d pairs scored on %d Ray workers into %s", len(run.written), workers, output)
+    return len(run.written)

@@ -1,0 +1,106 @@
+"""The HTTP layer over the one pipeline (quick tier: the real ASGI app and a real Rank1 over the scripted engine, driven
+in-process by httpx; no model, no torch): admission answers 503 with Retry-After, counters stay consistent under
+concurrent requests, and a request that fails is the only one that fails. The same against a real GGUF and a server
+process is in tests/test_server.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from fake_engine import RecordingEngine, scripted, scripted_rank1
+
+from rank1_local.core.config import ScoringConfig
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+from rank1_local.server.app import ServerSettings, create_app  # noqa: E402
+
+pytestmark = pytest.mark.quick
+
+SCRIPTS = {"relevant": "\nThe passage is relevant.</think>", "off": "\nOff topic.</think>",
+           "slow": "\n" + "thinking, " * 30 + "done.</think>"}
+CONFIG = ScoringConfig(max_think_tokens=512, n_ctx=2048)
+
+
+@pytest.fixture
+def served():
+    made = []
+
+    def serve(parallel=2, engine=None, **kw):
+        engine = engine or RecordingEngine(scripted(SCRIPTS))
+        model = scripted_rank1(engine, parallel, CONFIG, **kw)
+        made.append(model)
+        app = create_app(model, ServerSettings(model_name="scripted"))
+        return model, engine, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+    yield serve
+    for model in made:
+        model.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after(served):
+    model, engine, client = served(parallel=1, max_waiting=6)
+    go = threading.Event()
+    decode = engine.decode
+    engine.decode = lambda entries: (go.wait(10), decode(entries))[1]
+
+    async def scenario():
+        async with client:
+            first = asyncio.create_task(client.post("/v1/rerank", json={
+                "query": "slow?", "documents": [f"slow doc {i}" for i in range(6)]}))
+            while model.waiting < 5:  # the first request's pairs wait (one is in the held decode)
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/rerank", json={"query": "q?", "documents": ["a relevant doc"] * 1 +
+                                                             ["an off doc", "another relevant doc"]})
+            go.set()
+            return await first, refused
+
+    first, refused = asyncio.run(scenario())
+    assert first.status_code == 200 and len(first.json()["results"]) == 6
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "--max-queue" in refused.json()["message"]
+
+
+def test_counters_are_consistent_under_concurrent_requests(served):
+    model, _, client = served(parallel=4)
+
+    async def scenario():
+        async with client:
+            replies = await asyncio.gather(*(client.post("/v1/rerank", json={
+                "query": f"Question {i}?", "documents": ["a relevant doc", "an off doc", "a relevant doc"]})
+                for i in range(12)))
+            metrics = (await client.get("/metrics")).text
+            return replies, metrics
+
+    replies, metrics = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in replies)
+    counters = model.pipeline.counters.snapshot()
+    assert (counters["requests"], counters["requests_done"], counters["pairs"]) == (12, 12, 36)
+    assert "rank1_pairs_total 36" in metrics and "rank1_requests_total 12" in metrics
+    assert 'rank1_http_responses_total{route="/v1/rerank",status="200"} 12' in metrics
+
+
+def test_a_failing_request_fails_alone(served):
+    """A decode that fails answers its own request 500 and the next request is served."""
+    class Flaky(RecordingEngine):
+        fail_next = True
+
+        def decode(self, entries):
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("llama_decode returned 1")
+            return super().decode(entries)
+
+    model, _, client = served(parallel=2, engine=Flaky(scripted(SCRIPTS)))
+
+    async def scenario():
+        async with client:
+            bad = await client.post("/v1/rerank", json={"query": "q?", "documents": ["a relevant doc"]})
+            good = await client.post("/v1/rerank", json={"query": "q?", "documents": ["an off doc"]})
+            return bad, good
+
+    bad, good = asyncio.run(scenario())
+    assert bad.status_code == 500 and "llama_decode" in bad.json()["message"]
+    assert good.status_code == 200 and model.pipeline.counters.errors == 1
