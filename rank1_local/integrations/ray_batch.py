@@ -21,7 +21,7 @@ from typing import Any
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
-from rank1_local.core.pairs import Pair
+from rank1_local.core.pairs import Pair, make_passage
 from rank1_local.integrations.ray_cluster import check_model_on_nodes, quiet_llama_cpp, require_ray, this_worker
 from rank1_local.runs.inputs import PairRow
 
@@ -93,10 +93,6 @@ class WorkerSpec:
     engine: dict[str, Any] = field(default_factory=dict)
 
 
-def _passage(text: str, title: str | None) -> str | dict[str, str]:
-    return {"title": title, "text": text} if title else text
-
-
 class PairScorer:
     """A Ray Data worker: one model, loaded once; each call scores one block of pairs and returns its results."""
 
@@ -125,7 +121,7 @@ class PairScorer:
         n = batch.num_rows
         titles = batch.column("title").to_pylist() if "title" in columns else [None] * n
         instructions = batch.column("instruction").to_pylist() if "instruction" in columns else [None] * n
-        pairs = [Pair(q, _passage(t, title), ins) for q, t, title, ins in
+        pairs = [Pair(q, make_passage(t, title), ins) for q, t, title, ins in
                  zip(batch.column("query").to_pylist(), batch.column("text").to_pylist(), titles, instructions)]
         try:
             results = self.model.score_pairs(pairs)
