@@ -22,17 +22,19 @@ from typing import Any
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, make_passage
+from rank1_local.core.results import result_dict
 from rank1_local.integrations.ray_cluster import check_model_on_nodes, quiet_llama_cpp, require_ray, this_worker
 from rank1_local.runs.inputs import PairRow
 
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("qid", "query", "docid", "text", "title", "instruction")  # title and instruction may be absent/null
-# the run file's row (rank1_local.runs.inputs.result_row), in its order
-RESULT_COLUMNS = ("qid", "docid", "score", "relevant", "reasoning", "n_tokens", "forced", "truncated", "too_long")
-# besides: whether the judgment came from the cache, the worker that scored it, where its model ran and the settings
-# it scored with (Reranker.score_settings, as JSON)
-EXTRA_COLUMNS = ("cached", "worker", "device", "settings")
+# the run file's row (rank1_local.core.results.result_dict), in its order
+RESULT_COLUMNS = ("qid", "docid", "score", "relevant", "reasoning", "n_tokens", "forced", "truncated", "too_long",
+                  "cached")
+# besides: the worker that scored a pair, where its model ran and the settings it scored with (Reranker.score_settings,
+# as JSON)
+EXTRA_COLUMNS = ("worker", "device", "settings")
 PAIRS_PER_BLOCK = 128  # whole queries are packed into blocks of about this many pairs (a bigger query: its own block)
 MAX_TASK_RETRIES = 3  # a block whose worker dies is retried this many times on a restarted worker
 
@@ -127,11 +129,8 @@ class PairScorer:
             results = self.model.score_pairs(pairs)
         except Rank1Error as exc:
             raise Rank1Error(f"{self.where}: {exc}") from None
-        out = {"qid": qids, "docid": docids, "score": [r.score for r in results],
-               "relevant": [r.relevant for r in results], "reasoning": [r.reasoning for r in results],
-               "n_tokens": [r.n_tokens for r in results], "forced": [r.forced for r in results],
-               "truncated": [r.truncated for r in results], "too_long": [r.too_long for r in results],
-               "cached": [r.cached for r in results], "worker": [self.where] * n}
+        rows = [result_dict(r, qid=qid, docid=docid) for r, qid, docid in zip(results, qids, docids)]
+        out = {name: [row[name] for row in rows] for name in RESULT_COLUMNS} | {"worker": [self.where] * n}
         table = pa.table(out, schema=result_schema())
         for name, value in (("device", self.model.device), ("settings", self.settings)):  # one value per block
             table = table.append_column(name, pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()),
@@ -229,7 +228,7 @@ def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = Non
 
 
 def result_rows(batch: Any) -> Iterable[dict[str, Any]]:
-    """A result batch's rows in the run file's format (:func:`rank1_local.runs.inputs.result_row`)."""
+    """A result batch's rows in the run file's format (:func:`rank1_local.core.results.result_dict`)."""
     columns = {name: batch.column(name).to_pylist() for name in RESULT_COLUMNS}
     for i in range(batch.num_rows):
         yield {name: columns[name][i] for name in RESULT_COLUMNS}

@@ -145,8 +145,7 @@ class _Run:
             raise Rank1Error(f"{worker} scored with settings {settings_json}, but this run's are {self.settings_json}"
                              "; every node must run the same model build and backend")
         rows = []
-        cached = batch.column("cached").to_pylist()
-        for row, hit in zip(result_rows(batch), cached):
+        for row in result_rows(batch):
             key = (row["qid"], row["docid"])
             if key not in self.expected:
                 logger.warning("a worker returned a pair that was not asked for: %s", key)
@@ -155,7 +154,7 @@ class _Run:
                 continue
             self.written.add(key)
             rows.append(row)
-            if not hit:
+            if not row["cached"]:
                 self.tokens += row["n_tokens"]
                 self.all_tokens += row["n_tokens"]
         self.pairs += len(rows)
