@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import queue
 import tempfile
 import threading
 import time
@@ -209,48 +208,22 @@ def serve_workload(n: int, docs: int) -> list[tuple[str, list[str]]]:
 
 
 def run_clients(url: str, requests: list[tuple[str, list[str]]], clients: int, expected: dict) -> dict[str, Any]:
-    import httpx
+    from benchmarks.server_concurrency import post_concurrently
 
-    todo: queue.Queue = queue.Queue()
-    for r in requests:
-        todo.put(r)
-    latencies: list[float] = []
+    seconds, replies = post_concurrently(url, requests, clients)
+    latencies = [reply.seconds for reply in replies]
     deltas: list[float] = []
     differs = 0
-    replicas: set[str] = set()
-    lock = threading.Lock()
-
-    def client() -> None:
-        nonlocal differs
-        with httpx.Client(timeout=600) as http:
-            while True:
-                try:
-                    query, docs = todo.get_nowait()
-                except queue.Empty:
-                    return
-                t0 = time.perf_counter()
-                r = http.post(url + "/v1/rerank", json={"query": query, "documents": docs, "return_reasoning": True})
-                took = time.perf_counter() - t0
-                r.raise_for_status()
-                with lock:
-                    latencies.append(took)
-                    replicas.add(r.headers.get("x-rank1-replica", "-"))
-                    for row in r.json()["results"]:
-                        score, reasoning = expected[(query, docs[row["index"]])]
-                        deltas.append(abs(row["relevance_score"] - score))
-                        differs += row["reasoning"] != reasoning
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    for reply in replies:
+        for row in reply.body["results"]:
+            score, reasoning = expected[(reply.query, reply.docs[row["index"]])]
+            deltas.append(abs(row["relevance_score"] - score))
+            differs += row["reasoning"] != reasoning
     pairs = sum(len(d) for _, d in requests)
     return {"seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / seconds,
             "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95)),
-            "max_abs_delta": max(deltas), "reasoning_differs": differs, "replicas_seen": len(replicas)}
+            "max_abs_delta": max(deltas), "reasoning_differs": differs,
+            "replicas_seen": len({reply.headers.get("x-rank1-replica", "-") for reply in replies})}
 
 
 def serve_config(model: Path, label: str, args: list[str], requests, clients: int, expected: dict,

@@ -18,7 +18,9 @@ import queue
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -61,13 +63,24 @@ def library_run(model: Path, requests, args) -> tuple[float, dict[tuple[str, str
     return seconds, {pair: (r.score, r.reasoning) for pair, r in zip(pairs, results, strict=True)}
 
 
-def server_run(server: ServerProcess, requests, n_clients: int, expected: dict) -> dict:
+@dataclass
+class Reply:
+    """One answered request: what was sent, the answer's body and headers, and how long it took."""
+
+    query: str
+    docs: list[str]
+    body: dict[str, Any]
+    headers: httpx.Headers
+    seconds: float
+
+
+def post_concurrently(url: str, requests: list[tuple[str, list[str]]], n_clients: int) -> tuple[float, list[Reply]]:
+    """Send every ``(query, docs)`` request to ``url``'s ``/v1/rerank`` (with ``return_reasoning``) from ``n_clients``
+    threads, each taking the next request as soon as its last one is answered; the wall time and the replies."""
     todo: queue.Queue = queue.Queue()
     for r in requests:
         todo.put(r)
-    latencies: list[float] = []
-    mismatches: list[str] = []
-    deltas: list[float] = []
+    replies: list[Reply] = []
     lock = threading.Lock()
 
     def client() -> None:
@@ -78,16 +91,11 @@ def server_run(server: ServerProcess, requests, n_clients: int, expected: dict) 
                 except queue.Empty:
                     return
                 t0 = time.perf_counter()
-                body = http.post(server.url + "/v1/rerank", json={"query": query, "documents": docs,
-                                                                  "return_reasoning": True}).json()
+                r = http.post(url + "/v1/rerank", json={"query": query, "documents": docs, "return_reasoning": True})
                 took = time.perf_counter() - t0
+                r.raise_for_status()
                 with lock:
-                    latencies.append(took)
-                    for row in body["results"]:
-                        score, reasoning = expected[(query, docs[row["index"]])]
-                        deltas.append(abs(row["relevance_score"] - score))
-                        if row["reasoning"] != reasoning or deltas[-1] > TOLERANCE:
-                            mismatches.append(f"{query} / {row['index']}: {row['relevance_score']} vs {score}")
+                    replies.append(Reply(query, docs, r.json(), r.headers, took))
 
     threads = [threading.Thread(target=client) for _ in range(n_clients)]
     start = time.perf_counter()
@@ -95,7 +103,20 @@ def server_run(server: ServerProcess, requests, n_clients: int, expected: dict) 
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start, replies
+
+
+def server_run(server: ServerProcess, requests, n_clients: int, expected: dict) -> dict:
+    seconds, replies = post_concurrently(server.url, requests, n_clients)
+    latencies = [reply.seconds for reply in replies]
+    mismatches: list[str] = []
+    deltas: list[float] = []
+    for reply in replies:
+        for row in reply.body["results"]:
+            score, reasoning = expected[(reply.query, reply.docs[row["index"]])]
+            deltas.append(abs(row["relevance_score"] - score))
+            if row["reasoning"] != reasoning or deltas[-1] > TOLERANCE:
+                mismatches.append(f"{reply.query} / {row['index']}: {row['relevance_score']} vs {score}")
     return {"clients": n_clients, "seconds": seconds, "pairs": sum(len(d) for _, d in requests),
             "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95)),
             "max_abs_delta": max(deltas), "mismatches": mismatches}
