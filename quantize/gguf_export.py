@@ -9,6 +9,7 @@ lossless intermediate by llama.cpp's own quantizer (:mod:`quantize.llama_quantiz
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,7 +37,7 @@ from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, load_raw, to_floa
 from quantize.tokenizer_export import write_vocab
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.runs.atomic import atomic_path
+from rank1_local.runs.atomic import atomic_path, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,13 @@ def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
     return imatrix, path
 
 
+def remove_export_leftovers(out_dir: Path) -> None:
+    """Remove what exports killed midway left in ``out_dir``: their scratch folders (the intermediate GGUF) and the
+    temporary files of the GGUFs and importance matrices they were writing. Those of running exports stay."""
+    remove_stale(out_dir, r"\.rank1-export-(?P<pid>\d+)-.*", "export")
+    remove_stale(out_dir, r"\..+\.gguf\.(?P<pid>\d+)\.tmp", "export")
+
+
 def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], *,
                 threads: int | None = None, progress: bool = True,
                 imatrix: ImatrixOptions | None = None, allow_no_imatrix: bool = False) -> list[ExportResult]:
@@ -297,7 +305,8 @@ def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], 
         matrix_file = matrix_path.name
     results: list[ExportResult] = []
     intermediate: Path | None = None
-    scratch = Path(tempfile.mkdtemp(prefix=".rank1-export-", dir=out_dir))
+    remove_export_leftovers(out_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=f".rank1-export-{os.getpid()}-", dir=out_dir))
     try:
         for out_type in sorted(out_types, key=lambda t: not t.direct):
             target = out_dir / output_name(checkpoint.name, out_type.name)

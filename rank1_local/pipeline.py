@@ -55,6 +55,11 @@ class Overloaded(Rank1Error):
         self.retry_after = retry_after
 
 
+class TooLarge(Rank1Error):
+    """A call with more pairs to score than may ever wait at once: it could never be admitted (the server answers
+    413)."""
+
+
 class Tokenizer(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
     def detokenize(self, ids: list[int]) -> str: ...
@@ -280,7 +285,11 @@ class Pipeline:
         return hits
 
     def admit(self, n: int) -> None:
-        """Refuse a call whose pairs would make the executor's waiting line longer than ``max_waiting``."""
+        """Refuse a call whose pairs would make the executor's waiting line longer than ``max_waiting``: for now
+        (:class:`Overloaded`), or for good when they are more than it ever holds (:class:`TooLarge`)."""
+        if self.max_waiting is not None and n > self.max_waiting:
+            raise TooLarge(f"this request has {n} pairs to score, more than the {self.max_waiting} that may wait at "
+                           "once (--max-queue): it could never be admitted; send fewer documents per request")
         if self.max_waiting is not None and n and self.executor.waiting + n > self.max_waiting:
             raise Overloaded(f"{self.executor.waiting} pairs are waiting already and this request adds {n}, over "
                              f"the limit of {self.max_waiting} (--max-queue); try again shortly", retry_after=1.0)

@@ -646,3 +646,82 @@ def test_cli_rerank_with_cache_then_stats_and_clear(gguf, fixture_pairs, tmp_pat
     assert "removed 4 judgments" in capsys.readouterr().out
     assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 0
+
+
+@quick
+@pytest.mark.parametrize("damage", ["score = 'abc'", "score = 7.5", "n_tokens = -3", "reasoning = x'00ff'",
+                                    "forced = 2"])
+def test_a_row_that_does_not_read_back_is_a_miss_and_is_replaced(tmp_path, model_file, caplog, damage):
+    path = tmp_path / "c.sqlite3"
+    good = judged(pair(0, "p"))
+    with JudgmentCache(path) as first:
+        first.scope(model_file, SETTINGS).store(pair(0, "p"), good)
+    with sqlite3.connect(path) as conn:  # edited outside rank1-local
+        conn.execute(f"UPDATE judgments SET {damage}")
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with JudgmentCache(path) as cache:
+            scope = cache.scope(model_file, SETTINGS)
+            for _ in range(2):  # the warning is said once
+                assert scope.lookup([pair(0, "p")]) == {}  # a miss, never an exception
+    assert caplog.text.count("does not read back") == 1
+    with JudgmentCache(path) as cache:  # the next judgment of the pair replaces the damaged row
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), good)
+    with JudgmentCache(path) as cache:
+        (hit,) = cache.scope(model_file, SETTINGS).lookup([pair(0, "p")]).values()
+    assert same_judgment(hit, good)
+
+
+@quick
+def test_a_good_row_is_never_replaced(tmp_path, model_file):
+    path = tmp_path / "c.sqlite3"
+    with JudgmentCache(path) as cache:
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p"), 0.25))
+    with JudgmentCache(path) as cache:
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p"), 0.75))
+    with JudgmentCache(path) as cache:
+        (hit,) = cache.scope(model_file, SETTINGS).lookup([pair(0, "p")]).values()
+    assert hit.score == 0.25
+
+
+@quick
+def test_a_cache_in_a_read_only_folder_is_read(tmp_path, model_file):
+    """As a user who cannot write the folder (SQLite cannot make the journal's shared-memory file there): the
+    judgments are read, as the warning says, and none is added."""
+    import shutil
+    import tempfile
+
+    from test_bundles import _unprivileged
+
+    folder = Path(tempfile.mkdtemp(prefix="rank1-perm-"))
+    try:
+        (folder / "ro").mkdir()
+        model = folder / "model.gguf"
+        shutil.copy(model_file, model)
+        with JudgmentCache(folder / "ro" / "c.sqlite3") as cache:
+            cache.scope(model, SETTINGS).store(pair(0, "p"), judged(pair(0, "p")))
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (folder / "ro").chmod(0o555)
+        script = (
+            "import sys, json\n"
+            "from pathlib import Path\n"
+            "from rank1_local.cache.store import JudgmentCache\n"
+            "from rank1_local.core.pairs import PreparedPair\n"
+            f"settings = json.loads({json.dumps(json.dumps(SETTINGS))})\n"
+            "p = PreparedPair(0, 'q', 'p', list(range(4)))\n"
+            f"cache = JudgmentCache(Path({str(folder / 'ro' / 'c.sqlite3')!r}))\n"
+            f"scope = cache.scope(Path({str(model)!r}), settings)\n"
+            "print(sorted(scope.lookup([p])), cache.read_only)\n"
+            "cache.close()\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK1_LOCAL_HOME": str(folder / "home")}
+        done = subprocess.run(_unprivileged([sys.executable, "-c", script]), capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[0] True", done.stdout + done.stderr
+        assert "judgments are read from it" in done.stderr
+        assert sorted(p.name for p in (folder / "ro").iterdir()) == ["c.sqlite3"]
+    finally:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        shutil.rmtree(folder)

@@ -179,3 +179,35 @@ def test_study_errors_are_one_line_and_early(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("part, change, message", [
+    ("corpus.jsonl", {"text": None}, r"corpus.jsonl:1: text must be a string, got null"),
+    ("corpus.jsonl", {"title": 5}, r"corpus.jsonl:1: title must be a string, got 5"),
+    ("queries.jsonl", {"text": {"q": "a dict"}}, r"queries.jsonl:1: text must be a string, got \{"),
+    ("queries.jsonl", {"_id": None}, r"queries.jsonl:1: _id must be a non-empty string or an integer"),
+])
+def test_beir_rows_of_the_wrong_type_name_their_line(tmp_path, part, change, message):
+    """Never "None" or a dict's repr scored as text."""
+    folder, run, _ = make_beir(tmp_path / "tiny")
+    path = folder / part
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[0] = json.dumps(json.loads(lines[0]) | change)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(Rank1Error, match=message):
+        inputs.from_beir(folder, run, depth=100)
+
+
+@pytest.mark.parametrize("flag", ["--work", "--out"])
+def test_work_and_out_that_are_files_are_refused_before_anything_runs(tmp_path, capsys, flag):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "t"}) + "\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    folders = {"--work": str(tmp_path / "work"), "--out": str(tmp_path / "out"), flag: str(a_file)}
+    argv = ["study", "--model", str(tmp_path / "no-model"), "--pairs", str(pairs), "--types", "Q8_0",
+            "--reference", "transformers", "--work", folders["--work"], "--out", folders["--out"]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"is a file; {flag} is a folder" in err and "Traceback" not in err
+    assert a_file.read_text() == "kept" and not (tmp_path / "work").exists()

@@ -11,6 +11,7 @@ from rank1_local.cli.ray_commands import add_ray_rerank_args, uses_ray
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import require
+from rank1_local.runs.inputs import check_output_folder
 
 logger = logging.getLogger("rank1-bench")
 DEFAULT_TYPES = "F16,Q8_0,Q4_K_M,Q4_K_M+imatrix,Q3_K_M,Q3_K_M+imatrix,Q2_K,Q2_K+imatrix"
@@ -59,6 +60,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                          gpus_per_worker=args.gpus_per_worker or 0.0, pairs_per_block=args.pairs_per_block)
     scorer = make_scorer(ray)
     types = parse_study_types(args.types)
+    for flag, folder in (("--work", args.work), ("--out", args.out)):
+        check_output_folder(folder, flag)
     study_inputs = read_study_inputs(args)
     if args.prompt is None and args.dataset is None and study_inputs.dataset:
         args.dataset = study_inputs.dataset

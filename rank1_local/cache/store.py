@@ -197,10 +197,37 @@ class JudgmentCache:
             _close_quietly(self._conn)
             self._conn = None
         if self._conn is None:
-            self._conn = self.connect(create=True)
+            try:
+                self._conn = self.connect(create=True)
+            except sqlite3.Error as exc:
+                if not is_read_only(exc) or not self.path.is_file():
+                    raise
+                self._conn = self._connect_immutable()
+                self.warn_once("read-only", "judgment cache %s is read-only (%s): judgments are read from it, new "
+                               "ones are not kept (changes another process makes to it are seen from the next start)",
+                               self.path, exc)
+                self._read_only = True
             self._identity = file_identity(self.path)
             self._pid = os.getpid()
         return self._conn
+
+    def _connect_immutable(self) -> sqlite3.Connection:
+        """A read-only connection to a cache whose folder cannot be written: SQLite cannot make the journal's shared
+        memory file there, so the file is opened as immutable (no locks, no journal), the one way to read it."""
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"rank1_meta", "judgments"} <= tables:
+                raise CacheUnusableError("the file is not a rank1-local judgment cache")
+            version = _schema_version(conn)
+            if version != str(SCHEMA_VERSION):
+                raise CacheUnusableError(f"it has schema version {version}; this rank1-local reads version "
+                                         f"{SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def warn_once(self, what: str, message: str, *args: Any) -> None:
         """A warning about ``what``, logged once per cache object (later ones at DEBUG)."""
@@ -289,7 +316,11 @@ class JudgmentCache:
                 rows = conn.execute("SELECT key, score, reasoning, n_tokens, forced FROM judgments WHERE key IN "
                                     f"({', '.join('?' * len(chunk))})", chunk).fetchall()
                 for key, score, reasoning, n_tokens, forced in rows:
-                    out[key] = (float(score), reasoning, int(n_tokens), bool(forced))
+                    if valid_row(score, reasoning, n_tokens, forced):
+                        out[key] = (float(score), reasoning, n_tokens, bool(forced))
+                    else:
+                        self.warn_once("bad-row", "judgment cache %s: a stored judgment does not read back (score %r, "
+                                       "n_tokens %r): it is scored again and replaced", self.path, score, n_tokens)
             return out
 
         if wanted:
@@ -350,6 +381,18 @@ class JudgmentCache:
         """Use the file again (after ``clear --force`` replaced an unusable one)."""
         with self._lock:
             self._disabled = None
+
+
+def valid_row(score: Any, reasoning: Any, n_tokens: Any, forced: Any) -> bool:
+    """Whether a stored judgment reads back as one (a row edited or damaged outside rank1-local is a miss, and is
+    replaced by the next judgment of its pair: :data:`VALID_ROW_SQL` says the same in SQL)."""
+    return isinstance(score, float) and 0.0 <= score <= 1.0 and isinstance(reasoning, str) and \
+        isinstance(n_tokens, int) and n_tokens >= 0 and forced in (0, 1)
+
+
+VALID_ROW_SQL = ("typeof(judgments.score) = 'real' AND judgments.score BETWEEN 0 AND 1 AND "
+                 "typeof(judgments.reasoning) = 'text' AND typeof(judgments.n_tokens) = 'integer' AND "
+                 "judgments.n_tokens >= 0 AND judgments.forced IN (0, 1)")
 
 
 def _write_schema(conn: sqlite3.Connection) -> None:

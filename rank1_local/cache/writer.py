@@ -22,7 +22,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from rank1_local.cache.store import CacheUnusableError, file_identity, is_busy, is_read_only, writing
+from rank1_local.cache.store import VALID_ROW_SQL, CacheUnusableError, file_identity, is_busy, is_read_only, writing
 
 if TYPE_CHECKING:
     from rank1_local.cache.store import JudgmentCache, Row
@@ -192,12 +192,14 @@ class CacheWriter:
 
 
 def _write(conn: sqlite3.Connection, rows: dict[str, Pending], hits: dict[str, int]) -> None:
-    """One transaction: the new judgments (a row already there is kept), their models' file names, and hit
-    counts."""
+    """One transaction: the new judgments (a row already there is kept, unless it does not read back as a judgment:
+    then it is replaced), their models' file names, and hit counts."""
     now = time.time()
     with writing(conn):
         conn.executemany("INSERT INTO judgments (key, model, score, reasoning, n_tokens, forced, created) VALUES "
-                         "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                         "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET model = excluded.model, score = "
+                         "excluded.score, reasoning = excluded.reasoning, n_tokens = excluded.n_tokens, forced = "
+                         f"excluded.forced, created = excluded.created WHERE NOT ({VALID_ROW_SQL})",
                          [(key, *row[:6]) for key, row in rows.items()])
         names = {row[0]: row[6] for row in rows.values() if row[0] and row[6]}
         conn.executemany("INSERT INTO rank1_meta VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",

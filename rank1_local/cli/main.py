@@ -120,12 +120,15 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
     config = scoring_config(args)
     engine_settings(args, config)
     score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
-                     backend=args.backend, settings=config.to_dict(), progress=not args.quiet)
+                     backend=args.backend, settings=config.to_dict(), progress=not args.quiet,
+                     force_resume=args.force_resume)
     return 0
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
     check_top_k(args.top_k, "--top-k")
+    if args.force_resume and args.output is None:
+        raise Rank1Error("--force-resume goes with --pairs … --output OUT.jsonl")
     apply_verify(args)
     if uses_ray(args):
         from rank1_local.cli.ray_commands import rerank_on_ray
@@ -151,7 +154,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     require("uvicorn", "server", "rank1-local serve")
     from rank1_local.backends.llama.facade import Rank1
     from rank1_local.server.app import ServerSettings
-    from rank1_local.server.run import API_KEY_ENV, check_binding, serve
+    from rank1_local.server.auth import API_KEY_ENV
+    from rank1_local.server.run import check_binding, serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_binding(args.host, api_key, args.insecure_no_auth)
@@ -161,6 +165,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                   max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                   read_timeout=args.read_timeout, max_connections=args.max_connections)
     ServerSettings(model_name=args.name or "-", **server)  # checked before the model loads
+    if args.max_queue < args.max_documents:
+        logger.warning("--max-queue %d is less than --max-documents %d: a request with more than %d documents to "
+                       "score is refused (413)", args.max_queue, args.max_documents, args.max_queue)
     if uses_ray(args):
         from rank1_local.cli.ray_commands import serve_on_ray
 
@@ -211,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
     p.add_argument("--output", type=Path, help="with --pairs: JSONL results, appended as pairs finish; re-running "
                    "resumes (with the same model and settings)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="with --output: keep rows that have no header to check them against (a run killed before "
+                        "rank1-local wrote headers first); they are not checked against this model and settings")
     add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
     add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)

@@ -85,7 +85,8 @@ def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[
         engine["cache"] = str(engine["cache"])
     score_pairs_file_on_ray(args.pairs, Path(args.output), str(args.model), config, address=args.ray,
                             backend=args.backend, engine=engine, workers=workers, threads_per_worker=threads,
-                            gpus_per_worker=gpus, pairs_per_block=block, progress=not args.quiet)
+                            gpus_per_worker=gpus, pairs_per_block=block, progress=not args.quiet,
+                            force_resume=args.force_resume)
     return 0
 
 

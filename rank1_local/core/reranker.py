@@ -10,7 +10,7 @@ when the model is loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,15 @@ def check_top_k(top_k: int | None, name: str = "top_k") -> int | None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise Rank1Error(f"{name} must be at least 1 (or left out for every result), got {top_k!r}")
     return top_k
+
+
+def check_documents(documents: Any) -> Sequence[Passage]:
+    """``documents`` when it is a sequence of passages; a single string (which would be scored letter by letter) or a
+    single mapping is an error saying so, before anything is scored."""
+    if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Sequence):
+        raise Rank1Error(f"documents must be a list of passages (strings, or {{'title', 'text'}} mappings), got "
+                         f"{'one ' if isinstance(documents, (str, bytes, Mapping)) else ''}{type(documents).__name__}")
+    return documents
 
 
 def ranked(results: Sequence[Rank1Result], top_k: int | None = None) -> list[Rank1Result]:
@@ -65,6 +74,7 @@ class Reranker(ABC):
                top_k: int | None = None, config: ScoringConfig | None = None) -> list[Rank1Result]:
         """Score every document for ``query``; best first. ``result.index`` points into ``documents``."""
         check_top_k(top_k)
+        check_documents(documents)
         return ranked(self.score_pairs([Pair(query, d, instruction) for d in documents], config=config), top_k)
 
     def predict(self, inputs: Sequence[Any] | Pair, prompt_name: str | None = None, prompt: str | None = None,
@@ -112,6 +122,8 @@ class Reranker(ABC):
         "text"]}]``, best first (ties in input order), cut to ``top_k``. Parameters as in :meth:`predict`."""
         refuse_unsupported("rank", prompt_name=prompt_name, prompt=prompt, activation_fn=activation_fn,
                            device=device, pool=pool)
+        check_top_k(top_k)
+        check_documents(documents)
         if batch_size <= 0:
             raise Rank1Error(f"batch_size must be a positive integer, got {batch_size}")
         results = self._score_with_progress([Pair(query, d) for d in documents], config, bool(show_progress_bar))

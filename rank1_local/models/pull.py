@@ -69,7 +69,7 @@ def _verification_card(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(card.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         logger.warning("ignoring the unreadable verification card %s (%s)", card, exc)
         return None
     return data if isinstance(data, dict) else None

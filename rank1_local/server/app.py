@@ -28,7 +28,8 @@ from starlette.requests import ClientDisconnect
 from rank1_local.backends.llama.facade import Rank1
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.results import Rank1Result
-from rank1_local.pipeline import Overloaded, Stopped, Ticket
+from rank1_local.pipeline import Overloaded, Stopped, Ticket, TooLarge
+from rank1_local.server.auth import check_api_key
 from rank1_local.server.metrics import RateWindow, render
 from rank1_local.server.schema import RerankRequest, error_body, rerank_response, result_row
 from rank1_local.version import __version__
@@ -62,6 +63,8 @@ class ServerSettings:
             raise Rank1Error(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if not self.read_timeout > 0:
             raise Rank1Error(f"read_timeout must be more than 0 seconds, got {self.read_timeout}")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
 
 @dataclass
@@ -92,21 +95,27 @@ def _fail(exc: HttpError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status, headers=headers or None)
 
 
+OTHER_ROUTE = "other"  # the route label of every path the server does not serve
+
+
 class StatusCounter:
     """Pure ASGI middleware counting responses by route and status (never touches ``receive``, so clients that
-    disconnect are still noticed by the handlers)."""
+    disconnect are still noticed by the handlers). Only the server's own routes are labels; any other path a client
+    sends is counted as ``other`` (a label per path would let clients write to /metrics and grow it without end)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], counts: dict[tuple[str, int], int]) -> None:
-        self.app, self.counts = app, counts
+    def __init__(self, app: Callable[..., Awaitable[None]], counts: dict[tuple[str, int], int],
+                 routes: frozenset[str]) -> None:
+        self.app, self.counts, self.routes = app, counts, routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        route = scope["path"] if scope["path"] in self.routes else OTHER_ROUTE
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                key = (scope["path"], int(message["status"]))
+                key = (route, int(message["status"]))
                 self.counts[key] = self.counts.get(key, 0) + 1
             await send(message)
 
@@ -242,6 +251,8 @@ async def rerank(request: Request) -> Response:
         raise HttpError(503, str(exc), "shutting_down") from None
     except Overloaded as exc:
         raise HttpError(503, str(exc), "overloaded", {"Retry-After": f"{max(1, round(exc.retry_after))}"}) from None
+    except TooLarge as exc:
+        raise HttpError(413, str(exc), "request_too_large") from None
     except Rank1Error as exc:
         raise HttpError(422, str(exc), "invalid_request") from None
     if req.stream:
@@ -336,6 +347,7 @@ def create_app(model: Rank1, settings: ServerSettings) -> Any:
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for route in RERANK_ROUTES:
         app.add_api_route(route, rerank, methods=["POST"])
-    wrapped = StatusCounter(app, state.http_counts)
+    routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    wrapped = StatusCounter(app, state.http_counts, routes)
     wrapped.server = state  # type: ignore[attr-defined]
     return wrapped

@@ -31,6 +31,11 @@ class RateWindow:
         return ((pairs - p0) / span, (tokens - k0) / span) if span > 0 else (0.0, 0.0)
 
 
+def label_value(value: str) -> str:
+    """A label value as Prometheus' text format requires it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def render(model: Rank1, window: RateWindow, http_counts: dict[tuple[str, int], int]) -> str:
     c = model.pipeline.counters.snapshot()
     prompt_tokens, generated_tokens = model.tokens
@@ -52,8 +57,8 @@ def render(model: Rank1, window: RateWindow, http_counts: dict[tuple[str, int], 
     metric("rank1_requests_total", "counter", "Rerank requests accepted by the batch.", c["requests"])
     metric("rank1_engine_errors_total", "counter", "Decoding failures (their requests got an error).", c["errors"])
     for (route, status), n in sorted(http_counts.items()):
-        metric("rank1_http_responses_total", "counter", "HTTP responses by route and status.", n,
-               f'{{route="{route}",status="{status}"}}')
+        metric("rank1_http_responses_total", "counter", "HTTP responses by route and status (routes the server does "
+               "not have: other).", n, f'{{route="{label_value(route)}",status="{status}"}}')
     metric("rank1_pairs_per_second", "gauge", f"Pairs scored per second over the last {WINDOW_S:g} s.",
            float(pairs_per_s))
     metric("rank1_tokens_per_second", "gauge", f"Tokens generated per second over the last {WINDOW_S:g} s.",

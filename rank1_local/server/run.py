@@ -17,6 +17,7 @@ from typing import Any
 from rank1_local.backends.llama.facade import Rank1
 from rank1_local.core.errors import Rank1Error
 from rank1_local.server.app import SHUTDOWN_REASON, ServerSettings, create_app
+from rank1_local.server.auth import API_KEY_ENV
 
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"retry-after: 1\r\ncontent-length: 66\r\n\r\n"
@@ -24,7 +25,6 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "RANK1_LOCAL_API_KEY"
 
 
 def is_loopback(host: str) -> bool:
