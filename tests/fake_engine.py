@@ -158,6 +158,6 @@ def scripted_rank1(engine: FakeEngine, parallel: int, config, *, cache=None, max
     class ScriptedRank1(Rank1):
         def __init__(self) -> None:
             self._start(config, LlamaSettings(parallel=parallel, max_waiting=max_waiting),
-                        Path(model_path or "scripted.gguf"), engine, lambda: engine, (TRUE, FALSE), cache)
+                        Path(model_path or "scripted.gguf"), lambda: engine, lambda: engine, cache)
 
     return ScriptedRank1()

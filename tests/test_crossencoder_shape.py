@@ -41,6 +41,9 @@ class LengthReranker(Reranker):
             out.append(r)
         return out
 
+    def _close_backend(self) -> None:
+        pass
+
 
 @pytest.mark.quick
 def test_one_pair_gives_one_numpy_scalar():

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_support import run, serial_pipeline
 
 from rank1_local.cache.store import CacheFileError, JudgmentCache
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.results import Rank1Result, build_result
-from rank1_local.pipeline import Pipeline, SerialExecutor
+from rank1_local.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = "rank1_local.cache.store"
@@ -165,8 +166,8 @@ class Tokens:
 
 def cached_pipeline(cache: JudgmentCache, model_file: Path, scorer) -> Pipeline:
     config = ScoringConfig(max_think_tokens=64, n_ctx=512)
-    return Pipeline(Tokens(), SerialExecutor(scorer), config, cache=cache, model_path=model_file,
-                    cache_settings=lambda c: c.to_dict())
+    return serial_pipeline(Tokens(), scorer, config, cache=cache, model_path=model_file,
+                           cache_settings=lambda c: c.to_dict())
 
 
 @quick
@@ -181,12 +182,12 @@ def test_the_pipeline_scores_only_misses_and_keeps_order(tmp_path, model_file):
     cache = JudgmentCache(tmp_path / "c.sqlite3")
     pipe = cached_pipeline(cache, model_file, scorer)
     seen: list[Rank1Result] = []
-    first = pipe.score([("q", "a"), ("q", "b")], on_result=seen.append)
+    first, _ = run(pipe, [("q", "a"), ("q", "b")], on_result=seen.append)
     assert calls == [["a", "b"]] and [r.index for r in first] == [0, 1]
     assert sorted(r.index for r in seen) == [0, 1] and not any(r.cached for r in first)
 
     seen.clear()
-    second = pipe.score([("q", "d"), ("q", "b"), ("q", "a")], on_result=seen.append)
+    second, _ = run(pipe, [("q", "d"), ("q", "b"), ("q", "a")], on_result=seen.append)
     assert calls[1] == ["d"]
     assert [r.index for r in second] == [0, 1, 2] and [r.cached for r in second] == [False, True, True]
     assert sorted(r.index for r in seen) == [0, 1, 2]
@@ -203,7 +204,7 @@ def test_interrupted_scoring_keeps_what_finished(tmp_path, model_file):
 
     cache = JudgmentCache(tmp_path / "c.sqlite3")
     with pytest.raises(KeyboardInterrupt):
-        cached_pipeline(cache, model_file, dies).score([("q", "a"), ("q", "b")])
+        run(cached_pipeline(cache, model_file, dies), [("q", "a"), ("q", "b")])
     cache.close()  # what finished is written on close
     again = cached_pipeline(JudgmentCache(tmp_path / "c.sqlite3"), model_file, dies)
     scope = again.scope(again.default_config)
@@ -616,8 +617,8 @@ def test_rank1_second_run_is_served_from_the_cache(gguf, fixture_pairs, tmp_path
 
         longer = dataclasses.replace(model.config, max_think_tokens=63)
         assert not any(r.cached for r in model.score_pairs(fixture_pairs[:2], config=longer))  # other settings
-        assert model.pipeline.scope(model.config).hits == len(fixture_pairs)
-        assert model.pipeline.scope(longer).misses == 2
+        assert model.engine.scope(model.config).hits == len(fixture_pairs)
+        assert model.engine.scope(longer).misses == 2
         assert "engine" in model.cache_settings() and model.cache_settings()["max_think_tokens"] == 64
 
     with Rank1(gguf, cache=JudgmentCache(path), **COMMON) as again:  # another load, another object

@@ -35,7 +35,7 @@ class Recording(Reranker):
         self.pairs += list(pairs)
         return self.model.score_pairs(pairs, config=config, on_result=on_result)
 
-    def close(self) -> None:
+    def _close_backend(self) -> None:
         self.model.close()
 
 

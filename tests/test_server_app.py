@@ -76,7 +76,7 @@ def test_counters_are_consistent_under_concurrent_requests(served):
 
     replies, metrics = asyncio.run(scenario())
     assert all(r.status_code == 200 for r in replies)
-    counters = model.pipeline.counters.snapshot()
+    counters = model.engine.counters.snapshot()
     assert (counters["requests"], counters["requests_done"], counters["pairs"]) == (12, 12, 36)
     assert "rank1_pairs_total 36" in metrics and "rank1_requests_total 12" in metrics
     assert 'rank1_http_responses_total{route="/v1/rerank",status="200"} 12' in metrics
@@ -103,7 +103,7 @@ def test_a_failing_request_fails_alone(served):
 
     bad, good = asyncio.run(scenario())
     assert bad.status_code == 500 and "llama_decode" in bad.json()["message"]
-    assert good.status_code == 200 and model.pipeline.counters.errors == 1
+    assert good.status_code == 200 and model.engine.counters.errors == 1
 
 
 def test_clients_cannot_write_to_metrics(served):

@@ -24,7 +24,7 @@ from typing import Any
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.extras import require
-from rank1_local.core.pairs import Pair, PreparedPair
+from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.protocol import (
     NO_SCORE,
     ReasoningChain,
@@ -36,9 +36,11 @@ from rank1_local.core.protocol import (
     true_false_score,
 )
 from rank1_local.core.reranker import Reranker
-from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.core.results import Rank1Result, build_result, too_long_result
 from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.pipeline import Pipeline, SerialExecutor
+from rank1_local.pipeline import Pipeline
+from rank1_local.pipeline.admission import check_max_waiting
+from rank1_local.pipeline.serial import SerialOwner
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +55,17 @@ class HFSettings:
         device: "cpu", "cuda", "cuda:1" … or "auto" (CUDA when available).
         dtype: "auto" (float16 on CUDA, float32 on CPU; float16 for AWQ/GPTQ checkpoints everywhere), "float32",
             "float16" or "bfloat16".
+        max_waiting: pairs that may wait to be scored at once (None: no limit); more is refused at once.
     """
 
     device: str = "auto"
     dtype: str = "auto"
+    max_waiting: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise Rank1Error(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_max_waiting(self.max_waiting)
 
 
 def prepare_gptqmodel_env() -> None:
@@ -118,61 +123,31 @@ class _Sequence:
         return out.logits[0, -1].float()
 
 
-class TransformersRank1(Reranker):
-    """rank1 on a Hugging Face checkpoint (local folder or hub id) with transformers.
+class _TransformersScorer:
+    """The loaded torch model and the protocol's steps over it, one pair at a time (owned by the backend's owner
+    thread, which loads it)."""
 
-    Args:
-        model: checkpoint folder or hub id (unquantized, AWQ or GPTQ).
-        config: the protocol settings (or their keyword arguments), as for :class:`rank1_local.Rank1`.
-        settings: :class:`HFSettings` (or ``device=``, ``dtype=``).
-    """
+    batch_size = 1
 
-    def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: HFSettings | None = None,
-                 **kwargs: Any) -> None:
-        config, settings = split_settings("TransformersRank1", config, settings, HFSettings, kwargs)
-        path = resolve_local_or_hub(model)  # before torch is imported: a missing model is an error in a second
-        if not (path / "config.json").is_file():
-            raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
-        torch = require("torch", "reference", "the transformers backend")
-        transformers = require("transformers", "reference", "the transformers backend")
-        self.config = config
-        self.torch = torch
-        self.model_path = path
-        # where torch runs ("cpu", "cuda" …); ``device`` (the property) is the backend-and-device words
-        self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" \
-            else settings.device
-        quant = quantization_method(path)
-        dtype = settings.dtype
-        if dtype == "auto":
-            dtype = "float32" if self.torch_device == "cpu" and not quant else "float16"
-        if quant in ("gptq", "awq") and dtype == "float32":
-            # GPTQModel's CPU GPTQ kernel gives wrong logits with float32 activations (seen with 7.6.0).
-            raise Rank1Error(f"{path.name} is a {quant} checkpoint: its kernels run in float16 or bfloat16, "
-                             "not float32 (use dtype auto)")
-        self.dtype = dtype
+    def __init__(self, path: Path, torch: Any, transformers: Any, tokenizer: Any, device: str, dtype: str,
+                 quant: str | None, answer_ids: tuple[int, int]) -> None:
+        self.torch, self.tokenizer, self.device = torch, tokenizer, device
+        self.true_id, self.false_id = answer_ids
         if quant:
             prepare_gptqmodel_env()
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         try:
             # GPTQModel (loaded by transformers for AWQ/GPTQ) prints a banner to stdout: keep stdout for results
             with contextlib.redirect_stdout(sys.stderr):
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path, dtype=getattr(torch, dtype)).to(self.torch_device).eval()
+                    path, dtype=getattr(torch, dtype)).to(device).eval()
         except (ImportError, ValueError, RuntimeError) as exc:
             hint = (f" ({quant} checkpoints need GPTQModel: pip install 'rank1-local[gptq]')"
                     if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
             raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
-                                        f"{self.torch_device}{hint}: {str(exc).splitlines()[0][:300]}") from None
-        self.true_id, self.false_id = answer_token_ids(self.tokenize)
+                                        f"{device}{hint}: {str(exc).splitlines()[0][:300]}") from None
         self.eos_ids = self._eos_ids()
-        self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
+        self._added = {int(i) for i in tokenizer.get_added_vocab().values()}
         self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
-        self.pipeline = Pipeline(self, SerialExecutor(self._score_batch), config)
-        logger.info("loaded %s with transformers on %s (%s)", path.name, self.torch_device, dtype)
-
-    @property
-    def device(self) -> str:
-        return f"transformers {self.torch_device} {self.dtype}"
 
     def _eos_ids(self) -> set[int]:
         """What ends generation, as vLLM decides it: the tokenizer's and the generation config's EOS."""
@@ -185,9 +160,6 @@ class TransformersRank1(Reranker):
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
     def _piece(self, token: int) -> bytes:
         """The token's bytes (byte-level BPE), added tokens as their text."""
         text = self.tokenizer.convert_ids_to_tokens(token)
@@ -196,7 +168,8 @@ class TransformersRank1(Reranker):
         try:
             return bytes(self._byte_decoder[c] for c in text)
         except KeyError:
-            return self.detokenize([token]).encode()
+            return self.tokenizer.decode([token], skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False).encode()
 
     def _answer(self, logits: Any) -> float:
         return true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
@@ -207,11 +180,11 @@ class TransformersRank1(Reranker):
         ids = self.tokenize(chain.fallback_prompt)
         return self._answer(seq.feed(ids)) if config.fits(len(ids)) else NO_SCORE
 
-    def _score_one(self, pair: PreparedPair, config: ScoringConfig) -> Rank1Result:
+    def score_one(self, pair: PreparedPair, config: ScoringConfig) -> Rank1Result:
         if pair.too_long:
             return too_long_result(pair)
         started = time.perf_counter()
-        seq = _Sequence(self.model, self.torch, self.torch_device)
+        seq = _Sequence(self.model, self.torch, self.device)
         logits = seq.feed(pair.ids)
         chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
                                official=config.protocol == "official", n_ctx=config.n_ctx)
@@ -236,21 +209,69 @@ class TransformersRank1(Reranker):
             return build_result(pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
                                 forced=chain.forced, seconds=time.perf_counter() - started)
 
-    def _score_batch(self, pairs: list[PreparedPair], config: ScoringConfig,
-                     deliver: Callable[[PreparedPair, Rank1Result], None], cancelled: Callable[[], bool]) -> None:
-        for pair in pairs:
-            if cancelled():
-                return
-            deliver(pair, self._score_one(pair, config))
-
-    @property
-    def last_stats(self) -> RunStats | None:
-        return self.pipeline.last_stats
-
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
-                    on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs one at a time (calls from several threads take turns); results in input order."""
-        return self.pipeline.score(pairs, config, on_result)
+    def score(self, pairs: Sequence[PreparedPair], config: ScoringConfig,
+              deliver: Callable[[int, Rank1Result], None], cancelled: Callable[[int], bool]) -> None:
+        for i, pair in enumerate(pairs):
+            if not cancelled(i):
+                deliver(i, self.score_one(pair, config))
 
     def close(self) -> None:
         self.model = None
+
+
+class TransformersRank1(Reranker):
+    """rank1 on a Hugging Face checkpoint (local folder or hub id) with transformers.
+
+    Args:
+        model: checkpoint folder or hub id (unquantized, AWQ or GPTQ).
+        config: the protocol settings (or their keyword arguments), as for :class:`rank1_local.Rank1`.
+        settings: :class:`HFSettings` (or ``device=``, ``dtype=``, ``max_waiting=``).
+    """
+
+    backend = "transformers"
+
+    def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: HFSettings | None = None,
+                 **kwargs: Any) -> None:
+        config, settings = split_settings("TransformersRank1", config, settings, HFSettings, kwargs)
+        path = resolve_local_or_hub(model)  # before torch is imported: a missing model is an error in a second
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+        torch = require("torch", "reference", "the transformers backend")
+        transformers = require("transformers", "reference", "the transformers backend")
+        self.config, self.settings = config, settings
+        self.model_path = path
+        # where torch runs ("cpu", "cuda" …); ``device`` (the property) is the backend-and-device words
+        self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" \
+            else settings.device
+        quant = quantization_method(path)
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "float32" if self.torch_device == "cpu" and not quant else "float16"
+        if quant in ("gptq", "awq") and dtype == "float32":
+            # GPTQModel's CPU GPTQ kernel gives wrong logits with float32 activations (seen with 7.6.0).
+            raise Rank1Error(f"{path.name} is a {quant} checkpoint: its kernels run in float16 or bfloat16, "
+                             "not float32 (use dtype auto)")
+        self.dtype = dtype
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.true_id, self.false_id = answer_token_ids(self.tokenize)
+        answer_ids = (self.true_id, self.false_id)
+        tokenizer, device = self.tokenizer, self.torch_device
+        self._owner = SerialOwner(lambda: _TransformersScorer(path, torch, transformers, tokenizer, device, dtype,
+                                                              quant, answer_ids), name="rank1-transformers")
+        self.engine = Pipeline(self, self._owner, config, backend=self.backend, device=self.device,
+                               max_waiting=settings.max_waiting)
+        logger.info("loaded %s with transformers on %s (%s)", path.name, self.torch_device, dtype)
+
+    @property
+    def device(self) -> str:
+        return f"transformers {self.torch_device} {self.dtype}"
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _close_backend(self) -> None:
+        """The owner thread stops, then drops the torch model."""
+        self._owner.close()

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK
+
+if TYPE_CHECKING:
+    from rank1_local.cli.main import BackendChoice
 
 RAY_HELP = ("run on a Ray cluster (pip install 'rank1-local[ray]'): alone or 'auto', the cluster this machine "
             "belongs to (RAY_ADDRESS or `ray start`), else a local one; or the cluster at ADDRESS (HOST:6379, "
@@ -68,7 +72,17 @@ def _at_least(value: int | None, default: int, flag: str) -> int:
     return value
 
 
-def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[str, Any]) -> int:
+def _engine(choice: BackendChoice) -> dict[str, Any]:
+    """The chosen backend's settings as keywords for the workers (the cache as a path each node opens)."""
+    engine = {k: v for k, v in asdict(choice.settings).items() if v is not None}
+    if choice.gguf_type is not None:
+        engine["gguf_type"] = choice.gguf_type
+    if choice.cache is not None:
+        engine["cache"] = str(choice.cache)
+    return engine
+
+
+def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, choice: BackendChoice) -> int:
     """``rank1-local rerank --pairs PATH_OR_GLOB --output OUT --ray …``."""
     from rank1_local.integrations.ray_run_file import score_pairs_file_on_ray
 
@@ -80,9 +94,7 @@ def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[
     if gpus < 0:
         raise Rank1Error(f"--gpus-per-worker must be >= 0, got {gpus}")
     block = _at_least(args.pairs_per_block, PAIRS_PER_BLOCK, "--pairs-per-block")
-    engine = dict(engine)
-    if engine.get("cache") is not None:
-        engine["cache"] = str(engine["cache"])
+    engine = _engine(choice)
     score_pairs_file_on_ray(args.pairs, Path(args.output), str(args.model), config, address=args.ray,
                             backend=args.backend, engine=engine, workers=workers, threads_per_worker=threads,
                             gpus_per_worker=gpus, pairs_per_block=block, progress=not args.quiet,
@@ -90,15 +102,17 @@ def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[
     return 0
 
 
-def serve_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[str, Any], server: dict[str, Any]) -> int:
+def serve_on_ray(args: argparse.Namespace, config: ScoringConfig, choice: BackendChoice,
+                 server: dict[str, Any]) -> int:
     """``rank1-local serve --ray … --replicas N``: ``server`` holds the HTTP settings (ServerSettings' fields)."""
     from rank1_local.integrations.ray_serve import ReplicaSpec, ServeOptions
     from rank1_local.integrations.ray_serve import serve_on_ray as run
 
+    if choice.spec.name != "llama.cpp":
+        raise Rank1Error("serve --ray runs llama.cpp replicas (give a GGUF); serve another backend without --ray")
+    engine = _engine(choice)
     threads = _at_least(engine.get("threads"), 1, "--threads")
-    engine = dict(engine, threads=threads)
-    if engine.get("cache") is not None:
-        engine["cache"] = str(engine["cache"])
+    engine["threads"] = threads
     options = ServeOptions(replicas=_at_least(args.replicas, 1, "--replicas"), max_replicas=args.max_replicas,
                            target_ongoing_requests=args.target_ongoing_requests or 2.0,
                            max_ongoing_requests=_at_least(args.max_ongoing_requests, 64, "--max-ongoing-requests"),

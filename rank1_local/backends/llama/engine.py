@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineConfig:
-    n_ctx: int  # KV cells in total (all sequences together)
+    kv_cells: int  # llama.cpp's n_ctx: KV cells in total, every sequence together (not the context of one pair)
     n_seq_max: int
     n_batch: int = 512
     n_threads: int | None = None
@@ -88,6 +89,9 @@ def llama_cpp_module() -> Any:
 
 
 class LlamaEngine:
+    """One model, one context, one batch, opened in that order and freed in the reverse one (an ExitStack holds each
+    handle as soon as it exists: a failure at any step of loading frees what was made before it, and raises)."""
+
     def __init__(self, path: str | Path, config: EngineConfig) -> None:
         self.path = Path(path)
         self._owner = threading.get_ident()
@@ -98,29 +102,38 @@ class LlamaEngine:
         set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
         cparams = lc.llama_context_default_params()
         threads = config.n_threads or os.cpu_count() or 1
-        set_fields(cparams, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
+        set_fields(cparams, n_ctx=config.kv_cells, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
                    n_seq_max=config.n_seq_max, kv_unified=True, n_threads=threads, n_threads_batch=threads,
                    no_perf=True)
         if config.f32_kv_cache:
             set_fields(cparams, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-        self.model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            raise CorruptFileError(f"{self.path}: llama.cpp could not load this GGUF "
-                                   "(unsupported architecture or damaged file)")
-        self.ctx = lc.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            lc.llama_model_free(self.model)
-            self.model = None
-            raise Rank1Error(f"llama.cpp could not create a context of {config.n_ctx} tokens "
-                             f"for {config.n_seq_max} sequences (out of memory?)")
-        self.vocab = lc.llama_model_get_vocab(self.model)
-        self.memory = lc.llama_get_memory(self.ctx)
-        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self.n_batch = config.n_batch
-        self.n_ctx = lc.llama_n_ctx(self.ctx)
-        self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
-        self.device = DeviceInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
-                                   lc.llama_model_n_layer(self.model))
+        with ExitStack() as handles:
+            self.model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+            if not self.model:
+                raise CorruptFileError(f"{self.path}: llama.cpp could not load this GGUF "
+                                       "(unsupported architecture or damaged file)")
+            handles.callback(self._free, "model", lc.llama_model_free)
+            self.ctx = lc.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise Rank1Error(f"llama.cpp could not create a context of {config.kv_cells} tokens "
+                                 f"for {config.n_seq_max} sequences (out of memory?)")
+            handles.callback(self._free, "ctx", lc.llama_free)
+            self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
+            handles.callback(self._free, "_batch", lc.llama_batch_free)
+            self.vocab = lc.llama_model_get_vocab(self.model)
+            self.memory = lc.llama_get_memory(self.ctx)
+            self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+            self.n_batch = config.n_batch
+            self.kv_cells = lc.llama_n_ctx(self.ctx)
+            self.device = DeviceInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
+                                     lc.llama_model_n_layer(self.model))
+            self._handles = handles.pop_all()
+
+    def _free(self, name: str, free: Any) -> None:
+        handle = getattr(self, name)
+        if handle is not None:
+            setattr(self, name, None)  # first: no call can reach freed memory through this object
+            free(handle)
 
     # --- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -194,18 +207,13 @@ class LlamaEngine:
     def close(self) -> None:
         """Free the batch, context and model (the one path that releases llama.cpp memory). Only the owner frees
         them: from another thread this is an error, and after the first call it does nothing."""
-        if self.ctx is not None or self.model is not None:
-            if threading.get_ident() != self._owner:
-                raise Rank1Error(f"{self.path.name}: only the thread that owns this llama.cpp context may free it")
-        if getattr(self, "_batch", None) is not None:
-            self.lc.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "ctx", None):
-            self.lc.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "model", None):
-            self.lc.llama_model_free(self.model)
-            self.model = None
+        handles = getattr(self, "_handles", None)
+        if handles is None:
+            return
+        if threading.get_ident() != self._owner:
+            raise Rank1Error(f"{self.path.name}: only the thread that owns this llama.cpp context may free it")
+        self._handles = None
+        handles.close()
 
 
 def tokenize_text(lc: Any, vocab: Any, text: str) -> list[int]:
