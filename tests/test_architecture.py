@@ -92,6 +92,22 @@ def test_layers_import_inwards_only():
             assert not root_import, f"{path.relative_to(ROOT)}:{node.lineno} imports the package root"
 
 
+# the callers that must serve every backend: they speak to the engine interface (core.engine, pipeline), never to one
+# backend's modules (a backend is opened by name through rank1_local.backends' registry)
+ENGINE_CALLERS = ("rank1_local/server", "rank1_local/integrations/ray_serve.py", "rank1_local/runs/run_file.py",
+                  "rank1_local/runs/run_output.py", "rank1_local/integrations/ray_run_file.py")
+
+
+def test_servers_and_run_files_use_only_the_engine_interface():
+    for entry in ENGINE_CALLERS:
+        target = ROOT / entry
+        for path in [target] if target.is_file() else sorted(target.rglob("*.py")):
+            backends = {p.stem for p in (ROOT / "rank1_local" / "backends").iterdir() if p.stem != "__init__"}
+            per_backend = sorted(m for m in imported_modules(path)
+                                 if m.startswith("rank1_local.backends.") and m.split(".")[2] in backends)
+            assert not per_backend, f"{path.relative_to(ROOT)} imports {per_backend}"
+
+
 def test_runtime_imports_no_torch():
     modules = ["rank1_local", "rank1_local.cli.main", "rank1_local.backends", "rank1_local.backends.hf",
                "rank1_local.backends.vllm", "rank1_local.runs.run_file", "rank1_local.integrations.ray",

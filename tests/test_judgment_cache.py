@@ -85,7 +85,7 @@ def test_keys_change_with_each_setting_the_model_and_the_prompt(tmp_path, model_
                "protocol": "full", "truncate_passages": True}
     assert set(changed) == set(SETTINGS)  # a new protocol setting needs a line here
     keys = {cache.scope(model_file, {**SETTINGS, name: value}).key("prompt") for name, value in changed.items()}
-    keys |= {cache.scope(model_file, {**SETTINGS, "engine": {"backend": "CPU"}}).key("prompt")}
+    keys |= {cache.scope(model_file, {**SETTINGS, "engine": {"device": "CPU"}}).key("prompt")}
     assert key not in keys and len(keys) == len(changed) + 1
 
     other = tmp_path / "other.gguf"
@@ -726,3 +726,63 @@ def test_a_cache_in_a_read_only_folder_is_read(tmp_path, model_file):
         for p in [folder, *folder.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         shutil.rmtree(folder)
+
+
+@quick
+def test_the_writer_survives_a_failing_batch_and_says_what_it_lost(tmp_path, model_file, monkeypatch, caplog):
+    """An exception that is not SQLite's (a bug, memory) in one batch: that batch is lost, said loudly with its
+    count; the writer thread goes on, later judgments are stored, and flush never waits on a dead thread."""
+    import rank1_local.cache.writer as writer_module
+
+    write = writer_module._write
+    calls = []
+
+    def flaky(conn, rows, hits):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise TypeError("a bug in a batch")
+        return write(conn, rows, hits)
+
+    monkeypatch.setattr(writer_module, "_write", flaky)
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    scope = cache.scope(model_file, SETTINGS)
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        scope.store(pair(0, "lost"), judged(pair(0, "lost")))
+        assert cache.flush(5)
+        scope.store(pair(1, "kept"), judged(pair(1, "kept")))
+        assert cache.flush(5)
+    assert "writing 1 judgment(s) failed (TypeError: a bug in a batch)" in caplog.text
+    assert cache.writer().alive_in_this_process
+    assert list(scope.lookup([pair(0, "lost"), pair(1, "kept")])) == [1]
+    cache.close()
+
+
+@quick
+def test_hit_counts_waiting_for_a_locked_file_are_bounded(tmp_path, model_file, monkeypatch):
+    import rank1_local.cache.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "MAX_PENDING", 10)
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    writer = cache.writer()
+    with writer._cond:  # the writer is held: nothing is written meanwhile
+        writer.count_hits([f"key-{i}" for i in range(50)])
+        assert len(writer._hits) == 10
+    cache.close()
+
+
+@quick
+def test_engine_facts_say_device_and_version_1_keys_are_not_hit(tmp_path, model_file):
+    """Where the model ran is ``device`` in the cache key's engine facts (version 1 called it ``backend``): the key's
+    domain says version 2, so a judgment stored under a version 1 key is never served."""
+    import hashlib
+
+    from rank1_local.backends.llama.facade import LlamaSettings, engine_facts
+    from rank1_local.cache.keys import canonical_settings
+
+    facts = engine_facts("CPU", LlamaSettings())
+    assert facts["device"] == "CPU" and "backend" not in facts
+    settings = {**SETTINGS, "engine": facts}
+    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, settings)
+    v1 = hashlib.sha256(b"rank1-local judgment v1\x00" + scope.model_digest.encode() + b"\x00" +
+                        canonical_settings(settings).encode() + b"\x00" + b"prompt").hexdigest()
+    assert scope.key("prompt") != v1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,16 +109,16 @@ def serve_on_ray(args: argparse.Namespace, config: ScoringConfig, choice: Backen
     from rank1_local.integrations.ray_serve import ReplicaSpec, ServeOptions
     from rank1_local.integrations.ray_serve import serve_on_ray as run
 
-    if choice.spec.name != "llama.cpp":
-        raise Rank1Error("serve --ray runs llama.cpp replicas (give a GGUF); serve another backend without --ray")
-    engine = _engine(choice)
-    threads = _at_least(engine.get("threads"), 1, "--threads")
-    engine["threads"] = threads
+    settings = choice.settings
+    threads = _at_least(getattr(settings, "threads", None), 1, "--threads")
+    if hasattr(settings, "threads"):  # llama.cpp's threads: the CPUs each replica reserves
+        settings = dataclasses.replace(settings, threads=threads)
     options = ServeOptions(replicas=_at_least(args.replicas, 1, "--replicas"), max_replicas=args.max_replicas,
                            target_ongoing_requests=args.target_ongoing_requests or 2.0,
                            max_ongoing_requests=_at_least(args.max_ongoing_requests, 64, "--max-ongoing-requests"),
                            threads_per_replica=threads, gpus_per_replica=args.gpus_per_replica or 0.0,
                            shutdown_timeout=server.get("shutdown_timeout", 30.0))
-    run(ReplicaSpec(str(args.model), config.to_dict(), engine, server), options, address=args.ray, host=args.host,
-        port=args.port)
+    spec = ReplicaSpec(str(args.model), config, choice.spec.name, settings,
+                       str(choice.cache) if choice.cache is not None else None, choice.gguf_type, server)
+    run(spec, options, address=args.ray, host=args.host, port=args.port)
     return 0

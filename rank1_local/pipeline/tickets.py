@@ -94,13 +94,16 @@ class Ticket:
         return self.state is not TicketState.OPEN
 
     def _end(self, state: TicketState, item: BaseException | None = None) -> bool:
-        """Move to a final state once (False if it had ended already); wake every waiter; tell the pipeline."""
+        """Move to a final state once (False if it had ended already); wake every waiter; tell the pipeline. A call
+        that ends without its results (cancelled, failed) drops those not taken yet: its caller gets ``item``
+        next."""
         with self._lock:
             if self.state is not TicketState.OPEN:
                 return False
             self.state = state
             if item is not None:
                 self.error = item
+                self._buffer.clear()
                 self._buffer.append(item)
             self._lock.notify_all()
         self._wake()
