@@ -2,7 +2,7 @@
 reference engine of ``rank1-bench reference`` where vLLM is absent).
 
 The same protocol as the llama.cpp runtime — the same prepared prompts, greedy decoding, the same
-:class:`~rank1_local.core.protocol.ReasoningChain` deciding after each token — one pair at a time with a KV cache. It
+:class:`~rank1_local.core.decoder.PairDecoder` deciding after each row — one pair at a time with a KV cache. It
 runs unquantized checkpoints (fp32 on CPU, fp16 on CUDA) and the AWQ/GPTQ checkpoints transformers can load.
 
 Needs the ``reference`` extra (torch, transformers; ``gptq`` for AWQ/GPTQ); importing this module imports neither.
@@ -15,28 +15,19 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rank1_local.core.config import ScoringConfig, split_settings
+from rank1_local.core.decoder import Become, Feed, PairDecoder, decode_pair
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.extras import require
 from rank1_local.core.pairs import PreparedPair
-from rank1_local.core.protocol import (
-    NO_SCORE,
-    ReasoningChain,
-    Step,
-    answer_score,
-    answer_token_ids,
-    common_prefix_len,
-    top_logprobs,
-    true_false_score,
-)
+from rank1_local.core.protocol import answer_token_ids, common_prefix_len
 from rank1_local.core.reranker import Reranker
-from rank1_local.core.results import Rank1Result, build_result, too_long_result
+from rank1_local.core.results import Rank1Result, too_long_result
 from rank1_local.models.hub import resolve_local_or_hub
 from rank1_local.pipeline import Pipeline
 from rank1_local.pipeline.admission import check_max_waiting
@@ -123,6 +114,23 @@ class _Sequence:
         return out.logits[0, -1].float()
 
 
+class TorchRow:
+    """A row of logits as a torch tensor (float32): only what the decoder asks is computed or copied."""
+
+    def __init__(self, logits: Any) -> None:
+        self.values = logits
+
+    def best(self) -> int:
+        return int(self.values.argmax())  # torch's argmax: the first maximum, the lowest id among equals
+
+    def top(self, k: int) -> dict[int, float]:
+        values, ids = self.values.topk(k)
+        return {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist())}
+
+    def logits(self, ids: Sequence[int]) -> list[float]:
+        return [float(self.values[i]) for i in ids]
+
+
 class _TransformersScorer:
     """The loaded torch model and the protocol's steps over it, one pair at a time (owned by the backend's owner
     thread, which loads it)."""
@@ -171,43 +179,25 @@ class _TransformersScorer:
             return self.tokenizer.decode([token], skip_special_tokens=False,
                                          clean_up_tokenization_spaces=False).encode()
 
-    def _answer(self, logits: Any) -> float:
-        return true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
+    def piece(self, token: int) -> bytes:
+        return self._piece(token)
 
-    def _fallback(self, seq: _Sequence, chain: ReasoningChain, config: ScoringConfig) -> float:
-        """The answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
-        chain.forced = True
-        ids = self.tokenize(chain.fallback_prompt)
-        return self._answer(seq.feed(ids)) if config.fits(len(ids)) else NO_SCORE
+    def is_eog(self, token: int) -> bool:
+        return token in self.eos_ids
 
     def score_one(self, pair: PreparedPair, config: ScoringConfig) -> Rank1Result:
+        """One pair: the prompt is fed, then each row goes to the pair's decoder (the same one the llama.cpp
+        scheduler drives), which says what to feed next."""
         if pair.too_long:
             return too_long_result(pair)
-        started = time.perf_counter()
+        decoder = PairDecoder(pair, config, config.n_ctx, self, (self.true_id, self.false_id))
         seq = _Sequence(self.model, self.torch, self.device)
-        logits = seq.feed(pair.ids)
-        chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
-                               official=config.protocol == "official", n_ctx=config.n_ctx)
-        while True:
-            token = int(logits.argmax())
-            eos = token in self.eos_ids
-            step = chain.advance(token, b"" if eos else self._piece(token), eos, len(seq.ids) + 1)
-            if step is Step.CONTINUE:
-                logits = seq.feed(seq.ids + [token])
-                continue
-            if step is Step.RETHINK:
-                logits = seq.feed(self.tokenize(chain.continuation_prompt))
-                continue
-            if step is Step.ANSWER:
-                score = self._answer(seq.feed(seq.ids + [token]))
-            elif step is Step.FINISH:
-                score = answer_score(top_logprobs(logits.cpu().numpy()), self.true_id, self.false_id)
-                if score is None:
-                    score = self._fallback(seq, chain, config)
-            else:  # Step.FORCE
-                score = self._fallback(seq, chain, config)
-            return build_result(pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
-                                forced=chain.forced, seconds=time.perf_counter() - started)
+
+        def carry_out(action: Feed | Become) -> TorchRow:
+            ids = seq.ids + [action.token] if isinstance(action, Feed) else action.ids
+            return TorchRow(seq.feed(ids))
+
+        return decode_pair(pair, decoder, TorchRow(seq.feed(pair.ids)), carry_out)
 
     def score(self, pairs: Sequence[PreparedPair], config: ScoringConfig,
               deliver: Callable[[int, Rank1Result], None], cancelled: Callable[[int], bool]) -> None:

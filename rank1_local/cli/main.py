@@ -30,7 +30,7 @@ SERVE_PARALLEL = 8  # the server's default slots (a library call's default is Ll
 # backend settings fields -> the command-line flags (args attributes) that set them
 SETTING_FLAGS = {"device": "device", "dtype": "dtype", "enable_prefix_caching": "prefix_caching",
                  "n_gpu_layers": "n_gpu_layers", "parallel": "parallel", "threads": "threads",
-                 "max_waiting": "max_queue"}
+                 "max_waiting": "max_queue", "sampling": "sampling"}
 
 
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
@@ -218,6 +218,10 @@ def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help
     p.add_argument("--parallel", type=int, default=None, help=f"llama.cpp: {parallel_help} (default: {parallel})")
     p.add_argument("--n-gpu-layers", type=int, default=None, help="llama.cpp: 0 = CPU, -1 = all layers (default 0)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    p.add_argument("--sampling", choices=("auto", "host", "device"), default=None,
+                   help="llama.cpp: where each row's greedy token and top 20 are found: host (from the full logits), "
+                        "device (a top-20 sampler in llama.cpp's graph, no full row copied), auto (device with GPU "
+                        "layers, host on the CPU; default); the scores are the same")
     p.add_argument("--verify", choices=VERIFY_MODES, default=None,
                    help="how a model file's SHA-256 (bundle check, judgment cache key) is known: memo "
                    "(hashed once, then remembered while the file stays the same file: same path, size, times, inode) "

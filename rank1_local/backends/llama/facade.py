@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rank1_local.backends.llama.engine import EngineConfig, LlamaEngine
+from rank1_local.backends.llama.engine import SAMPLING, EngineConfig, LlamaEngine, llama_cpp_module
 from rank1_local.backends.llama.owner import EngineOwner
 from rank1_local.backends.llama.scheduler import SchedulerParams
 from rank1_local.backends.llama.tokenizer import LlamaTokenizer
@@ -53,6 +53,11 @@ class LlamaSettings:
         f32_kv_cache: keep the KV cache in float32 instead of float16.
         max_waiting: pairs that may wait for a slot at once (None: no limit); more is refused at once
             (:class:`~rank1_local.pipeline.Overloaded`; the server answers 503 with Retry-After).
+        sampling: where each row's greedy token and top 20 are found: "host" (from the full-vocabulary logits,
+            without copying them), "device" (a top-20 sampler chain in llama.cpp's graph: 20 candidates cross to the
+            host instead of the whole vocabulary), or "auto" (device when layers are offloaded to a GPU, host on the
+            CPU, where the graph's top-k costs more than it saves: benchmarks/results/speed.md). The scores and
+            reasoning are the same either way.
     """
 
     n_gpu_layers: int = 0
@@ -61,8 +66,11 @@ class LlamaSettings:
     n_batch: int = 512
     f32_kv_cache: bool = False
     max_waiting: int | None = None
+    sampling: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.sampling not in ("auto", *SAMPLING):
+            raise Rank1Error(f"sampling must be auto, host or device, not {self.sampling!r}")
         for name in ("n_gpu_layers", "parallel", "n_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -90,6 +98,15 @@ def kv_cells(config: ScoringConfig, settings: LlamaSettings) -> int:
         raise Rank1Error(f"n_ctx ({config.n_ctx}) x (parallel + 1) ({settings.parallel + 1}) = {cells} KV cells is "
                          f"more than llama.cpp's context size can hold ({UINT32_MAX}); lower n_ctx or parallel")
     return cells
+
+
+def resolve_sampling(settings: LlamaSettings) -> str:
+    """``auto``: on the device when layers run on a GPU (its rows would otherwise cross to the host whole), on the
+    host when everything runs on the CPU."""
+    if settings.sampling != "auto":
+        return settings.sampling
+    offloaded = settings.n_gpu_layers != 0 and bool(llama_cpp_module().llama_supports_gpu_offload())
+    return "device" if offloaded else "host"
 
 
 def engine_facts(device: str, settings: LlamaSettings) -> dict[str, Any]:
@@ -128,7 +145,7 @@ class Rank1(Reranker):
         model_path = resolve_gguf(model, gguf_type=gguf_type)
         engine_config = EngineConfig(kv_cells=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
                                      n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers,
-                                     f32_kv_cache=settings.f32_kv_cache)
+                                     f32_kv_cache=settings.f32_kv_cache, sampling=resolve_sampling(settings))
         self._start(config, settings, model_path, lambda: LlamaTokenizer(model_path),
                     lambda: LlamaEngine(model_path, engine_config), cache)
 

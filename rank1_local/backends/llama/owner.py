@@ -41,6 +41,8 @@ class EngineOwner(OwnerThread[LlamaEngine]):
     def _prepare(self, engine: LlamaEngine) -> None:
         self._scheduler = Scheduler(engine, self.params)
         self.device = engine.device
+        self.timings = getattr(engine, "timings", None)  # where the decode steps' time goes (benchmarks)
+        self.sampling = getattr(engine, "sampling", "host")
 
     def _make_jobs(self, ticket: Ticket, pairs: list[PreparedPair], config: ScoringConfig) -> list[Job]:
         return make_jobs(pairs, self._tokenize, config, owner=ticket, tally=ticket.tally)
