@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -192,3 +193,21 @@ def test_llama_cpp_log_levels_follow_ggml_h():
                     (logging.WARNING, "control-looking token: '<x>' was not control-type"),
                     (logging.ERROR, "failed to decode"),
                     (logging.DEBUG, "n_ctx_seq (37120) > n_ctx_train (32768) -- possible training context overflow")]
+
+
+@pytest.mark.parametrize("user, expected", [({}, {"GOMP_SPINCOUNT": "SPIN"}),
+                                            ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+                                            ({"GOMP_SPINCOUNT": "5"}, {"GOMP_SPINCOUNT": "5"})])
+def test_llama_cpp_threads_wait_briefly_unless_the_user_says_otherwise(user, expected):
+    """The waiting default is in the environment before llama.cpp's OpenMP runtime loads (it reads it once, then);
+    a user's own setting stays."""
+    from rank1_local.backends.llama.threads import SPIN_COUNT, WAIT_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES} | user
+    code = ("import os, sys; from rank1_local.backends.llama.engine import llama_cpp_module; llama_cpp_module(); "
+            "import json; print(json.dumps({k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') "
+            "if k in os.environ}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    import json
+
+    assert json.loads(out.stdout) == {k: (SPIN_COUNT if v == "SPIN" else v) for k, v in expected.items()}

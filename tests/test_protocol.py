@@ -55,7 +55,7 @@ def test_answer_token_ids_need_single_tokens():
     with_bos = {" true": [1, 7], " false": [1, 8], "": [1]}
     assert answer_token_ids(lambda t: with_bos[t]) == (7, 8)
     split = {" true": [7, 9], " false": [8], "": []}
-    with pytest.raises(UnsupportedModelError, match="not a rank1-style model"):
+    with pytest.raises(UnsupportedModelError, match="not a rank1 model"):
         answer_token_ids(lambda t: split[t])
 
 

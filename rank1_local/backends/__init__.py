@@ -51,8 +51,9 @@ class BackendSpec:
         return settings_type(**{k: v for k, v in values.items() if k in known and v is not None})
 
     def open(self, model: str | Path, config: ScoringConfig, settings: Any = None, *, cache: Any = None,
-             gguf_type: str | None = None) -> Reranker:
-        """Load ``model`` with the protocol ``config`` and the backend's ``settings``."""
+             gguf_type: str | None = None, card: str | None = None) -> Reranker:
+        """Load ``model`` with the protocol ``config`` and the backend's ``settings`` (``card``: the model card to
+        use, instead of the one the model's own facts show)."""
         if cache is not None and not self.supports_cache:
             raise Rank1Error(f"the judgment cache keys on the GGUF file: llama.cpp backend only (not {self.name})")
         kwargs: dict[str, Any] = {}
@@ -62,6 +63,8 @@ class BackendSpec:
             if not self.takes_gguf_type:
                 raise Rank1Error(f"--gguf-type picks a GGUF for llama.cpp; the {self.name} backend runs checkpoints")
             kwargs["gguf_type"] = gguf_type
+        if card is not None:
+            kwargs["card"] = card
         reranker_type = self._load(self.reranker_class)
         return reranker_type(model, config, settings if settings is not None else self.settings(), **kwargs)
 
@@ -84,13 +87,14 @@ def backend_spec(name: str) -> BackendSpec:
     return spec
 
 
-def open_reranker(backend: str, model: str | Path, config: ScoringConfig, settings: Any = None, *,
-                  cache: Any = None, gguf_type: str | None = None, **values: Any) -> Reranker:
+def open_reranker(backend: str, model: str | Path, config: ScoringConfig | None = None, settings: Any = None, *,
+                  cache: Any = None, gguf_type: str | None = None, card: str | None = None,
+                  **values: Any) -> Reranker:
     """Load ``model`` on ``backend`` with the protocol ``config`` and the backend's settings (a settings object, or
     its fields as keywords); ``cache`` (a judgment cache or its path) and ``gguf_type`` where the backend takes
-    them."""
+    them; ``card`` (``rank1``, ``qwen3-reranker``) when the model's own facts should not decide it."""
     spec = backend_spec(backend)
     if settings is not None and values:
         raise TypeError("give settings= or its fields as keywords, not both")
-    return spec.open(model, config, settings if settings is not None else spec.settings(**values), cache=cache,
-                     gguf_type=gguf_type)
+    return spec.open(model, config or ScoringConfig(), settings if settings is not None else spec.settings(**values),
+                     cache=cache, gguf_type=gguf_type, card=card)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import ModelCard, card_named, recognise_card
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.decoder import Become, Feed, PairDecoder, decode_pair
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
@@ -65,6 +66,19 @@ def prepare_gptqmodel_env() -> None:
     the pool size. Call before gptqmodel is first imported (transformers imports it to load AWQ/GPTQ)."""
     if (os.cpu_count() or 1) < 4:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+def checkpoint_card(path: Path, card: str | ModelCard | None) -> ModelCard:
+    """The model card of a checkpoint folder: the one named, or the one its config.json and name show."""
+    if isinstance(card, ModelCard):
+        return card
+    if card is not None:
+        return card_named(card)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return recognise_card(hf_config=config if isinstance(config, dict) else {}, name=path.name)
 
 
 def quantization_method(path: Path) -> str | None:
@@ -138,8 +152,8 @@ class _TransformersScorer:
     batch_size = 1
 
     def __init__(self, path: Path, torch: Any, transformers: Any, tokenizer: Any, device: str, dtype: str,
-                 quant: str | None, answer_ids: tuple[int, int]) -> None:
-        self.torch, self.tokenizer, self.device = torch, tokenizer, device
+                 quant: str | None, answer_ids: tuple[int, int], card: ModelCard) -> None:
+        self.torch, self.tokenizer, self.device, self.card = torch, tokenizer, device, card
         self.true_id, self.false_id = answer_ids
         if quant:
             prepare_gptqmodel_env()
@@ -190,7 +204,8 @@ class _TransformersScorer:
         scheduler drives), which says what to feed next."""
         if pair.too_long:
             return too_long_result(pair)
-        decoder = PairDecoder(pair, config, config.n_ctx, self, (self.true_id, self.false_id))
+        decoder = PairDecoder(pair, config, config.n_ctx, self, (self.true_id, self.false_id),
+                              reasons=self.card.reasons)
         seq = _Sequence(self.model, self.torch, self.device)
 
         def carry_out(action: Feed | Become) -> TorchRow:
@@ -221,11 +236,12 @@ class TransformersRank1(Reranker):
     backend = "transformers"
 
     def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: HFSettings | None = None,
-                 **kwargs: Any) -> None:
+                 *, card: str | ModelCard | None = None, **kwargs: Any) -> None:
         config, settings = split_settings("TransformersRank1", config, settings, HFSettings, kwargs)
         path = resolve_local_or_hub(model)  # before torch is imported: a missing model is an error in a second
         if not (path / "config.json").is_file():
             raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+        self.card = checkpoint_card(path, card)
         torch = require("torch", "reference", "the transformers backend")
         transformers = require("transformers", "reference", "the transformers backend")
         self.config, self.settings = config, settings
@@ -243,13 +259,17 @@ class TransformersRank1(Reranker):
                              "not float32 (use dtype auto)")
         self.dtype = dtype
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.true_id, self.false_id = answer_token_ids(self.tokenize)
+        card = self.card
+        try:
+            self.true_id, self.false_id = answer_token_ids(self.tokenize, card.answers, card.name)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{path.name}: {exc}") from None
         answer_ids = (self.true_id, self.false_id)
         tokenizer, device = self.tokenizer, self.torch_device
         self._owner = SerialOwner(lambda: _TransformersScorer(path, torch, transformers, tokenizer, device, dtype,
-                                                              quant, answer_ids), name="rank1-transformers")
+                                                              quant, answer_ids, card), name="rank1-transformers")
         self.engine = Pipeline(self, self._owner, config, backend=self.backend, device=self.device,
-                               max_waiting=settings.max_waiting)
+                               max_waiting=settings.max_waiting, card=card)
         logger.info("loaded %s with transformers on %s (%s)", path.name, self.torch_device, dtype)
 
     @property

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import card_named
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import PreparedPair
@@ -232,9 +233,12 @@ class VllmRank1(Reranker):
     backend = "vllm"
 
     def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: VllmSettings | None = None,
-                 **kwargs: Any) -> None:
+                 *, card: str | None = None, **kwargs: Any) -> None:
         config, settings = split_settings("VllmRank1", config, settings, VllmSettings, kwargs)
         self.check_config(config)
+        if card is not None and card_named(str(getattr(card, "name", card))).name != "rank1":
+            raise Rank1Error("the vLLM backend runs rank1's official flow only; run a Qwen3-Reranker on llama.cpp "
+                             "or transformers")
         try:
             import vllm
         except ImportError:

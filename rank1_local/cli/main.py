@@ -17,6 +17,7 @@ from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cach
 from rank1_local.cli.output import print_results
 from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
 from rank1_local.cli.support import HelpFormatter, add_common_flags, add_subcommand, add_version, run_command
+from rank1_local.core.cards import CARDS, card_named
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.dataset_prompts import NO_PROMPT, resolve_dataset
 from rank1_local.core.errors import Rank1Error
@@ -75,9 +76,11 @@ class BackendChoice:
     settings: Any
     cache: Path | None = None
     gguf_type: str | None = None
+    card: str | None = None
 
     def open(self, model: str | Path, config: ScoringConfig) -> Reranker:
-        return self.spec.open(model, config, self.settings, cache=self.cache, gguf_type=self.gguf_type)
+        return self.spec.open(model, config, self.settings, cache=self.cache, gguf_type=self.gguf_type,
+                              card=self.card)
 
 
 def backend_choice(args: argparse.Namespace, config: ScoringConfig | None = None, **defaults: Any) -> BackendChoice:
@@ -108,7 +111,10 @@ def backend_choice(args: argparse.Namespace, config: ScoringConfig | None = None
     check = getattr(settings, "check_config", None)
     if config is not None and check is not None:
         check(config)
-    return BackendChoice(spec, settings, cache, gguf_type)
+    card = getattr(args, "card", None)
+    if card is not None:
+        card_named(card)  # an unknown card is refused before anything loads, naming the cards
+    return BackendChoice(spec, settings, cache, gguf_type, card)
 
 
 def apply_verify(args: argparse.Namespace) -> None:
@@ -208,6 +214,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str) -> None:
     """The backend and each backend's engine flags (a flag the chosen backend does not take is refused)."""
     p.add_argument("--backend", choices=BACKENDS, default="llama.cpp", help="the library that runs the model")
+    p.add_argument("--card", default=None, metavar="|".join(CARDS),
+                   help="the model's card (its prompt, answers, and whether it reasons first): "
+                        + "; ".join(f"{c.name}: {c.description}" for c in CARDS.values())
+                        + " (default: recognised from the model's metadata and name)")
     p.add_argument("--device", default=None, help="transformers: cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--dtype", default=None, help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
                    "float16, bfloat16; vllm: float16 (the official dtype, default), float32, bfloat16")

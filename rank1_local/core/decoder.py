@@ -134,16 +134,18 @@ class PairDecoder:
         config: the protocol settings.
         n_ctx: the context per pair (a sequence that fills it ends there, as vLLM ends it).
         vocab: the model's tokenizer, token texts and end-of-generation test.
-        answer_ids: the token ids of " true" and " false".
+        answer_ids: the token ids of the card's positive and negative answers (rank1: " true" and " false").
+        reasons: the card reasons first (rank1); otherwise the first row after the prompt is the answer's.
     """
 
     def __init__(self, pair: PreparedPair, config: ScoringConfig, n_ctx: int, vocab: Vocab,
-                 answer_ids: tuple[int, int]) -> None:
+                 answer_ids: tuple[int, int], *, reasons: bool = True) -> None:
         self.pair, self.config, self.n_ctx, self.vocab = pair, config, n_ctx, vocab
         self.true_id, self.false_id = answer_ids
         self.chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
                                     official=config.protocol == "official", n_ctx=n_ctx)
-        self.phase = Phase.GENERATING
+        # a card that does not reason (Qwen3-Reranker) reads its answer in the row after the prompt
+        self.phase = Phase.GENERATING if reasons else Phase.ANSWERING
         self.seq_len = len(pair.ids)  # tokens in the sequence once the last action is carried out
         self.generated = 0  # tokens chosen that are not the end of generation
         self.started = time.perf_counter()

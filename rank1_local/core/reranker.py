@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.engine import Lifecycle, ScoringEngine
 from rank1_local.core.errors import Rank1Error
@@ -58,6 +59,7 @@ class Reranker(ABC):
     engine: ScoringEngine
     backend: str = ""  # the library that runs the model: "llama.cpp", "transformers", "vllm"
     model_path: Path
+    card: ModelCard = RANK1  # the model's family: its prompt, answers and whether it reasons
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Reranker:
         self = super().__new__(cls)
@@ -103,6 +105,8 @@ class Reranker(ABC):
         dtype = getattr(self, "dtype", None)
         if dtype is not None:
             settings["dtype"] = dtype
+        if self.card is not RANK1:  # rank1's settings read as they always have
+            settings["card"] = self.card.name
         return settings
 
     def rerank(self, query: str, documents: Sequence[Passage], *, instruction: str | None = None,

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from rank1_local.cache.scope import CacheScope
 from rank1_local.cache.store import JudgmentCache
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.duplicates import Duplicates, find_duplicates
 from rank1_local.core.engine import EngineStats, Lifecycle, ShutdownReport
@@ -87,6 +88,7 @@ class Pipeline:
         default_config: the settings a call without its own gets; its ``n_ctx`` is fixed.
         backend, device: the library that runs the model, and where (for stats).
         check_config: the backend's refusal of settings it cannot honour (raises :class:`Rank1Error`).
+        card: the model's card (how its prompts are built; :mod:`rank1_local.core.cards`).
         cache: a judgment cache, with ``model_path`` (the file its keys hash) and ``cache_settings(config)`` (what
             besides the model and prompt decides a judgment).
         max_waiting: pairs that may wait for the executor at once (None: no limit).
@@ -96,8 +98,9 @@ class Pipeline:
                  device: str, check_config: Callable[[ScoringConfig], None] | None = None,
                  cache: JudgmentCache | None = None, model_path: Path | None = None,
                  cache_settings: Callable[[ScoringConfig], Mapping[str, Any]] | None = None,
-                 max_waiting: int | None = None) -> None:
+                 max_waiting: int | None = None, card: ModelCard = RANK1) -> None:
         self.tokenizer, self.executor = tokenizer, executor
+        self.card = card
         self.default_config = default_config
         self.backend, self.device = backend, device
         self._check_config = check_config
@@ -121,12 +124,15 @@ class Pipeline:
         if config.n_ctx != self.default_config.n_ctx:
             raise Rank1Error(f"n_ctx is fixed when the model is loaded ({self.default_config.n_ctx}); load it again "
                              f"for {config.n_ctx}")
+        if config.prompt_template is not None and not self.card.dataset_prompts:
+            raise Rank1Error(f"a {self.card.name} model takes no dataset prompt (prompt_template / --dataset / "
+                             "--prompt); give each query an instruction instead")
         if self._check_config is not None:
             self._check_config(config)
         return config
 
     def prepare(self, pairs: Sequence[Pair | Sequence[Any]], config: ScoringConfig) -> list[PreparedPair]:
-        return prepare_pairs(pairs, config, self.tokenizer.tokenize, self.tokenizer.detokenize)
+        return prepare_pairs(pairs, config, self.tokenizer.tokenize, self.tokenizer.detokenize, self.card)
 
     @staticmethod
     def judge_once(prepared: list[PreparedPair]) -> Duplicates:

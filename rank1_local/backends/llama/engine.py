@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from rank1_local.backends.llama.logs import route_llama_logs
+from rank1_local.backends.llama.threads import set_openmp_waiting
 from rank1_local.core.decoder import CandidateRow, HostRow, Row
 from rank1_local.core.errors import CorruptFileError, Rank1Error
 from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
@@ -104,7 +105,8 @@ def set_fields(struct: ctypes.Structure, **values: Any) -> None:
 @functools.cache
 def llama_cpp_module() -> Any:
     """The llama_cpp module with llama.cpp's backend initialised and its log routed to Python logging, once per
-    process."""
+    process (its CPU threads' waiting set first: :mod:`rank1_local.backends.llama.threads`)."""
+    set_openmp_waiting()
     import llama_cpp
 
     route_llama_logs(llama_cpp)

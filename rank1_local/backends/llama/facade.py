@@ -26,10 +26,12 @@ from rank1_local.backends.llama.owner import EngineOwner
 from rank1_local.backends.llama.scheduler import SchedulerParams
 from rank1_local.backends.llama.tokenizer import LlamaTokenizer
 from rank1_local.cache.store import JudgmentCache
+from rank1_local.core.cards import RANK1, ModelCard, card_named, recognise_card
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.protocol import answer_token_ids
 from rank1_local.core.reranker import Reranker
+from rank1_local.models.gguf_file import read_gguf_layout
 from rank1_local.models.model_files import resolve_gguf
 from rank1_local.pipeline import Pipeline
 from rank1_local.pipeline.admission import check_max_waiting
@@ -100,6 +102,19 @@ def kv_cells(config: ScoringConfig, settings: LlamaSettings) -> int:
     return cells
 
 
+def gguf_card(path: Path, card: str | ModelCard | None) -> ModelCard:
+    """The model card of a GGUF: the one named, or the one its metadata and name show."""
+    if isinstance(card, ModelCard):
+        return card
+    if card is not None:
+        return card_named(card)
+    try:
+        metadata = read_gguf_layout(path).metadata
+    except Rank1Error:
+        metadata = {}  # llama.cpp refuses a damaged file with its own words when it loads
+    return recognise_card(gguf_metadata=metadata, name=path.name)
+
+
 def resolve_sampling(settings: LlamaSettings) -> str:
     """``auto``: on the device when layers run on a GPU (its rows would otherwise cross to the host whole), on the
     host when everything runs on the CPU."""
@@ -139,10 +154,12 @@ class Rank1(Reranker):
 
     def __init__(self, model: str | Path, config: ScoringConfig | None = None,
                  settings: LlamaSettings | None = None, *, gguf_type: str | None = None,
-                 cache: str | Path | JudgmentCache | None = None, **kwargs: object) -> None:
+                 cache: str | Path | JudgmentCache | None = None, card: str | ModelCard | None = None,
+                 **kwargs: object) -> None:
         config, settings = split_settings("Rank1", config, settings, LlamaSettings, kwargs)
         n_cells = kv_cells(config, settings)
         model_path = resolve_gguf(model, gguf_type=gguf_type)
+        self.card = gguf_card(model_path, card)
         engine_config = EngineConfig(kv_cells=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
                                      n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers,
                                      f32_kv_cache=settings.f32_kv_cache, sampling=resolve_sampling(settings))
@@ -162,19 +179,20 @@ class Rank1(Reranker):
                 resources.callback(self.cache.close)
             self.tokenizer = open_tokenizer()
             resources.callback(self.tokenizer.close)
+            card = self.card
             try:
-                self.true_id, self.false_id = answer_token_ids(self.tokenizer.tokenize)
+                self.true_id, self.false_id = answer_token_ids(self.tokenizer.tokenize, card.answers, card.name)
             except UnsupportedModelError as exc:
                 raise UnsupportedModelError(f"{model_path.name}: {exc}") from None
-            self._owner = EngineOwner(open_engine, SchedulerParams(settings.parallel, self.true_id, self.false_id),
-                                      self.tokenizer.tokenize)
+            params = SchedulerParams(settings.parallel, self.true_id, self.false_id, reasons=card.reasons)
+            self._owner = EngineOwner(open_engine, params, self.tokenizer.tokenize, card=card)
             resources.callback(self._owner.close)
             self._engine_facts = engine_facts(self._owner.device.description, settings)
-            facts = self._engine_facts
+            facts, card_facts = self._engine_facts, ({} if card is RANK1 else {"card": card.name})
             self.engine = Pipeline(self.tokenizer, self._owner, config, backend=self.backend,
                                    device=self._owner.device.description, cache=self.cache, model_path=model_path,
-                                   cache_settings=lambda c: {**c.to_dict(), "engine": facts},
-                                   max_waiting=settings.max_waiting)
+                                   cache_settings=lambda c: {**c.to_dict(), **card_facts, "engine": facts},
+                                   max_waiting=settings.max_waiting, card=card)
             self._resources = resources.pop_all()
         logger.info("loaded %s on %s", model_path.name, self.device)
 

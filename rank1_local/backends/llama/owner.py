@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from rank1_local.backends.llama.engine import DeviceInfo, LlamaEngine
 from rank1_local.backends.llama.scheduler import Job, Scheduler, SchedulerParams, make_jobs
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.pipeline.owner import OwnerThread
@@ -29,8 +30,9 @@ class EngineOwner(OwnerThread[LlamaEngine]):
     """
 
     def __init__(self, open_engine: Callable[[], LlamaEngine], params: SchedulerParams,
-                 tokenize: Callable[[str], list[int]], *, name: str = "rank1-llama") -> None:
+                 tokenize: Callable[[str], list[int]], *, card: ModelCard = RANK1, name: str = "rank1-llama") -> None:
         self.params = params
+        self.card = card
         self.slots = params.parallel
         self._tokenize = tokenize
         self._scheduler: Scheduler | None = None
@@ -45,7 +47,7 @@ class EngineOwner(OwnerThread[LlamaEngine]):
         self.sampling = getattr(engine, "sampling", "host")
 
     def _make_jobs(self, ticket: Ticket, pairs: list[PreparedPair], config: ScoringConfig) -> list[Job]:
-        return make_jobs(pairs, self._tokenize, config, owner=ticket, tally=ticket.tally)
+        return make_jobs(pairs, self._tokenize, config, owner=ticket, tally=ticket.tally, card=self.card)
 
     def _serve(self, engine: LlamaEngine) -> None:
         scheduler = self._scheduler

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rank1_local.backends.llama.engine import BatchEntry
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.decoder import Become, Feed, PairDecoder, Row, RowUnavailable
-from rank1_local.core.pairs import PreparedPair
-from rank1_local.core.prompt import prompt_prefix
+from rank1_local.core.pairs import PreparedPair, tokenize_spans
 from rank1_local.core.protocol import common_prefix_len
 from rank1_local.core.results import Rank1Result, RunStats, too_long_result
 from rank1_local.pipeline import Tally
@@ -86,12 +86,12 @@ class ListSource:
 
 
 def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]], config: ScoringConfig, *,
-              owner: Any = None, tally: Tally | None = None) -> list[Job]:
+              owner: Any = None, tally: Tally | None = None, card: ModelCard = RANK1) -> list[Job]:
     """One job per pair, each query's passages together so that the query's prefix is evaluated once."""
     prefixes: dict[str, list[int]] = {}
     bos = len(tokenize(""))
     for query in dict.fromkeys(p.query for p in prepared):
-        ids = tokenize(prompt_prefix(query))
+        ids = tokenize_spans(card, card.shared_text(query), tokenize)
         # the prefix's last token may merge with the passage's first one: never share it
         prefixes[query] = ids[:max(bos, len(ids) - 1)]
     tally = tally or Tally()
@@ -106,8 +106,9 @@ def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]
 @dataclass(frozen=True)
 class SchedulerParams:
     parallel: int
-    true_id: int
+    true_id: int  # the card's positive and negative answer tokens
     false_id: int
+    reasons: bool = True  # the card reasons first (rank1); else its answer is read at the end of the prompt
 
 
 @dataclass
@@ -248,9 +249,10 @@ class Scheduler:
         slot.job = job
         self.active += 1
         slot.decoder = PairDecoder(job.pair, job.config, job.config.n_ctx, self.engine,
-                                   (self.params.true_id, self.params.false_id))
+                                   (self.params.true_id, self.params.false_id), reasons=self.params.reasons)
         slot.tokens = job.pair.ids[:keep]
         slot.pending = job.pair.ids[keep:]
+        slot.host_row = slot.decoder.answering  # the answer's two logits: from the full row at once
 
     def free(self, slot: _Slot) -> None:
         self.engine.seq_remove(slot.seq)
