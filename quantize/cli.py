@@ -13,6 +13,7 @@ from rank1_local.cli.support import (
     add_common_flags,
     add_subcommand,
     add_version,
+    plain_text,
     run_command,
 )
 from rank1_local.core.errors import Rank1Error
@@ -117,7 +118,8 @@ def _fixture_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-quantize", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="rank1-quantize", description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
     add_common_flags(parser)
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)

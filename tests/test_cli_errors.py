@@ -253,3 +253,51 @@ def test_ctrl_c_on_serve_says_the_server_stopped(capsys):
     args = build_parser().parse_args(["rerank", "--model", "m.gguf"])
     args.func = interrupted
     assert run_command(args, "interrupted; rows already written are kept, re-run to resume") == 130
+
+
+class _InterruptedModel:
+    """A model interrupted (Ctrl-C) after judging the passages named in ``judged``: what the CLI has when the user
+    presses Ctrl-C midway."""
+
+    device = "CPU"
+
+    def __init__(self, judged: dict[int, float]) -> None:
+        self.judged = judged
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def score_pairs(self, pairs, *, config=None, on_result=None):
+        from rank1_local.core.results import Rank1Result
+
+        for index, score in self.judged.items():
+            on_result(Rank1Result(index, score, "r", 3, False, False, 0, 10, 0.1))
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fmt", ["table", "jsonl"])
+def test_ctrl_c_on_docs_prints_the_partial_ranking_marked_partial(tmp_path, monkeypatch, capsys, fmt):
+    import json
+
+    from rank1_local.cli import main as cli
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("apple passage\ntiger passage\ncherry passage\n")
+    monkeypatch.setattr(cli, "_model", lambda args, config: _InterruptedModel({2: 0.4, 0: 0.9}))
+    assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs), "--format", fmt]) == 130
+    out, err = capsys.readouterr()
+    assert "resume" not in err and "rows already written" not in err
+    assert "PARTIAL ranking: 2 of 3 passages judged" in err and "the other 1 are missing" in err
+    if fmt == "table":
+        lines = out.splitlines()
+        assert lines[0].startswith("PARTIAL ranking: 2 of 3") and lines[1].startswith("RANK")
+        assert "apple passage" in lines[2] and "cherry passage" in lines[3] and len(lines) == 4
+    else:
+        assert [json.loads(line)["docid"] for line in out.splitlines()] == ["0", "2"]
+    monkeypatch.setattr(cli, "_model", lambda args, config: _InterruptedModel({}))
+    assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs)]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and "none of the 3 passages was judged; nothing to show" in err and "resume" not in err

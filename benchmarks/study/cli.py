@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rank1_local.cli.main import add_scoring_args, scoring_config
 from rank1_local.cli.ray_commands import add_ray_rerank_args, uses_ray
+from rank1_local.cli.support import add_subcommand
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import require
@@ -80,11 +81,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def add_study_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "study", help="export a model to several types, score each and a reference, compare (resumable)",
+    p = add_subcommand(
+        sub, "study", help="export a model to several types, score each and a reference, compare (resumable)",
         description="Export a model to quantization types, score the reference and every export with the official "
                     "protocol on your pairs, and report decision flips, KL divergence, rank correlations, nDCG@10 "
-                    "with paired tests, reasoning fidelity and cost, with 95%% confidence intervals. Every step "
+                    "with paired tests, reasoning fidelity and cost, with 95% confidence intervals. Every step "
                     "resumes from --work.")
     p.add_argument("--model", required=True, help="the source checkpoint: a folder or a hub id")
     p.add_argument("--types", default=DEFAULT_TYPES,

@@ -15,15 +15,24 @@ from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
 from rank1_local.cli.output import print_results
 from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
-from rank1_local.cli.support import HelpFormatter, add_common_flags, add_subcommand, add_version, run_command
+from rank1_local.cli.support import (
+    HelpFormatter,
+    add_common_flags,
+    add_subcommand,
+    add_version,
+    plain_text,
+    run_command,
+)
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.dataset_prompts import NO_PROMPT, resolve_dataset
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.protocol import PROTOCOLS
 from rank1_local.core.reranker import Reranker, check_top_k, ranked
+from rank1_local.core.results import Rank1Result
 from rank1_local.models.file_digest import VERIFY_ENV, VERIFY_MODES, verify_mode
 
 logger = logging.getLogger("rank1-local")
+PAIRS_INTERRUPTED = "interrupted; rows already written to --output are kept, run the same command again to resume"
 
 
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
@@ -103,13 +112,40 @@ def _rerank_query(args: argparse.Namespace) -> int:
     config = scoring_config(args)
     engine_settings(args, config)
     ids, docs = read_documents(args.docs)
+    judged: list[Rank1Result] = []
+
+    def on_result(result: Rank1Result) -> None:
+        judged.append(result)
+        bar.update(1)
+
     with _model(args, config) as model:
         with tqdm(total=len(docs), unit="doc", disable=args.quiet, file=sys.stderr) as bar:
-            results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
-                                        on_result=lambda _: bar.update(1))
+            try:
+                results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
+                                            on_result=on_result)
+            except KeyboardInterrupt:
+                bar.close()
+                return _interrupted_ranking(args, list(judged), ids, docs)
         print_results(ranked(results, args.top_k), ids, docs, args.format, qid=args.qid)
         logger.info("ran on %s", model.device)
     return 0
+
+
+def _interrupted_ranking(args: argparse.Namespace, judged: list[Rank1Result], ids: list[str], docs: list) -> int:
+    """Ctrl-C during ``rerank --docs``: nothing is kept on disk, so print the passages judged so far, ranked and
+    marked partial (the table says so on its first line; json, jsonl and trec stay valid and stderr says so)."""
+    if not judged:
+        print(f"interrupted: none of the {len(docs)} passages was judged; nothing to show (nothing is kept: "
+              "--docs prints its ranking, run it again to rank them)", file=sys.stderr)
+        return 130
+    note = (f"PARTIAL ranking: {len(judged)} of {len(docs)} passages judged before the interrupt; the other "
+            f"{len(docs) - len(judged)} are missing")
+    if args.format == "table":
+        print(note)
+    print_results(ranked(judged, args.top_k), ids, docs, args.format, qid=args.qid)
+    print(f"interrupted: {note} (nothing is kept: --docs prints its ranking, run it again for all of them)",
+          file=sys.stderr)
+    return 130
 
 
 def _rerank_pairs(args: argparse.Namespace) -> int:
@@ -127,6 +163,8 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
 def _cmd_rerank(args: argparse.Namespace) -> int:
     check_top_k(args.top_k, "--top-k")
     apply_verify(args)
+    if args.pairs is not None or args.ray is not None:  # Ctrl-C: the run file keeps its rows (--docs: see below)
+        args.interrupted = PAIRS_INTERRUPTED
     if uses_ray(args):
         from rank1_local.cli.ray_commands import rerank_on_ray
 
@@ -185,7 +223,7 @@ def add_llama_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="rank1-local", description=plain_text(__doc__), formatter_class=HelpFormatter)
     add_common_flags(parser)
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv), "interrupted; rows already written are kept, re-run to resume")
+    return run_command(build_parser().parse_args(argv), "interrupted")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import textwrap
 
 from rank1_local.core.errors import Rank1Error
 
 
+def plain_text(doc: str | None) -> str:
+    """A docstring as help text: its reStructuredText literals (````rank1-local````) as plain words."""
+    return re.sub(r"``([^`]+)``", r"\1", doc or "")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help texts end with their default, unless the text already names it or there is none worth showing."""
+    """Help texts end with their default, unless the text already names it or there is none worth showing; lines
+    wrap between words only (argparse would also break a path at its hyphens, or a long one anywhere)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_long_words=False,
+                             break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
