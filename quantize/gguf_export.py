@@ -235,7 +235,7 @@ def lossless_type(checkpoint: Checkpoint) -> str:
 
 
 def load_checkpoint(model: str | Path) -> Checkpoint:
-    path = resolve_local_or_hub(model, allow_patterns=CHECKPOINT_PATTERNS)
+    path = resolve_local_or_hub(model, allow_patterns=CHECKPOINT_PATTERNS, what="checkpoint folder")
     name = str(model).rstrip("/").split("/")[-1] if not Path(model).expanduser().exists() else path.name
     return open_checkpoint(path, name=name)
 

@@ -156,6 +156,30 @@ def test_a_missing_path_is_a_missing_file_not_a_hub_id(docs, capsys, model, tmp_
         assert rerank(["-q", *command]) == 2
         err = capsys.readouterr().err
         assert f"{model}: no such file" in err and "hub" not in err and "pull" not in err, err
+    assert quantize(["-q", "gguf", model, "--out", "models", "--types", "Q8_0", "--bundle", "b"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: no such checkpoint folder" in err and "hub" not in err and "download" not in err, err
+
+
+def test_a_bundle_name_almost_right_is_named_and_a_bundle_is_no_checkpoint(docs, capsys, tmp_path, monkeypatch):
+    """The README's route, one step wrong: a bundle made as bundles/rank1-0.5b-Q8_0-Q8_0 asked for as
+    bundles/rank1-0.5b-Q8_0 (or typed with a letter off) is named; a bundle or a .gguf given to the exporter is said to
+    be an export already, with the command that runs it."""
+    monkeypatch.chdir(tmp_path)
+    bundle = tmp_path / "bundles" / "rank1-0.5b-Q8_0-Q8_0"
+    bundle.mkdir(parents=True)
+    (bundle / "rank1-bundle.json").write_text("{}")
+    for model in ("bundles/rank1-0.5b-Q8_0", "bundles/rank1-0.5b-Q8_0-Q8O"):
+        assert rerank(["-q", "rerank", "--model", model, "--query", "q", "--docs", str(docs)]) == 2
+        err = capsys.readouterr().err
+        assert f"{model}: no such file or bundle folder; did you mean bundles/rank1-0.5b-Q8_0-Q8_0?" in err, err
+    assert quantize(["-q", "gguf", "bundles/rank1-0.5b-Q8_0-Q8_0", "--out", "models", "--types", "Q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "a bundle (a GGUF and its manifest), exported already" in err
+    assert "rank1-local rerank --model bundles/rank1-0.5b-Q8_0-Q8_0" in err and "config.json (is this" not in err
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert quantize(["-q", "gguf", "m.gguf", "--out", "models", "--types", "Q8_0"]) == 2
+    assert "m.gguf: a GGUF file, exported already" in capsys.readouterr().err
 
 
 def test_serve_names_a_missing_file_too():

@@ -174,7 +174,7 @@ def test_a_killed_driver_resumes_with_only_the_rest_scored(ray_cluster, model, p
 @pytest.mark.parametrize("what", ["missing", "not a GGUF"])
 def test_a_model_the_nodes_cannot_find_fails_fast_naming_the_node(ray_cluster, pairs, tmp_path, capsys, what):
     if what == "missing":
-        model, words = tmp_path / "nowhere" / "rank1.gguf", "no such file or folder"
+        model, words = tmp_path / "nowhere" / "rank1.gguf", "no such file or bundle folder"
     else:
         model, words = tmp_path / "rank1.gguf", "not a GGUF file"
         model.write_bytes(b"this is no model" * 64)
