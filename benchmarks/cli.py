@@ -54,13 +54,13 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 def load_tokenizer(path: str) -> Callable[[str], list[int]]:
     """Token ids of text, from a GGUF file (llama.cpp, vocabulary only) or a Hugging Face folder/hub id."""
     if path.lower().endswith(".gguf"):
-        from llama_cpp import Llama
-
+        from rank1_local.backends.llama.tokenizer import LlamaTokenizer
         from rank1_local.models.gguf_file import check_gguf_file
 
         check_gguf_file(Path(path))
-        llm = Llama(model_path=path, vocab_only=True, verbose=False)
-        return lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        tokenizer = LlamaTokenizer(path)  # the vocabulary alone: no context, so nothing for llama.cpp to warn about
+        bos = len(tokenizer.tokenize(""))  # the BOS token the model adds, if any: not part of the text
+        return lambda text: tokenizer.tokenize(text)[bos:]
     from rank1_local.models.hub import resolve_local_or_hub
 
     transformers = require("transformers", "reference", "--tokenizer with a checkpoint folder (or pass a .gguf file)")

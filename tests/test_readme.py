@@ -184,8 +184,9 @@ def test_each_python_block_installs_what_it_imports():
     """A Python block that imports beyond the default install names the extra that installs it, in its first comment
     (``# pip install -e '.[cohere]'``), and that extra, read from pyproject.toml, asks for every distribution the
     block imports: a user who installs what the README says can run the block."""
-    import tomllib
     from importlib.metadata import packages_distributions
+
+    import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     providers = packages_distributions()

@@ -76,15 +76,37 @@ def printed_on_the_way(record: logging.LogRecord) -> bool:
     return False
 
 
+class ProgressAwareHandler(logging.Handler):
+    """Writes log lines to stderr with ``tqdm.write``: a line logged while a progress bar is shown goes above the bar,
+    which is drawn again below it, instead of landing in the middle of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+# libraries whose INFO lines narrate their own work (gguf-py: "This GGUF file is for Little Endian only", the files it
+# writes): our own lines and progress bars already say what is being made
+QUIET_LIBRARIES = ("gguf",)
+
+
 def configure_logging(quiet: bool) -> None:
-    """Log to stderr at INFO (WARNING when ``quiet``); a message a library printed with its own handler is not printed
-    a second time by ours."""
+    """Log to stderr at INFO (WARNING when ``quiet``), above any progress bar; a message a library printed with its own
+    handler is not printed a second time by ours."""
     root = logging.getLogger()
     before = list(root.handlers)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = ProgressAwareHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
     for handler in root.handlers:
         if handler not in before:
             handler.addFilter(lambda record: not printed_on_the_way(record))
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_command(args: argparse.Namespace, interrupted: str) -> int:

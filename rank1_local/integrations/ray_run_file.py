@@ -204,9 +204,9 @@ def score_pairs_file_on_ray(pairs: str | Path, output: Path, model: str | Path, 
                     new = run.accept(batch)
                     out.write(new)
                     run.save_header()
+                    elapsed = bar.format_dict["elapsed"] or 1e-9  # the rate set before the count is drawn: one line
+                    bar.set_postfix(tok_s=f"{run.all_tokens / elapsed:.1f}", refresh=False)
                     bar.update(len(new))
-                    elapsed = bar.format_dict["elapsed"] or 1e-9
-                    bar.set_postfix(tok_s=f"{run.all_tokens / elapsed:.1f}")
         except Rank1Error:
             raise
         except Exception as exc:
