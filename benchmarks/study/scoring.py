@@ -106,7 +106,7 @@ def rows_written(run_file: Path) -> int:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how to score on Ray: ``address`` ("auto": the cluster this machine belongs to, else a local one; or
+    """Where and how to score on Ray: ``address`` ("auto": the cluster RAY_ADDRESS names, else a new local one; "local";
     HOST:6379, ray://HOST:10001), and per scoring job the workers, each with its own model."""
 
     address: str = "auto"
