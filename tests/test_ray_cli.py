@@ -141,3 +141,16 @@ def test_an_http_server_or_nothing_at_the_address_is_named_at_once(tmp_path):
         free = s.getsockname()[1]
     with pytest.raises(Rank1Error, match=rf"cannot join the Ray cluster at 127.0.0.1:{free} \(from RAY_ADDRESS\)"):
         probe_cluster(ClusterChoice(f"127.0.0.1:{free}", "RAY_ADDRESS"))
+
+
+def test_every_worker_gets_a_block_when_there_are_few_pairs():
+    """96 pairs for 2 workers make 2 blocks of whole queries (128 pairs a block would leave a worker idle, and Ray Data
+    warned that its pool of 2 received 1 input); a single query stays one block."""
+    from rank1_local.integrations.ray_batch import block_size_for
+
+    rows = [PairRow(f"q{i // 8}", "q", f"d{i}", "t") for i in range(96)]
+    assert len(query_blocks(rows, block_size_for(len(rows), 2))) == 2
+    assert len(query_blocks(rows, block_size_for(len(rows), 1))) == 1
+    assert block_size_for(1000, 2) == 128 and block_size_for(10, 4, 2) == 2
+    one_query = [PairRow("q", "q", f"d{i}", "t") for i in range(50)]
+    assert len(query_blocks(one_query, block_size_for(50, 4))) == 1

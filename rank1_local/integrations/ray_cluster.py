@@ -29,6 +29,11 @@ AUTO = "auto"  # ``--ray`` alone: the cluster RAY_ADDRESS names, else a new loca
 LOCAL = "local"  # ``--ray local``: always a new local cluster of this process's own
 JOIN_TIMEOUT_S = 15.0  # joining a cluster that does not answer (or refuses us) fails after this, naming it
 PROBE_TIMEOUT_S = 5.0
+# The workers' output stays in Ray's logs instead of this terminal. A worker that Ray reaps for idleness (one that ran
+# our model check and Ray Data's metadata tasks) can abort in Ray's own code while it exits ("Mutex corrupt", SIGABRT,
+# "Fatal Python error": seen in 1 of 8 runs here), which says nothing about the run; a worker that dies mid-task is
+# reported by the driver itself, and errors come back as exceptions.
+WORKER_LOGS = "the workers' output is in Ray's logs: `ray logs`, or /tmp/ray/session_latest/logs on each node"
 
 
 def require_ray(purpose: str) -> ModuleType:
@@ -100,13 +105,13 @@ def connect(address: str | None = AUTO, *, num_cpus: int | None = None, purpose:
         return Connection()
     choice = choose_cluster(address)
     if choice.address is None:
-        ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-        logger.info("started a local Ray cluster (%d CPUs; %s)", int(ray.cluster_resources().get("CPU", 0)),
-                    choice.source)
+        ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        logger.info("started a local Ray cluster (%d CPUs; %s); %s", int(ray.cluster_resources().get("CPU", 0)),
+                    choice.source, WORKER_LOGS)
         return Connection(started=True, owned=True)
     probe_cluster(choice)
     _join(ray, choice, join_timeout)
-    logger.info("connected to the Ray cluster at %s", choice.named)
+    logger.info("connected to the Ray cluster at %s; %s", choice.named, WORKER_LOGS)
     return Connection(owned=True)
 
 
@@ -117,7 +122,7 @@ def _join(ray: ModuleType, choice: ClusterChoice, timeout: float) -> None:
 
     def join() -> None:
         try:
-            ray.init(address=choice.address, log_to_driver=True)
+            ray.init(address=choice.address, log_to_driver=False)
             outcome.append(None)
         except BaseException as exc:  # handed to the main thread
             outcome.append(exc)

@@ -27,8 +27,21 @@ from tqdm import tqdm
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, formatted
-from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK, dataset_from_rows, result_rows, score_dataset
-from rank1_local.integrations.ray_cluster import AUTO, NodeModel, check_model_on_nodes, connect, rank1_message
+from rank1_local.integrations.ray_batch import (
+    PAIRS_PER_BLOCK,
+    block_size_for,
+    dataset_from_rows,
+    result_rows,
+    score_dataset,
+)
+from rank1_local.integrations.ray_cluster import (
+    AUTO,
+    WORKER_LOGS,
+    NodeModel,
+    check_model_on_nodes,
+    connect,
+    rank1_message,
+)
 from rank1_local.runs.inputs import PairRow, done_keys, read_pairs
 from rank1_local.runs.run_header import RunHeader, header_path, read_header, start_run, write_header
 
@@ -193,7 +206,8 @@ def score_pairs_file_on_ray(pairs: str | Path, output: Path, model: str | Path, 
                                      gpus=gpus_per_worker)
         _check_resumable(output, nodes[0], backend, config)
         run = _Run(output, str(model), nodes[0], backend, workers, todo, resuming=bool(done))
-        scored = score_dataset(dataset_from_rows(todo, pairs_per_block), model, config, workers=workers,
+        per_block = block_size_for(len(todo), workers, pairs_per_block)
+        scored = score_dataset(dataset_from_rows(todo, per_block), model, config, workers=workers,
                                threads_per_worker=threads_per_worker, gpus_per_worker=gpus_per_worker,
                                backend=backend, grouped=True, check_model=False, **engine)
         scored.context.enable_progress_bars = False
@@ -210,7 +224,7 @@ def score_pairs_file_on_ray(pairs: str | Path, output: Path, model: str | Path, 
         except Rank1Error:
             raise
         except Exception as exc:
-            raise Rank1Error(f"the Ray run failed: {rank1_message(exc)}") from None
+            raise Rank1Error(f"the Ray run failed: {rank1_message(exc)} ({WORKER_LOGS})") from None
         finally:
             out.close()
             run.save_header(final=True)
