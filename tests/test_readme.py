@@ -96,8 +96,10 @@ def test_the_readme_blocks_are_found_and_every_skip_says_why():
     skipped = [b for b in blocks if b.skip is not None]
     assert all(len(b.skip) > 20 for b in skipped), [b.line for b in skipped]
     assert len(skipped) < len(blocks) / 2  # few: most blocks run
-    first = blocks[0]
-    assert first.skip is None and "rank1-quantize gguf jhu-clsp/rank1-0.5b" in first.code
+    first, hub = blocks[0], blocks[1]  # the install, then the demo; the hub route next to it
+    assert first.skip is None and first.code.splitlines()[-1] == "rank1-local demo"
+    assert "pip install -e ." in first.code and "--extra-index-url https://abetlen.github.io/llama-cpp-python" in first.code
+    assert hub.skip is None and "rank1-quantize gguf jhu-clsp/rank1-0.5b" in hub.code
 
 
 @pytest.mark.quick

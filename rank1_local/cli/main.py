@@ -4,8 +4,10 @@ HTTP, keep its judgments in a cache, and bundle it for offline use."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``rank1-local demo`` is the toolchain's ``rank1-quantize demo``, run as a program: the demo builds and exports a
+    fixture, which is the toolchain's work, and the runtime never imports the toolchain (benchmarks -> quantize ->
+    rank1_local); both are installed together."""
+    if importlib.util.find_spec("quantize") is None:
+        raise Rank1Error("rank1-local demo runs rank1-quantize demo, which is not installed here: install rank1-local "
+                         "from its source (pip install -e .), which brings both")
+    command = [sys.executable, "-m", "quantize.cli", *(["-q"] if args.quiet else []), "demo"]
+    return subprocess.run(command).returncode
+
+
 def add_llama_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str, help_prefix: str = "") -> None:
     """The llama.cpp engine flags (``rerank`` names them "llama.cpp: …" beside the other backends' flags)."""
     p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
@@ -287,7 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cache_parser(sub)
     add_bundle_commands(sub)
+    p = add_subcommand(sub, "demo", help=DEMO_HELP)
+    p.set_defaults(func=_cmd_demo)
     return parser
+
+
+DEMO_HELP = ("see it work, with no hub and no torch: rebuild a tiny fixture model from the weights in this repository "
+             "(not a rank1 model), export it to GGUF, check it on llama.cpp and rerank three passages, saying what each "
+             "step did and how long it took (rank1-quantize demo; the first run needs the package index once, for "
+             "llama.cpp's tokenizer files)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 PROBE_TIMEOUT_S = 2.0
-FIXTURE_HINT = ("To see rank1-local run without any download, use a fixture model (not a rank1 model): "
-                "`rank1-quantize fixture --help`, and the README's fixture route.")
+FIXTURE_HINT = ("To see rank1-local work without the hub: `rank1-local demo` (a fixture model, not a rank1 model; no "
+                "torch needed).")
 
 
 @dataclass(frozen=True)
