@@ -100,6 +100,8 @@ def test_the_readme_blocks_are_found_and_every_skip_says_why():
     assert first.skip is None and first.code.splitlines()[-1] == "rank1-local demo"
     assert "pip install -e ." in first.code and "--extra-index-url https://abetlen.github.io/llama-cpp-python" in first.code
     assert hub.skip is None and "rank1-quantize gguf jhu-clsp/rank1-0.5b" in hub.code
+    text = README.read_text(encoding="utf-8")  # what a source build of llama-cpp-python costs, and how to watch it
+    assert "7 to 21 minutes on 2 busy cores" in text and "pip install -v" in text and "about 7 minutes" not in text
 
 
 @pytest.mark.quick
