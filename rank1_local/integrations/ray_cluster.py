@@ -29,10 +29,11 @@ AUTO = "auto"  # ``--ray`` alone: the cluster RAY_ADDRESS names, else a new loca
 LOCAL = "local"  # ``--ray local``: always a new local cluster of this process's own
 JOIN_TIMEOUT_S = 15.0  # joining a cluster that does not answer (or refuses us) fails after this, naming it
 PROBE_TIMEOUT_S = 5.0
-# The workers' output stays in Ray's logs instead of this terminal. A worker that Ray reaps for idleness (one that ran
-# our model check and Ray Data's metadata tasks) can abort in Ray's own code while it exits ("Mutex corrupt", SIGABRT,
-# "Fatal Python error": seen in 1 of 8 runs here), which says nothing about the run; a worker that dies mid-task is
-# reported by the driver itself, and errors come back as exceptions.
+# The workers' output stays in Ray's logs instead of this terminal. A pooled worker that Ray reaps for idleness as the
+# scoring workers start can abort in Ray's own code while it exits (absl::Mutex "Mutex corrupt", SIGABRT, "Fatal Python
+# error: Aborted"), which says nothing about the run: it showed on the terminal in 1 of 8 `--ray --workers 2` runs
+# here, and a plain Ray Data script whose crashing workers ran none of our code did it in 7 of 10 sessions. A worker
+# that dies mid-task is reported by the driver itself, and errors come back as exceptions.
 WORKER_LOGS = "the workers' output is in Ray's logs: `ray logs`, or /tmp/ray/session_latest/logs on each node"
 
 
