@@ -25,8 +25,6 @@ from typing import Any, TypeVar
 from quantize.fixtures.registry import FIXTURES, fixture_cache_dir, remove_leftovers
 from rank1_local.core.errors import Rank1Error
 
-logger = logging.getLogger(__name__)
-
 FIXTURE = "behaving"
 GGUF_TYPE = "Q8_0"
 QUERY = "What is known about the apple?"
