@@ -453,7 +453,7 @@ def test_toolchain_checkpoint_download_is_fast_offline_too(tmp_path):
     done = subprocess.run([sys.executable, "-m", "quantize.cli", "gguf", "owner/rank1-7b", "--out",
                            str(tmp_path / "models")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "is not in the local cache" in done.stderr
-    assert "rank1-quantize fixture --help" in done.stderr  # the route that needs no download
+    assert "`rank1-local demo`" in done.stderr  # the route that needs no hub
     assert time.perf_counter() - start < 5
 
 

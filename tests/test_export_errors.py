@@ -138,7 +138,8 @@ def test_offline_hub_id_gives_plain_message(tmp_path, monkeypatch, capsys):
 def test_cli_reports_missing_folder(tmp_path, capsys):
     code = cli_main(["-q", "gguf", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "no such file or folder" in capsys.readouterr().err
+    assert "nope: no such checkpoint folder" in capsys.readouterr().err
+
 
 
 def test_a_killed_export_leaves_nothing_after_the_next_run(fixture_dir, tmp_path):

@@ -211,3 +211,36 @@ def test_work_and_out_that_are_files_are_refused_before_anything_runs(tmp_path, 
     err = capsys.readouterr().err
     assert f"is a file; {flag} is a folder" in err and "Traceback" not in err
     assert a_file.read_text() == "kept" and not (tmp_path / "work").exists()
+
+
+def test_the_reference_engine_is_checked_before_anything_else(tmp_path, capsys, caplog):
+    """Without vLLM, `--reference vllm` is refused before the inputs are read or anything exported, naming the study's
+    own flags; left out, the reference is transformers, and the study says so."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this Python")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "y"}) + "\n")
+    base = ["study", "--model", str(tmp_path / "no-model"), "--pairs", str(tmp_path / "pairs.jsonl"), "--work",
+            str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--types", "Q8_0"]
+    assert main(base + ["--reference", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--reference vllm: vLLM is not installed in this Python" in err and "--reference transformers" in err
+    assert "--backend" not in err and not (tmp_path / "w").exists()
+    assert main(base) == 2  # now the missing model: the engine was fine
+    err = capsys.readouterr().err
+    assert "no-model" in err and "vLLM is not installed in this Python" not in err
+    assert "vLLM is not installed here: the reference is transformers" in caplog.text
+
+
+def test_a_failed_scoring_job_says_whether_rows_were_kept(tmp_path):
+    from benchmarks.study.scoring import ScoringJob, subprocess_scorer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "y"}) + "\n")
+    job = ScoringJob("Q8_0", "llama.cpp", str(tmp_path / "missing.gguf"), {}, {}, str(pairs),
+                     str(tmp_path / "runs" / "Q8_0.jsonl"), progress=False)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(Rank1Error, match="no row was written") as failed:
+        subprocess_scorer(job)
+    assert "kept" not in str(failed.value)

@@ -4,8 +4,10 @@ HTTP, keep its judgments in a cache, and bundle it for offline use."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,16 +18,25 @@ from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
 from rank1_local.cli.output import print_results
 from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
-from rank1_local.cli.support import HelpFormatter, add_common_flags, add_subcommand, add_version, run_command
+from rank1_local.cli.support import (
+    HelpFormatter,
+    add_common_flags,
+    add_subcommand,
+    add_version,
+    plain_text,
+    run_command,
+)
 from rank1_local.core.cards import CARDS, card_named
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.dataset_prompts import NO_PROMPT, resolve_dataset
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.protocol import PROTOCOLS
 from rank1_local.core.reranker import Reranker, check_top_k, ranked
+from rank1_local.core.results import Rank1Result
 from rank1_local.models.file_digest import VERIFY_ENV, VERIFY_MODES, verify_mode
 
 logger = logging.getLogger("rank1-local")
+PAIRS_INTERRUPTED = "interrupted; rows already written to --output are kept, run the same command again to resume"
 
 SERVE_PARALLEL = 8  # the server's default slots (a library call's default is LlamaSettings')
 # backend settings fields -> the command-line flags (args attributes) that set them
@@ -137,13 +148,40 @@ def _rerank_query(args: argparse.Namespace) -> int:
     config = scoring_config(args)
     backend_choice(args, config)
     ids, docs = read_documents(args.docs)
+    judged: list[Rank1Result] = []
+
+    def on_result(result: Rank1Result) -> None:
+        judged.append(result)
+        bar.update(1)
+
     with _model(args, config) as model:
         with tqdm(total=len(docs), unit="doc", disable=args.quiet, file=sys.stderr) as bar:
-            results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
-                                        on_result=lambda _: bar.update(1))
+            try:
+                results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
+                                            on_result=on_result)
+            except KeyboardInterrupt:
+                bar.close()
+                return _interrupted_ranking(args, list(judged), ids, docs)
         print_results(ranked(results, args.top_k), ids, docs, args.format, qid=args.qid)
         logger.info("ran on %s", model.device)
     return 0
+
+
+def _interrupted_ranking(args: argparse.Namespace, judged: list[Rank1Result], ids: list[str], docs: list) -> int:
+    """Ctrl-C during ``rerank --docs``: nothing is kept on disk, so print the passages judged so far, ranked and
+    marked partial (the table says so on its first line; json, jsonl and trec stay valid and stderr says so)."""
+    if not judged:
+        print(f"interrupted: none of the {len(docs)} passages was judged; nothing to show (nothing is kept: "
+              "--docs prints its ranking, run it again to rank them)", file=sys.stderr)
+        return 130
+    note = (f"PARTIAL ranking: {len(judged)} of {len(docs)} passages judged before the interrupt; the other "
+            f"{len(docs) - len(judged)} are missing")
+    if args.format == "table":
+        print(note)
+    print_results(ranked(judged, args.top_k), ids, docs, args.format, qid=args.qid)
+    print(f"interrupted: {note} (nothing is kept: --docs prints its ranking, run it again for all of them)",
+          file=sys.stderr)
+    return 130
 
 
 def _rerank_pairs(args: argparse.Namespace) -> int:
@@ -164,6 +202,8 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     if args.force_resume and args.output is None:
         raise Rank1Error("--force-resume goes with --pairs … --output OUT.jsonl")
     apply_verify(args)
+    if args.pairs is not None or args.ray is not None:  # Ctrl-C: the run file keeps its rows (--docs: see below)
+        args.interrupted = PAIRS_INTERRUPTED
     if uses_ray(args):
         from rank1_local.cli.ray_commands import rerank_on_ray
 
@@ -211,6 +251,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``rank1-local demo`` is the toolchain's ``rank1-quantize demo``, run as a program: the demo builds and exports a
+    fixture, which is the toolchain's work, and the runtime never imports the toolchain (benchmarks -> quantize ->
+    rank1_local); both are installed together."""
+    if importlib.util.find_spec("quantize") is None:
+        raise Rank1Error("rank1-local demo runs rank1-quantize demo, which is not installed here: install rank1-local "
+                         "from its source (pip install -e .), which brings both")
+    command = [sys.executable, "-m", "quantize.cli", *(["-q"] if args.quiet else []), "demo"]
+    return subprocess.run(command).returncode
+
+
 def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str) -> None:
     """The backend and each backend's engine flags (a flag the chosen backend does not take is refused)."""
     p.add_argument("--backend", choices=BACKENDS, default="llama.cpp", help="the library that runs the model")
@@ -239,7 +290,7 @@ def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="rank1-local", description=plain_text(__doc__), formatter_class=HelpFormatter)
     add_common_flags(parser)
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,11 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cache_parser(sub)
     add_bundle_commands(sub)
+    p = add_subcommand(sub, "demo", help=DEMO_HELP)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
+DEMO_HELP = ("see it work, with no hub and no torch: rebuild a tiny fixture model from the weights in this repository "
+             "(not a rank1 model), export it to GGUF, check it on llama.cpp and rerank three passages, saying what each "
+             "step did and how long it took (rank1-quantize demo; the first run needs the package index once, for "
+             "llama.cpp's tokenizer files)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv), "interrupted; rows already written are kept, re-run to resume")
+    return run_command(build_parser().parse_args(argv), "interrupted")
 
 
 if __name__ == "__main__":

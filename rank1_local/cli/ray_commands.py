@@ -12,17 +12,19 @@ from typing import TYPE_CHECKING, Any
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK
+from rank1_local.integrations.ray_cluster import JOIN_TIMEOUT_S
 
 if TYPE_CHECKING:
     from rank1_local.cli.main import BackendChoice
 
-RAY_HELP = ("run on a Ray cluster (pip install 'rank1-local[ray]'): alone or 'auto', the cluster this machine "
-            "belongs to (RAY_ADDRESS or `ray start`), else a local one; or the cluster at ADDRESS (HOST:6379, "
-            "ray://HOST:10001)")
+RAY_HELP = ("run on a Ray cluster (pip install 'rank1-local[ray]'): alone or 'auto', the cluster RAY_ADDRESS names, "
+            "else a new local one (never another job's cluster on this machine); 'local', always a new local one; or "
+            f"the cluster at ADDRESS (HOST:6379, ray://HOST:10001). A cluster that does not let this process in within "
+            f"{JOIN_TIMEOUT_S:g} s is an error naming it")
 
 
 def _ray_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS", help=RAY_HELP)
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|local|ADDRESS", help=RAY_HELP)
 
 
 def add_ray_rerank_args(p: argparse.ArgumentParser) -> None:

@@ -26,8 +26,21 @@ from tqdm import tqdm
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, formatted
-from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK, dataset_from_rows, result_rows, score_dataset
-from rank1_local.integrations.ray_cluster import AUTO, NodeModel, check_model_on_nodes, connect, rank1_message
+from rank1_local.integrations.ray_batch import (
+    PAIRS_PER_BLOCK,
+    block_size_for,
+    dataset_from_rows,
+    result_rows,
+    score_dataset,
+)
+from rank1_local.integrations.ray_cluster import (
+    AUTO,
+    WORKER_LOGS,
+    NodeModel,
+    check_model_on_nodes,
+    connect,
+    rank1_message,
+)
 from rank1_local.runs.inputs import PairRow, read_pairs
 from rank1_local.runs.run_header import RunHeader, start_run
 from rank1_local.runs.run_output import RunOutput
@@ -155,20 +168,22 @@ def score_pairs_file_on_ray(pairs: str | Path, output: Path, model: str | Path, 
                                          gpus=gpus_per_worker)
             _check_resumable(out, nodes[0], backend, config)
             run = _Run(out, str(model), nodes[0], backend, workers, todo)
-            scored = score_dataset(dataset_from_rows(todo, pairs_per_block), model, config, workers=workers,
+            per_block = block_size_for(len(todo), workers, pairs_per_block)
+            scored = score_dataset(dataset_from_rows(todo, per_block), model, config, workers=workers,
                                    threads_per_worker=threads_per_worker, gpus_per_worker=gpus_per_worker,
                                    backend=backend, grouped=True, check_model=False, **engine)
             scored.context.enable_progress_bars = False
             try:
                 with tqdm(total=len(todo), unit="pair", disable=not progress) as bar:
                     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-                        bar.update(run.accept(batch))
-                        elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix(tok_s=f"{run.all_tokens / elapsed:.1f}")
+                        new = run.accept(batch)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9  # the rate set before the count is drawn
+                        bar.set_postfix(tok_s=f"{run.all_tokens / elapsed:.1f}", refresh=False)
+                        bar.update(new)
             except Rank1Error:
                 raise
             except Exception as exc:
-                raise Rank1Error(f"the Ray run failed: {rank1_message(exc)}") from None
+                raise Rank1Error(f"the Ray run failed: {rank1_message(exc)} ({WORKER_LOGS})") from None
         finally:
             connection.close()
     missing = run.expected - run.written
