@@ -17,6 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the test
 HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The llama.cpp build check (test_llama_build.py) runs first: a build whose CPU kernels crash would otherwise
+    kill the session at the first test that decodes, before the check could name the cause."""
+    items.sort(key=lambda item: item.path.name != "test_llama_build.py")  # stable: the rest keep their order
+
+
 def weight_quant_cache(source: Path) -> Path:
     """Where the GPTQ/AWQ exports of fixture ``source`` made by the main suite are kept for the vLLM tests."""
     from quantize.fixtures import fixture_cache_dir
