@@ -187,6 +187,13 @@ class VllmRank1(Reranker):
     def last_stats(self) -> RunStats | None:
         return self.pipeline.last_stats
 
+    def close(self) -> None:
+        """Shut the engine down (its weights and KV cache are freed)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
         """Score pairs in one ``generate`` call (calls from several threads take turns); results in input order."""
