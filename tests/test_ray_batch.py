@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import engine
 from ray_support import BUDGET, N_CTX, PARALLEL, by_key, compare_runs, processes, read_run, write_pairs
 
 from rank1_local.cli.main import main
@@ -190,8 +191,8 @@ def test_a_model_the_nodes_cannot_find_fails_fast_naming_the_node(ray_cluster, p
     assert not out.exists() and not set(processes(WORKER_TITLE)) - workers  # no worker was started
 
 
-def test_an_address_where_no_cluster_listens_fails_at_once(pairs, tmp_path):
-    pytest.importorskip("ray")
+def test_an_address_where_no_cluster_listens_fails_at_once(pairs, tmp_path, pytestconfig):
+    engine(pytestconfig, "ray")
     from benchmarks.server_process import free_port
 
     address = f"127.0.0.1:{free_port()}"

@@ -87,7 +87,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         n_gpu_layers=args.n_gpu_layers,
         calibration=Calibration(args.calibration, args.calibration_size, args.calibration_seed,
                                 args.calibration_budget),
-        recall_k=args.recall_k, title=args.title, note=args.note, progress=not args.quiet)
+        recall_k=args.recall_k, drop_queries_without_relevant=args.drop_queries_without_relevant, title=args.title,
+        note=args.note, progress=not args.quiet)
     runs = run_study(study_inputs, settings, scorer)
     report = analyse_study(runs, study_inputs, settings)
     files = write_report(report, args.out)
@@ -138,6 +139,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-budget", type=int, default=256, help="reasoning tokens per calibration pair")
     p.add_argument("--recall-k", type=_ints, default=(10,), help="Recall@k cut-offs (default 10; only those below "
                    "the depth are reported)")
+    p.add_argument("--drop-queries-without-relevant", action="store_true",
+                   help="leave judged queries without a relevant document out of nDCG@10 and Recall@k (as some "
+                        "papers do; default: they count 0, as trec_eval counts them)")
     p.add_argument("--work", type=Path, required=True, help="cache of inputs, exports and run files (resumable)")
     p.add_argument("--out", type=Path, required=True, help="where study.md, study.json and study.png go")
     p.add_argument("--title", default="Quantization study", help="the title of study.md")

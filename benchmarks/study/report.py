@@ -34,8 +34,12 @@ METHODS = (
     f"{st.LEVEL:.0%} percentile intervals from a cluster bootstrap over queries ({st.BOOTSTRAP} resamples, fixed "
     "seed; Wilson's interval over pairs when a proportion is 0 or 1). ΔnDCG@10 and the type-against-type "
     "differences are tested with a two-sided paired randomization (sign-flip) test over queries (exact up to "
-    f"{st.EXACT_MAX} differing queries, else {st.PERMUTATIONS} random sign patterns). nDCG@10 follows trec_eval "
-    "(linear gains, ties broken by document id) over the queries with a relevant document. Spearman and Kendall τ "
+    f"{st.EXACT_MAX} differing queries, else {st.PERMUTATIONS} random sign patterns). Multiple comparisons: the "
+    "p-values shown are Holm-adjusted within each family of tests — ΔnDCG@10 of every type against the reference; "
+    "each statistic over the rows of a type-against-type table — which keeps each family's chance of any false "
+    "positive at the level the reader tests at (without assuming the tests independent); the raw p-values are in "
+    "study.json. nDCG@10 follows trec_eval (linear gains, ties broken by document id); which "
+    "queries its mean holds is said above its table. Spearman and Kendall τ "
     "(tau-b) are computed per query and averaged. Reasoning divergence is the first token where a chain differs "
     "from the reference's."
 )
@@ -84,13 +88,17 @@ def analyse_study(runs: StudyRuns, inputs: StudyInputs, settings: StudySettings)
     depth = max(sum(1 for k in ref.rows if k[0] == q) for q in {k[0] for k in ref.rows})
     recall_k = tuple(k for k in settings.recall_k if k < depth)
     loaded = {label: read_run(path) for label, path in runs.runs.items()}
+    drop = settings.drop_queries_without_relevant
     results = [analyse_run(label, ref, run, qrels=qrels, recall_k=recall_k, tokenize=tokenize,
-                           cost=run_cost(runs.runs[label], runs.exports[label])) for label, run in loaded.items()]
+                           cost=run_cost(runs.runs[label], runs.exports[label]), drop_without_relevant=drop)
+               for label, run in loaded.items()]
+    for r, adjusted in zip(results, st.holm([r.ndcg10_p for r in results]), strict=True):
+        r.ndcg10_p_holm = adjusted
     keys = common_keys(ref, ref)
     groups = np.array([q for q, _ in keys])
     reference = ReferenceSummary(
         runs.reference.name.removesuffix(".jsonl"), None, None, run_cost(runs.reference, runs.source),
-        ranking_quality(ref, keys, qrels, recall_k) if qrels else None,
+        ranking_quality(ref, keys, qrels, recall_k, drop_without_relevant=drop) if qrels else None,
         st.cluster_proportion(np.array([ref.rows[k].forced for k in keys]), groups),
         float(np.mean([ref.rows[k].n_tokens for k in keys])))
     reference.backend, reference.device = reference.cost.backend, reference.cost.device
@@ -106,10 +114,22 @@ def analyse_study(runs: StudyRuns, inputs: StudyInputs, settings: StudySettings)
     labels = set(loaded)
     imatrix = [comparison(label.removesuffix(IMATRIX_SUFFIX), label) for label in loaded
                if label.endswith(IMATRIX_SUFFIX) and label.removesuffix(IMATRIX_SUFFIX) in labels]
+    for family in (order, imatrix):
+        adjust_family(family)
     judged = reference.quality.queries if reference.quality else None
     return StudyReport(settings.title, settings.note, inputs.source, str(settings.model), len(ref.rows),
                        len(set(groups)), judged, inputs.dataset, settings.config.to_dict(), machine(), reference,
                        results, order, imatrix, runs.seconds)
+
+
+COMPARISON_TESTS = ("flip_p", "kl_p", "abs_diff_p", "ndcg10_p")
+
+
+def adjust_family(comparisons: Sequence[TypeComparison]) -> None:
+    """Holm-adjust each statistic's p-values over the rows of one type-against-type table (one family each)."""
+    for name in COMPARISON_TESTS:
+        for c, adjusted in zip(comparisons, st.holm([getattr(c, name) for c in comparisons]), strict=True):
+            c.holm[name] = adjusted
 
 
 def _tokenizer(runs: StudyRuns) -> Any:
@@ -150,6 +170,17 @@ def _table(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _queries_in_the_mean(quality: RankingQuality) -> str:
+    """Which queries nDCG@10 and Recall@k average over (trec_eval's convention, or the flag's)."""
+    n = quality.without_relevant
+    if quality.dropped:
+        return (f"Means over the {quality.queries} judged queries with a relevant document: {n} judged "
+                "quer" + ("y" if n == 1 else "ies") + " without one left out (--drop-queries-without-relevant; "
+                "trec_eval would count them 0).")
+    return (f"Means over all {quality.queries} judged queries, as trec_eval computes them: the {n} without a "
+            "relevant document count 0 (--drop-queries-without-relevant leaves them out).")
+
+
 def render_markdown(report: StudyReport, plot_name: str | None = "study.png") -> str:
     ref = report.reference
     s = report.settings
@@ -158,7 +189,7 @@ def render_markdown(report: StudyReport, plot_name: str | None = "study.png") ->
         lines += [report.note, ""]
     prompt = f"the official dataset prompt of {report.dataset}" if s.get("prompt_template") and report.dataset \
         else "a dataset prompt" if s.get("prompt_template") else "no dataset prompt"
-    judged = f", {report.judged_queries} with a relevant document in the qrels" if report.judged_queries else \
+    judged = f", {report.judged_queries} of them in the nDCG@10 mean" if report.judged_queries else \
         ", no qrels" if report.judged_queries is None else ""
     lines += [
         f"Model `{report.model}`; {report.pairs} pairs over {report.queries} queries{judged} ({report.source}). "
@@ -176,14 +207,15 @@ def render_markdown(report: StudyReport, plot_name: str | None = "study.png") ->
           _num(r.spearman.value, ".3f"), _num(r.kendall.value, ".3f")] for r in report.types])
     if ref.quality is not None:
         ks = sorted(ref.quality.recall)
-        lines += ["", f"## Ranking quality against the qrels ({ref.quality.queries} queries)", ""]
+        lines += ["", f"## Ranking quality against the qrels ({ref.quality.queries} queries)", "",
+                  _queries_in_the_mean(ref.quality), ""]
         rows = [[f"reference ({ref.name})", _num(ref.quality.ndcg10, ".4f"), "", ""]
                 + [_num(ref.quality.recall.get(k), ".4f") for k in ks]]
         for r in report.types:
             q = r.quality
-            rows.append([r.label, _num(q.ndcg10 if q else None, ".4f"), _est(r.ndcg10_delta, "+.4f"), _p(r.ndcg10_p)]
-                        + [_num(q.recall.get(k) if q else None, ".4f") for k in ks])
-        lines += _table(["run", "nDCG@10", "ΔnDCG@10 [95% CI]", "p (paired randomization)"]
+            rows.append([r.label, _num(q.ndcg10 if q else None, ".4f"), _est(r.ndcg10_delta, "+.4f"),
+                         _p(r.ndcg10_p_holm)] + [_num(q.recall.get(k) if q else None, ".4f") for k in ks])
+        lines += _table(["run", "nDCG@10", "ΔnDCG@10 [95% CI]", "p (paired randomization, Holm)"]
                         + [f"Recall@{k}" for k in ks], rows)
     lines += ["", "## Reasoning and cost", ""]
     rows = [[f"reference ({ref.name})", _mb(ref.cost.model_bytes), "", "", f"{ref.tokens:.1f}", "",
@@ -204,11 +236,12 @@ def render_markdown(report: StudyReport, plot_name: str | None = "study.png") ->
         if not comparisons:
             continue
         lines += ["", f"## {title}", "", intro, ""]
-        lines += _table(["first → second", "Δ flip rate % [95% CI]", "p", "Δ mean KL [95% CI]", "p",
-                         "Δ mean |Δscore| [95% CI]", "p", "ΔnDCG@10", "p"],
-                        [[f"{c.first} → {c.second}", _est(c.flip_rate, "+.2f", 100), _p(c.flip_p), _est(c.kl, "+.2e"),
-                          _p(c.kl_p), _est(c.abs_diff, "+.4f"), _p(c.abs_diff_p), _est(c.ndcg10, "+.4f"),
-                          _p(c.ndcg10_p)] for c in comparisons])
+        lines += _table(["first → second", "Δ flip rate % [95% CI]", "p (Holm)", "Δ mean KL [95% CI]", "p (Holm)",
+                         "Δ mean |Δscore| [95% CI]", "p (Holm)", "ΔnDCG@10", "p (Holm)"],
+                        [[f"{c.first} → {c.second}", _est(c.flip_rate, "+.2f", 100), _p(c.holm.get("flip_p")),
+                          _est(c.kl, "+.2e"), _p(c.holm.get("kl_p")), _est(c.abs_diff, "+.4f"),
+                          _p(c.holm.get("abs_diff_p")), _est(c.ndcg10, "+.4f"), _p(c.holm.get("ndcg10_p"))]
+                         for c in comparisons])
     missing = [r for r in report.types if r.missing]
     if missing:
         lines += ["", "Rows missing from a run (statistics use the pairs both hold): "

@@ -55,6 +55,7 @@ class StudySettings:
     n_gpu_layers: int = 0
     calibration: Calibration = field(default_factory=Calibration)
     recall_k: tuple[int, ...] = (10,)
+    drop_queries_without_relevant: bool = False  # nDCG@10 / Recall@k: trec_eval counts such queries 0
     title: str = "Quantization study"
     note: str | None = None  # a paragraph for the top of study.md
     progress: bool = True

@@ -213,7 +213,11 @@ class _VllmScorer:
             deliver(i, result)
 
     def close(self) -> None:
-        self.llm = None
+        """Shut the engine down (its weights and KV cache are freed)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
 
 class VllmRank1(Reranker):
