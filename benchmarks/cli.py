@@ -71,7 +71,7 @@ def load_tokenizer(path: str) -> Callable[[str], list[int]]:
 def _cmd_compare(args: argparse.Namespace) -> int:
     for module in ("scipy", "ir_measures", "matplotlib"):
         require(module, "bench", "rank1-bench compare")
-    from benchmarks.compare import compare, plot, read_qrels, render_markdown, to_json
+    from benchmarks.compare import compare, plot, read_qrels, render_html, render_markdown, to_json
     from benchmarks.runfile import read_run
     from rank1_local.runs.atomic import write_text_atomic
 
@@ -87,9 +87,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         stem = args.name
         write_text_atomic(args.out_dir / f"{stem}.md", markdown)
         write_text_atomic(args.out_dir / f"{stem}.json", json.dumps(to_json(ref, results), indent=2) + "\n")
+        png = args.out_dir / f"{stem}.png"
         if not args.no_plot:
-            plot(ref, runs, results, args.out_dir / f"{stem}.png")
-        print(f"report: {args.out_dir / stem}.md / .json" + ("" if args.no_plot else " / .png"))
+            plot(ref, runs, results, png)
+        write_text_atomic(args.out_dir / f"{stem}.html", render_html(
+            ref, runs, results, plot_png=None if args.no_plot else png.read_bytes(), tokenize=tokenize))
+        print(f"report: {args.out_dir / stem}.md / .json / .html" + ("" if args.no_plot else " / .png"))
     return 0
 
 
@@ -123,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", type=Path, default=None, help="TREC qrels (qid 0 docid rel): adds nDCG@10")
     p.add_argument("--tokenizer", default=None,
                    help="GGUF file or checkpoint: measure where reasoning diverges in tokens (default: characters)")
-    p.add_argument("--out-dir", type=Path, default=None, help="write NAME.md, NAME.json and NAME.png here")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="write NAME.md, NAME.json, NAME.png and NAME.html (the pairs, offline) here")
     p.add_argument("--name", default="compare", help="report file name stem (default: compare)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.set_defaults(func=_cmd_compare)

@@ -150,6 +150,24 @@ def vocab_test_file(fixture_dir):
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium for the ``browser`` tier (one for the session; see tests/browser_support.py)."""
+    from browser_support import start_chromium, stop_chromium
+
+    driver = start_chromium()
+    yield driver
+    stop_chromium(driver)
+
+
+@pytest.fixture(scope="session")
+def artifacts(request, tmp_path_factory):
+    """The folder the browser tier's screenshots go to (printed)."""
+    from browser_support import artifacts_folder
+
+    return artifacts_folder(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(pytestconfig):
     """A local Ray cluster of 2 CPUs for the ``ray`` tests (each worker gets 1 thread); its address, for drivers in
     other processes. Ray is imported here, never at collection: the quick tier stays Ray-free."""

@@ -249,6 +249,18 @@ def test_health_models_and_metrics(server):
     assert 'rank1_http_responses_total{route="/v1/rerank",status="200"}' in text
 
 
+def test_the_playground_at_the_root_and_no_ui(server, model_file, tmp_path):
+    """`rank1-local serve` answers GET / with the playground (no key needed for the page itself); `--no-ui` turns it
+    off (404) and serves the API as before."""
+    page = httpx.get(server.url + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "rank1-local playground" in page.text and "/playground.js" in page.text
+    with ServerProcess(model_file, ARGS + ["--no-ui"], tmp_path / "no-ui.log") as no_ui:
+        assert httpx.get(no_ui.url + "/", timeout=30).status_code == 404
+        assert httpx.get(no_ui.url + "/playground.js", timeout=30).status_code == 404
+        assert httpx.get(no_ui.url + "/v1/models", timeout=30).status_code == 200
+
+
 # A shutdown test needs its request still running when the signal is handled (uvicorn looks every 0.1 s; CI may be
 # slower): one slot and 12 documents of up to 200 thinking tokens keep it running for seconds after the first result.
 LONG_REQUEST = {"query": make_pair("grape", "grape").query, "stream": True, "max_think_tokens": 200,

@@ -6,6 +6,7 @@ process is in tests/test_server.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import pytest
@@ -173,3 +174,41 @@ def test_an_api_key_no_client_can_send_is_refused_at_start(key, capsys):
             Rank1Client("http://127.0.0.1:9", api_key=key)
         assert main(["serve", "--model", "missing.gguf", "--api-key", key]) == 2
         assert "printable ASCII" in capsys.readouterr().err
+
+
+def test_the_playground_is_served_at_the_root_and_no_ui_turns_it_off():
+    """GET / is the playground (its page, script and style from the package, needing no key even when the API does,
+    with a policy that lets it load and connect to nothing but this server), counted under its own route in
+    /metrics; with ui=False (--no-ui) the three are 404."""
+    from importlib import resources
+
+    static = resources.files("rank1_local.server") / "static"
+    pages = {"/": ("index.html", "text/html"), "/playground.js": ("playground.js", "text/javascript"),
+             "/playground.css": ("playground.css", "text/css")}
+    auth = {"Authorization": "Bearer k"}
+
+    async def scenario(ui):
+        model = scripted_rank1(RecordingEngine(scripted(SCRIPTS)), 1, CONFIG)
+        app = create_app(model, ServerSettings(model_name="scripted", api_key="k", ui=ui))
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                replies = {path: await client.get(path) for path in pages}
+                return replies, (await client.get("/metrics", headers=auth)).text
+        finally:
+            model.close()
+
+    replies, metrics = asyncio.run(scenario(True))
+    for path, (name, media_type) in pages.items():
+        reply = replies[path]
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith(media_type)
+        assert reply.content == (static / name).read_bytes()
+        assert reply.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self'")
+        assert "connect-src 'self'" in reply.headers["content-security-policy"]
+        assert reply.headers["x-content-type-options"] == "nosniff"
+    assert 'rank1_http_responses_total{route="/",status="200"} 1' in metrics
+    assert 'rank1_http_responses_total{route="/playground.js",status="200"} 1' in metrics
+    assert not any(re.search(r"https?://|\ssrc=\"//|\shref=\"//", r.text) for r in replies.values())  # nothing outside
+
+    replies, metrics = asyncio.run(scenario(False))
+    assert all(reply.status_code == 404 for reply in replies.values())
+    assert 'rank1_http_responses_total{route="other",status="404"} 3' in metrics

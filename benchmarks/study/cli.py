@@ -143,7 +143,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave judged queries without a relevant document out of nDCG@10 and Recall@k (as some "
                         "papers do; default: they count 0, as trec_eval counts them)")
     p.add_argument("--work", type=Path, required=True, help="cache of inputs, exports and run files (resumable)")
-    p.add_argument("--out", type=Path, required=True, help="where study.md, study.json and study.png go")
+    p.add_argument("--out", type=Path, required=True,
+                   help="where study.md, study.json, study.png and study.html (every pair, offline) go")
     p.add_argument("--title", default="Quantization study", help="the title of study.md")
     p.add_argument("--note", default=None, help="a paragraph for the top of study.md")
     add_ray_rerank_args(p)  # --ray [auto|ADDRESS], --workers, --threads-per-worker, --gpus-per-worker …

@@ -1,5 +1,5 @@
 """``rank1-bench study``: export a model to several quantization types, score each and the reference with the official
-protocol, compare, and write ``study.md``, ``study.json`` and ``study.png``.
+protocol, compare, and write ``study.md``, ``study.json``, ``study.png`` and ``study.html``.
 
 The work folder holds everything the study makes, and every step resumes from it:
 

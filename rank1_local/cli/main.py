@@ -236,7 +236,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     choice = backend_choice(args, config, parallel=SERVE_PARALLEL)
     server = dict(api_key=api_key, max_documents=args.max_documents, max_total_chars=args.max_chars,
                   max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                  read_timeout=args.read_timeout, max_connections=args.max_connections)
+                  read_timeout=args.read_timeout, max_connections=args.max_connections, ui=not args.no_ui)
     ServerSettings(model_name=args.name or "-", **server)  # checked before the model loads
     if args.max_queue < args.max_documents:
         logger.warning("--max-queue %d is less than --max-documents %d: a request with more than %d documents to "
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "connection is closed); also how long an idle keep-alive connection stays open")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish on shutdown before they are cancelled")
+    p.add_argument("--no-ui", action="store_true",
+                   help="no playground page at / (by default / serves a page to try the model in a browser)")
     add_backend_args(p, parallel=SERVE_PARALLEL, parallel_help="pairs decoded together, across all requests")
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_cache_arg(p)

@@ -1,4 +1,4 @@
-"""The HTTP server's ASGI application (FastAPI): rerank endpoints, health, models and metrics.
+"""The HTTP server's ASGI application (FastAPI): rerank endpoints, health, models, metrics and the playground page.
 
 The server speaks only to the model's :class:`~rank1_local.core.engine.ScoringEngine` (``model.engine``), so any
 backend can be served: every request's pairs go through it to the one thread that owns the model (for llama.cpp, in
@@ -33,6 +33,7 @@ from rank1_local.core.results import Rank1Result
 from rank1_local.pipeline import Overloaded, Stopped, TooLarge
 from rank1_local.server.auth import check_api_key
 from rank1_local.server.metrics import RateWindow, render
+from rank1_local.server.playground import add_playground
 from rank1_local.server.schema import RerankRequest, error_body, rerank_response, result_row
 from rank1_local.version import __version__
 
@@ -56,6 +57,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0  # seconds a client gets for a request's headers, and again for its body
     max_connections: int = 256  # open connections at once (more: 503 at once)
+    ui: bool = True  # the playground at / (rank1_local.server.playground); --no-ui: / is 404
 
     def __post_init__(self) -> None:
         for name in ("max_documents", "max_total_chars", "max_body_bytes", "max_connections"):
@@ -341,6 +343,8 @@ def create_app(model: Reranker, settings: ServerSettings) -> Any:
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for route in RERANK_ROUTES:
         app.add_api_route(route, rerank, methods=["POST"])
+    if settings.ui:
+        add_playground(app)
     routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     wrapped = StatusCounter(app, state.http_counts, routes)
     wrapped.server = state  # type: ignore[attr-defined]
