@@ -14,7 +14,7 @@ reference is vLLM in float16 (the official engine and dtype), run with the Pytho
 (``--vllm-python``), or transformers fp32 with ``--reference transformers``. Everything is cached in ``--work`` and
 resumes. Usage:
     python benchmarks/quant_study.py [--vllm-python .vllm-venv/bin/python] [--work DIR] [--out benchmarks/results]
-    python benchmarks/quant_study.py --html-only   # quant_study.html again from quant_study.json (no pairs)
+    python benchmarks/quant_study.py --html-only   # quant_study.html and .md again from quant_study.json (no pairs)
 """
 
 from __future__ import annotations
@@ -112,12 +112,21 @@ def write_html(reports: dict, out: Path) -> Path:  # reports: name -> StudyRepor
 
 
 def html_from_json(out: Path) -> Path:
-    """quant_study.html from the committed quant_study.json: the tables and the plot, without pairs (the JSON does
-    not keep the runs' chains; a full run of this script writes them)."""
-    from benchmarks.study.report import report_from_json
+    """quant_study.html and quant_study.md from the committed quant_study.json: the tables and the plot, without
+    pairs (the JSON does not keep the runs' chains; a full run of this script writes them). The markdown keeps the
+    run's own closing paragraph."""
+    from benchmarks.study.report import render_markdown, report_from_json
+    from rank1_local.runs.atomic import write_text_atomic
 
     data = json.loads((out / "quant_study.json").read_text(encoding="utf-8"))
-    return write_html({name: report_from_json(data[name]) for name in ("test_bed", "behaving") if name in data}, out)
+    reports = {name: report_from_json(data[name]) for name in ("test_bed", "behaving") if name in data}
+    markdown = render_markdown(reports["test_bed"], "quant_study.png")
+    if "behaving" in reports:
+        markdown += "\n" + demote(render_markdown(reports["behaving"], None))
+    old = (out / "quant_study.md").read_text(encoding="utf-8") if (out / "quant_study.md").exists() else ""
+    closing = old[old.rfind("\nRegenerate with"):] if "\nRegenerate with" in old else ""
+    write_text_atomic(out / "quant_study.md", markdown + closing)
+    return write_html(reports, out)
 
 
 def main() -> None:
@@ -132,7 +141,8 @@ def main() -> None:
                         help="the Python of a virtualenv with vLLM and rank1-local (see the README's Tests)")
     parser.add_argument("--skip-behaving", action="store_true", help="only the test bed")
     parser.add_argument("--html-only", action="store_true",
-                        help="only write quant_study.html again, from quant_study.json in --out (without pairs)")
+                        help="only write quant_study.html and quant_study.md again, from quant_study.json in --out "
+                             "(without pairs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.html_only:

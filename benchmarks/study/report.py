@@ -100,8 +100,7 @@ def analyse_study(runs: StudyRuns, inputs: StudyInputs, settings: StudySettings,
     results = [analyse_run(label, ref, run, qrels=qrels, recall_k=recall_k, tokenize=tokenize,
                            cost=run_cost(runs.runs[label], runs.exports[label]), drop_without_relevant=drop)
                for label, run in loaded.items()]
-    for r, adjusted in zip(results, st.holm([r.ndcg10_p for r in results]), strict=True):
-        r.ndcg10_p_holm = adjusted
+    adjust_types(results)
     keys = common_keys(ref, ref)
     groups = np.array([q for q, _ in keys])
     reference = ReferenceSummary(
@@ -161,11 +160,21 @@ def report_from_json(data: dict[str, Any]) -> StudyReport:
     ref = data["reference"]
     reference = built(ReferenceSummary, ref, cost=RunCost(**ref["cost"]), quality=quality(ref["quality"]),
                       forced=estimate(ref["forced"]))
-    return built(StudyReport, data, reference=reference, types=[type_result(t) for t in data["types"]],
-                 order=[comparison(c) for c in data["order"]], imatrix=[comparison(c) for c in data["imatrix"]])
+    report = built(StudyReport, data, reference=reference, types=[type_result(t) for t in data["types"]],
+                   order=[comparison(c) for c in data["order"]], imatrix=[comparison(c) for c in data["imatrix"]])
+    adjust_types(report.types)  # the adjusted p-values follow from the raw ones the JSON keeps
+    for family in (report.order, report.imatrix):
+        adjust_family(family)
+    return report
 
 
 COMPARISON_TESTS = ("flip_p", "kl_p", "abs_diff_p", "ndcg10_p")
+
+
+def adjust_types(results: Sequence[TypeResult]) -> None:
+    """Holm-adjust the ΔnDCG@10 p-values over the study's types (one family)."""
+    for r, adjusted in zip(results, st.holm([r.ndcg10_p for r in results]), strict=True):
+        r.ndcg10_p_holm = adjusted
 
 
 def adjust_family(comparisons: Sequence[TypeComparison]) -> None:
