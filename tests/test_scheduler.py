@@ -204,7 +204,7 @@ def test_official_generation_stops_at_the_context():
     engine = FakeEngine(lambda passage, generated: "x", background=(-5.0, -6.0))
     (r,), _ = run(engine, [(QUERY_A, "doc")], budget=300, n_ctx=400)
     prompt_len = len(engine.tokenize(build_prompt(QUERY_A, "doc")))
-    assert r.n_tokens == 400 - prompt_len and not r.forced
+    assert r.n_tokens == 400 - prompt_len + 1 and not r.forced  # as vLLM 0.7.2: until the sequence is longer
 
 
 def test_rethink_then_budget_in_one_slot():

@@ -123,7 +123,9 @@ class _VllmScorer:
             engine = {"kv_cache_memory_bytes": settings.cpu_kv_cache_gib << 30}
         # processed logprobs: what vLLM 0.7.2 (the official pin) returned, after allowed_token_ids; current vLLM
         # returns raw ones by default, where the fallback's other answer is missing
-        self.llm = vllm.LLM(model=str(model_path), dtype=settings.dtype, max_model_len=config.n_ctx,
+        # one token past the context: vLLM 0.7.2 (the official pin) ran a prompt of n_ctx tokens and generated until
+        # the sequence was longer than n_ctx; today's vLLM stops when it reaches max_model_len
+        self.llm = vllm.LLM(model=str(model_path), dtype=settings.dtype, max_model_len=config.n_ctx + 1,
                             tensor_parallel_size=settings.tensor_parallel_size,
                             enable_prefix_caching=settings.enable_prefix_caching,
                             logprobs_mode="processed_logprobs", **engine)

@@ -186,7 +186,7 @@ class PairDecoder:
         """The answer after the cut reasoning and ``\\n</think>``, or 0.5 when that prompt does not fit."""
         self.chain.forced = True
         ids = self.vocab.tokenize(self.chain.fallback_prompt)
-        if len(ids) >= self.n_ctx:
+        if not self.config.fits(len(ids)):
             return Done(NO_SCORE)
         self.phase = Phase.ANSWERING
         self.seq_len = len(ids)

@@ -153,7 +153,8 @@ class ReasoningChain:
                 return Step.FINISH
         elif close >= 0:
             return Step.ANSWER
-        if self.n_tokens >= self.budget or (self.n_ctx is not None and seq_len >= self.n_ctx):
+        # the context: as vLLM 0.7.2 (the official pin) ended a sequence, once it is longer than n_ctx
+        if self.n_tokens >= self.budget or (self.n_ctx is not None and seq_len > self.n_ctx):
             if self.official:
                 return Step.FINISH
             self.forced = True
