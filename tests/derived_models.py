@@ -46,3 +46,15 @@ def ends_early(tensors: dict) -> None:
     the budget (the end-of-sequence path of the protocol, and its token count)."""
     emb = tensors["model.embed_tokens.weight"]
     emb[151643] = 1.1 * emb[25739]
+
+
+TIED_LOW, TIED_HIGH = 6801, 17064  # " wants", " asks"
+
+
+def tied_top(tensors: dict) -> None:
+    """The (tied) row of " wants" (6801) becomes the row of " asks" (17064): wherever the model writes " asks" (every
+    chain's "The query asks about …"), the two tokens' logits are bit-identical (the same row times the same hidden
+    state), and greedy decoding must take the lower id, " wants", as torch's and vLLM's argmax do. Their input
+    embeddings are equal too, so the chain goes on exactly as it would after " asks"."""
+    emb = tensors["model.embed_tokens.weight"]
+    emb[TIED_LOW] = emb[TIED_HIGH]

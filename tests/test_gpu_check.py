@@ -5,8 +5,14 @@ rehearsed end to end with ``benchmarks/gpu_check.sh --cpu-rehearsal`` (it builds
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -174,7 +180,7 @@ def _runs(case: str, **overrides: list[dict]) -> dict:
     """Every run the fidelity step compares, all agreeing, unless ``overrides`` (``F16_gpu_all`` …) say otherwise."""
     runs = {f"{case}|hf16": {"device": "transformers cpu float16", "results": overrides.pop("hf16", _results())}}
     for gguf_type in ("F16", "Q4_K_M"):
-        for label in ("cpu", "gpu-all", "gpu-half"):
+        for label in ("cpu", "gpu-all", "gpu-half", "gpu-all-host"):
             name = f"{gguf_type}_{label.replace('-', '_')}"
             runs[f"{case}|{gguf_type}|{label}"] = {"device": label, "results": overrides.pop(name, _results())}
     assert not overrides
@@ -210,15 +216,25 @@ def test_agreeing_fidelity_runs_pass_and_a_quantized_gguf_against_float16_is_not
      "F16 | cpu vs hf16: reasoning differs on 4 of 12 pairs (at most 3)"),
     ({"hf16": _results(p2={"score": 0.6})}, "F16 | cpu vs hf16: decisions differ on 1 of 12 pairs"),
     ({"F16_cpu": None}, "F16 | gpu-all vs cpu: cpu did not run"),
+    # device against host sampling on the same device: the same numbers, so |Δscore| ≤ 1e-3, whatever the log-odds
+    ({"Q4_K_M_gpu_all_host": _results(p5={"score": 0.9015})}, "Q4_K_M | gpu-all vs gpu-all-host: |Δscore| 1.5e-03 > 1e-03"),
+    ({"F16_gpu_all_host": _results(p7={"reasoning": "another chain."})},
+     "F16 | gpu-all vs gpu-all-host: reasoning differs on 1 of 12 pairs (at most 0)"),
+    ({"Q4_K_M_gpu_all_host": _results(p2={"score": 0.55})}, "Q4_K_M | gpu-all vs gpu-all-host: decisions differ on 1 of 12"),
+    ({"F16_gpu_all_host": None}, "F16 | gpu-all vs gpu-all-host: gpu-all-host did not run"),
 ])
 def test_the_fidelity_step_fails_on_each_disagreement(overrides, words):
     missing = [k for k, v in overrides.items() if v is None]
     runs = _runs("closes normally", **{k: v for k, v in overrides.items() if v is not None})
     for name in missing:  # a run that did not happen
-        gguf_type, label = name.split("_", 1)
-        del runs[f"closes normally|{gguf_type}|{label}"]
+        gguf_type, label = name.split("_", 1) if not name.startswith("Q4_K_M") else ("Q4_K_M", name[7:])
+        del runs[f"closes normally|{gguf_type}|{label.replace('_', '-')}"]
     failures = steps.judge_fidelity(runs, CASE, TYPES)[1]
     assert any(words in f for f in failures), failures
+
+
+def test_device_sampling_within_its_bound_passes():
+    assert _failures(F16_gpu_all_host=_results(p5={"score": 0.9009}), Q4_K_M_gpu_all_host=_results(p1={"score": 0.8992})) == []
 
 
 def test_float16_chain_changes_within_the_bar_pass_and_their_decisions_are_not_compared():
@@ -242,9 +258,187 @@ def test_the_fidelity_step_records_failed_and_the_report_marks_it(tmp_path, monk
     monkeypatch.setattr(steps, "_fidelity_cases", lambda ctx: CASE)
     data = steps.Data(ctx, "fidelity")
     steps.step_fidelity(ctx, data)
-    # the flipped pair misses two bars: against the CPU run and against transformers
-    assert data["failed"].startswith("2 comparison(s) missed their bar: closes normally | F16 | gpu-all vs cpu")
+    # the flipped pair misses three bars: against host sampling, against the CPU run and against transformers
+    assert data["failed"].startswith("3 comparison(s) missed their bar: closes normally | F16 | gpu-all vs "
+                                     "gpu-all-host: decisions differ on 1 of 12")
     md, _ = render(check.STEPS, {"fidelity": {"status": "failed", "reason": data["failed"], "data": dict(data)}},
                    {"mode": "gpu", "call": "c", "host": "h", "budget_s": 540, "elapsed_s": 1.0})
     assert "**✗** 11/12" in md and "- closes normally | F16 | gpu-all vs cpu: decisions differ on 1 of 12" in md
-    assert "fidelity verdict: 5 of 7 judged comparisons met their bar, **2 did not**" in md
+    assert "fidelity verdict: 6 of 9 judged comparisons met their bar, **3 did not**" in md
+
+
+# --- steps die with the command ---------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    end = time.time() + seconds
+    while time.time() < end and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def test_a_step_and_everything_it_started_die_with_the_driver(tmp_path):
+    """The driver is killed with SIGKILL, as a device tool stops a command at its limit: the step (in a process group
+    of its own, so that the driver's time guard can stop it whole) is told by the kernel and stops its group; the
+    `sleep` it started (standing for a build's compilers) is gone too, so a second call never finds the first call's
+    build still writing."""
+    pids = tmp_path / "pids"
+    step = ("import os, subprocess, time\n"
+            "from benchmarks.gpu.groups import hold_group\n"
+            "hold_group()\n"
+            "child = subprocess.Popen(['sleep', '300'])\n"
+            f"open({str(pids)!r} + '.part', 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+            f"os.replace({str(pids)!r} + '.part', {str(pids)!r})\n"
+            "time.sleep(300)\n")
+    driver = ("import sys, time\n"
+              "from benchmarks.gpu.groups import spawn\n"
+              f"spawn([sys.executable, '-c', {step!r}])\n"
+              "time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    started: list[int] = []
+    try:
+        end = time.time() + 60
+        while not pids.is_file() and time.time() < end:
+            time.sleep(0.1)
+        started = [int(pid) for pid in pids.read_text().split()]
+        step_pid = started[0]
+        assert os.getpgid(step_pid) == step_pid != os.getpgid(proc.pid)  # a group of its own
+        assert os.getsid(step_pid) == os.getsid(proc.pid)  # not a session of its own
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _wait_gone(started, 15) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in started:  # what a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_time_guard_stops_what_a_step_started(tmp_path):
+    pid_file = tmp_path / "sleep.pid"
+    cmd = [sys.executable, "-c", "import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+           f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)"]
+    status, _ = check.run_limited(cmd, 3.0, tmp_path / "logs" / "sleeper")
+    assert status == "timed out"
+    assert _wait_gone([int(pid_file.read_text())], 10) == []
+
+
+# --- the build: cut to what rank1 runs, and resumed by a second call -------------------------------------------------
+def _ctx(tmp_path: Path, mode: str = "gpu") -> steps.Ctx:
+    settings = asdict(check.settings_for(mode, 600))
+    return steps.Ctx(mode, ROOT, tmp_path / "work", tmp_path / "carry", tmp_path / "out", "c", settings, 2, 1e12)
+
+
+def test_a_second_call_keeps_the_sources_and_build_folder_of_an_unfinished_build(tmp_path):
+    ctx = _ctx(tmp_path)
+    carried = tmp_path / "carry" / prepare.SDIST_DIR
+    carried.mkdir(parents=True)
+    (carried / "CMakeLists.txt").write_text("project(x)\n")
+    (ctx.carry / "MANIFEST.json").write_text(json.dumps({"sdist_sha256": "abc"}))
+    args = steps.cmake_args(ctx)
+    first = steps.prepare_build_tree(ctx, carried, args)
+    assert first == {"sources": False, "build_folder": False, "objects_before": 0}
+    built = ctx.work / "llama-build" / "ggml" / "ggml.c.o"  # what the first call's build got to
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"obj")
+    copied = ctx.work / "llama-src" / "CMakeLists.txt"
+    mtime = copied.stat().st_mtime_ns
+    assert steps.prepare_build_tree(ctx, carried, args) == {"sources": True, "build_folder": True, "objects_before": 1}
+    assert copied.stat().st_mtime_ns == mtime and built.is_file()  # ninja sees nothing new: it goes on
+    # other CMake arguments (the rehearsal's) start the build folder afresh; another sdist, the sources too
+    assert steps.prepare_build_tree(ctx, carried, steps.cmake_args(_ctx(tmp_path, "cpu-rehearsal")))["objects_before"] == 0
+    (ctx.carry / "MANIFEST.json").write_text(json.dumps({"sdist_sha256": "def"}))
+    assert steps.prepare_build_tree(ctx, carried, args)["sources"] is False
+
+
+def test_a_build_waits_for_one_still_holding_the_build_folder(tmp_path):
+    lock = tmp_path / "build.lock"
+    with steps.build_lock(lock, wait_s=5) as waited:
+        assert waited < 1
+        with pytest.raises(TimeoutError, match="held"):  # another open file: flock excludes it, as another process
+            with steps.build_lock(lock, wait_s=1):
+                pass
+    with steps.build_lock(lock, wait_s=1):
+        pass
+
+
+def test_the_cuda_build_options_are_options_of_the_carried_llama_cpp():
+    """CMake ignores a -D it does not know (a warning in a long log), so a cut that llama.cpp renamed would silently
+    build everything again: every option the GPU build sets is declared by the carried sources."""
+    carried = ROOT / ".gpu-carry" / prepare.SDIST_DIR
+    if not (carried / "CMakeLists.txt").is_file():
+        pytest.skip("no .gpu-carry here (python -m benchmarks.gpu.prepare makes it)")
+    declared = set()
+    for cmake in carried.rglob("CMakeLists.txt"):
+        declared |= set(re.findall(r"(?:option|set)\s*\(\s*([A-Z0-9_]+)[^)]*?(?:CACHE|\"|ON|OFF)", cmake.read_text()))
+    wanted = {arg[2:].split("=")[0] for arg in steps.cmake_args(_ctx(Path("/nonexistent")))}
+    assert wanted - {"CMAKE_CUDA_ARCHITECTURES"} <= declared, wanted - declared
+    assert "-DCMAKE_CUDA_ARCHITECTURES=90-real" in steps.CUDA_ARGS  # Hopper machine code only
+
+
+def test_the_report_puts_host_and_device_sampling_side_by_side():
+    def row(sampling: str, pairs_s: float, host_ms: float) -> dict:
+        return {"shape": "rank1-0.5b", "type": "Q4_K_M", "engine": "rank1-local (llama.cpp)", "device": "GPU",
+                "sampling": sampling, "parallel": 64, "pairs": 128, "budget": 128, "pairs_s": pairs_s,
+                "gen_tok_s": 1000.0, "prompt_tok_s": 5000.0,
+                "steps": {"generate": {"steps": 10, "rows_per_step": 64.0, "step_ms": 10.0, "device_ms": 10.0 - host_ms,
+                                       "host_ms": host_ms, "readout_ms": host_ms / 2, "scheduler_ms": host_ms / 2,
+                                       "host_share": host_ms / 10.0, "host_us_per_row": host_ms / 64 * 1000}}}
+
+    speed = {"status": "ok", "data": {"rows": [row("host", 10.0, 4.0), row("device", 15.0, 1.0)], "skipped": []}}
+    md, _ = render(check.STEPS, {"speed-small": speed},
+                   {"mode": "gpu", "call": "c", "host": "h", "budget_s": 540, "elapsed_s": 1.0})
+    assert "| rank1-0.5b | Q4_K_M | 64 | 10.00 | 15.00 | 1.50× | 4.00 | 1.00 |" in md
+    assert "- device / host sampling, rank1-0.5b Q4_K_M at parallel 64: 1.50× pairs/s" in md
+
+
+# --- the build: without AMX where the compiler would miscompile llama.cpp's AMX kernels -----------------------------
+DROPS_THE_CONFIG = "#define _tile_loadconfig(config) __asm__ volatile (\"ldtilecfg\\t%X0\" :: \"m\" (*((const void **)config)))\n"
+KEEPS_THE_CONFIG = "#define _tile_loadconfig(config) __builtin_ia32_ldtilecfg (config)\n"
+
+
+@pytest.mark.parametrize("header, amx_off", [(DROPS_THE_CONFIG, True), (KEEPS_THE_CONFIG, False), (None, False)],
+                         ids=["GCC 12.2's header", "a fixed header", "no AMX header"])
+def test_the_build_drops_amx_where_gcc_would_miscompile_it(tmp_path, monkeypatch, header, amx_off):
+    """As .ci/run decides: the AMX flags go into CFLAGS and CXXFLAGS (after the caller's own) only where GCC's
+    amxtileintrin.h lacks __builtin_ia32_ldtilecfg."""
+    if header is not None:
+        (tmp_path / "amxtileintrin.h").write_text(header)
+    monkeypatch.setattr(steps, "sh", lambda cmd, **kw: (0, f"{tmp_path}\n"))
+    monkeypatch.setenv("CFLAGS", "-O2")
+    monkeypatch.delenv("CXXFLAGS", raising=False)
+    flags = steps.compiler_flags()
+    assert flags == ({"CFLAGS": f"-O2 {steps.AMX_OFF}", "CXXFLAGS": steps.AMX_OFF} if amx_off else {})
+
+
+def test_the_build_gives_pip_the_cut_cuda_options_and_the_compiler_flags(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path)
+    carried = ctx.carry / prepare.SDIST_DIR
+    carried.mkdir(parents=True)
+    (carried / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (tmp_path / "amxtileintrin.h").write_text(DROPS_THE_CONFIG)
+    monkeypatch.setattr(steps, "sh", lambda cmd, **kw: (0, f"{tmp_path}\n"))
+    monkeypatch.delenv("CFLAGS", raising=False)
+    monkeypatch.delenv("CXXFLAGS", raising=False)
+    seen = {}
+
+    def run_logged(cmd, env, log_path, progress):
+        seen.update(cmd=cmd, env=env)
+        return 1
+
+    monkeypatch.setattr(steps, "_run_logged", run_logged)
+    data = steps.Data(ctx, "build")
+    steps.step_build(ctx, data)
+    assert data["failed"].startswith("pip install exited with status 1")
+    cmake = seen["env"]["CMAKE_ARGS"].split()
+    assert {"-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=90-real", "-DGGML_CUDA_FA_QUANTS=f16-f16"} <= set(cmake)
+    assert seen["env"]["CFLAGS"] == seen["env"]["CXXFLAGS"] == steps.AMX_OFF
+    assert f"--config-settings=build-dir={ctx.work / 'llama-build'}" in seen["cmd"]
+    assert data["compiler_flags"] == {"CFLAGS": steps.AMX_OFF, "CXXFLAGS": steps.AMX_OFF}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import required, weight_quant_cache
-from derived_models import answers_muted, derive, ends_early, overconfident
+from derived_models import TIED_HIGH, TIED_LOW, answers_muted, derive, ends_early, overconfident, tied_top
 from official_judge import OfficialJudge, official_prompt
 
 from quantize.fixtures.synthetic_task import eval_pairs, make_pair
@@ -51,6 +51,7 @@ def checkpoints(fixture_dir, tmp_path_factory):
     return {"behaving": source, "overconfident": derive(source, root / "overconfident", overconfident),
             "answers-muted": derive(source, root / "answers-muted", answers_muted),
             "ends-early": derive(source, root / "ends-early", ends_early),
+            "tied-top": derive(source, root / "tied-top", tied_top),
             "behaving-think": fixture_dir("behaving-think")}
 
 
@@ -289,6 +290,9 @@ CASES = {
                                                                                   for r in rs)),
     "rank1's tokenizer (<think> tokens)": ("behaving-think", 64, PAIRS, lambda rs: all(not r.forced or r.n_tokens < 64
                                                                                      for r in rs)),
+    # " wants" and " asks" tie exactly in the top 1 (test_vllm_breaks_a_top_1_tie_to_the_lowest_id checks the tie)
+    "a tie in the top 1 (the lowest id)": ("tied-top", 64, PAIRS[:6], lambda rs: all(
+        r.reasoning.startswith("\nThe query wants about") for r in rs)),
 }
 
 
@@ -316,3 +320,17 @@ def test_every_backend_agrees_with_the_official_code(case, checkpoints, ggufs, e
                                                                     official["float32"])
     logger.info("%s: paths %s; %s", case, sorted({(r.forced, r.too_long) for r in official["float32"]}),
                 {k: f"{v:.1e}" for k, v in deltas.items()})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_vllm_breaks_a_top_1_tie_to_the_lowest_id(checkpoints, engines, dtype):
+    """vLLM's greedy choice on the tied-top checkpoint (tests/derived_models.py): where " wants" and " asks" have the
+    same log-probability (checked, so the test cannot pass for want of a tie), vLLM takes " wants", the lower id, as
+    the other backends do (tests/test_ties.py)."""
+    judge = engines.judge(checkpoints, "tied-top", dtype)
+    params = judge.vllm.SamplingParams(temperature=0, max_tokens=8, logprobs=20, skip_special_tokens=False)
+    (request,) = judge.llm.generate([official_prompt(*PAIRS[0])], params, use_tqdm=False)
+    out = request.outputs[0]
+    assert TIED_HIGH not in out.token_ids and TIED_LOW in out.token_ids, out.text
+    top = out.logprobs[list(out.token_ids).index(TIED_LOW)]
+    assert top[TIED_LOW].logprob == top[TIED_HIGH].logprob == max(t.logprob for t in top.values())

@@ -29,4 +29,5 @@ def cases() -> dict[str, tuple[str, int, list[tuple[str, str]]]]:
         "</think> not followed by an answer": ("answers-muted", 48, pairs[:6]),
         "generation ends at end of sequence": ("ends-early", 64, pairs),
         "rank1's tokenizer (<think> tokens)": ("behaving-think", 64, pairs),
+        "a tie in the top 1 (the lowest id)": ("tied-top", 64, pairs[:6]),
     }

@@ -9,12 +9,16 @@ checkpoints        (in the background, from the start) the behaving fixtures, re
 random-ggufs       (in the background, from the start) random-weight GGUFs in rank1-0.5b's and rank1-7b's shapes: F16
                    at once, Q4_K_M (llama.cpp's quantizer) once the build is done
 machine            date, GPU, driver, CUDA compiler, CMake, cores, Python, torch, transformers
-build              llama-cpp-python from the carried sources (``-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90``, all cores)
+build              llama-cpp-python from the carried sources, the CUDA build cut to what rank1 runs on Hopper
+                   (``steps.CUDA_ARGS``: sm_90 only, flash attention for an F16 KV cache only), all cores; a build
+                   an earlier call on this machine left unfinished goes on where it stopped
 fixtures           F16 and Q4_K_M exports of those checkpoints with our exporter
-fidelity           the budget cases of the vLLM judge tests: llama.cpp CUDA (all layers; half the layers) against
-                   llama.cpp CPU on the same GGUF and against the transformers backend in float16 on CUDA; fails
-                   when a comparison misses its bar (``steps.bar_for``)
-speed-small        rank1-local on CUDA, random rank1-0.5b shape, Q4_K_M and F16, parallel 1/8/32/64; per-step timings
+fidelity           the budget cases of the vLLM judge tests: llama.cpp CUDA (all layers; half the layers; device
+                   sampling) against llama.cpp CPU on the same GGUF and against the transformers backend in float16
+                   on CUDA, and device against host sampling on CUDA; fails when a comparison misses its bar
+                   (``steps.bar_for``): decisions differ, chains differ, or the score moves more than the bar allows
+speed-small        rank1-local on CUDA, random rank1-0.5b shape, Q4_K_M and F16, parallel 1/8/32/64, host and device
+                   sampling in turn; per-step timings (llama.cpp's time, reading the rows out, our Python)
 overhead           what one step's host work costs: logits rows copied, argmax over the vocabulary, top-20, device to
                    host copies
 speed-large        the same in rank1-7b's shape
@@ -22,7 +26,8 @@ transformers-speed the transformers backend (float16, CUDA) on the same pairs, b
 batched-bench      llama.cpp's own ``llama-batched-bench``, built against the same libraries, same shapes
 =================  =====================================================================================================
 
-A step that did not run says so and why; nothing is recorded as passed unless it ran. Results of earlier calls on the
+A step that did not run says so and why; nothing is recorded as passed unless it ran. Each step runs in a process group
+of its own that dies with the command (:mod:`benchmarks.gpu.groups`). Results of earlier calls on the
 same machine (a warm machine keeps ``.gpu-work/``) are kept and shown with the call they came from; ``--redo`` runs
 them again (``--rebuild`` the build too).
 """
@@ -32,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.gpu.groups import spawn, stop
 from benchmarks.gpu.report import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,9 +67,9 @@ STEPS = (
     Step("build", "build llama-cpp-python from the carried sources", 390, 60),
     Step("fixtures", "F16 / Q4_K_M exports of the fixture checkpoints", 150, 20, ("build",)),
     Step("fidelity", "fidelity: the vLLM judge tests' budget cases", 180, 30, ("fixtures",)),
-    Step("speed-small", "speed: rank1-local, small shape", 150, 30, ("build",)),
+    Step("speed-small", "speed: rank1-local, small shape, host and device sampling", 240, 30, ("build",)),
     Step("overhead", "host work per decode step", 60, 10),
-    Step("speed-large", "speed: rank1-local, large shape", 200, 40, ("build",)),
+    Step("speed-large", "speed: rank1-local, large shape, host and device sampling", 300, 40, ("build",)),
     Step("transformers-speed", "speed: the transformers backend", 120, 30, ("build",)),
     Step("batched-bench", "llama.cpp's llama-batched-bench", 120, 30, ("build",)),
 )
@@ -80,6 +85,7 @@ class Settings:
     shapes: dict[str, str]  # speed step -> random GGUF shape
     types: tuple[str, ...] = ("Q4_K_M", "F16")
     parallel: tuple[int, ...] = (1, 8, 32, 64)
+    samplings: tuple[str, ...] = ("host", "device")  # each speed setting runs with both, in turn
     budget_tokens: int = 128
     n_ctx: int = 1024
     fidelity_cases: tuple[str, ...] = ()  # empty: all
@@ -225,8 +231,7 @@ class Run:
         self.save(name, {"status": "running", "reason": "running in the background; if this is the final word, the "
                                                         "command was stopped before it ended"})
         log = open(self.work / "logs" / f"{name}.log", "w")
-        proc = subprocess.Popen(self.worker(name, self.deadline), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=lambda: os.nice(10))
+        proc = spawn(self.worker(name, self.deadline), stdout=log, stderr=subprocess.STDOUT, nice=10)
         self.background[name] = (proc, time.time())
         print(f"[check] {name}: started in the background", flush=True)
 
@@ -270,26 +275,12 @@ class Run:
         return 1 if failed else 0
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a step's process group: SIGTERM, then SIGKILL after 5 s."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_limited(cmd: list[str], limit: float, log_base: Path) -> tuple[str, str]:
-    """Run ``cmd`` in its own process group for at most ``limit`` seconds, its output going to our output and to
-    ``log_base.log``; (status, reason)."""
+    """Run ``cmd`` in its own process group (:func:`~benchmarks.gpu.groups.spawn`: it dies with this process) for at
+    most ``limit`` seconds, its output going to our output and to ``log_base.log``; (status, reason)."""
     log_base.parent.mkdir(parents=True, exist_ok=True)
     with open(log_base.with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
         end = time.time() + limit

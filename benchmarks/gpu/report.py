@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.gpu.steps import COMPARISONS
+
 NOT_STARTED = {"status": "not run", "reason": "the command ended before this step started"}
 
 
@@ -49,14 +51,16 @@ def _build(r: dict | None) -> list[str]:
         return ["The build did not run to the end (see the steps table)."]
     probe = d.get("probe") or {}
     libs = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in (d.get("libs") or {}).items())
-    return [f"- `CMAKE_ARGS={' '.join(d.get('cmake_args', []))}`, {d.get('jobs')} jobs: **{d['seconds']:.0f} s** "
+    flags = "".join(f" {k}={v!r}" for k, v in (d.get("compiler_flags") or {}).items())
+    kept = d.get("kept") or {}
+    resumed = (f"; went on from an earlier call's build ({kept['objects_before']} objects already built)"
+               if kept.get("objects_before") else "")
+    return [f"- `CMAKE_ARGS={' '.join(d.get('cmake_args', []))}`{flags}, {d.get('jobs')} jobs: **{d['seconds']:.0f} s**"
+            f"{resumed} "
             "(pip install of the carried sdist, --no-index --no-build-isolation"
             + ("; the background jobs, at nice 10, ran meanwhile)" if d.get("background_busy") else ")"),
             f"- llama_cpp {probe.get('version', '?')}, GPU offload: {probe.get('gpu_offload')}; libraries: {libs}",
             f"- llama.cpp system info: `{str(probe.get('system_info', ''))[:400]}`"]
-
-
-COMPARISONS = (("gpu-all", "cpu"), ("gpu-half", "cpu"), ("gpu-all", "hf16"), ("gpu-half", "hf16"), ("cpu", "hf16"))
 
 
 def _cell(row: dict | None) -> str:
@@ -88,10 +92,12 @@ def _fidelity(r: dict | None) -> list[str]:
     rows = d.get("comparisons") or []
     if not rows:
         return ["Not run (see the steps table)."]
-    lines = ["Official protocol, the budget cases of `tests/test_vllm_judge.py` on the behaving fixtures (and the two "
+    lines = ["Official protocol, the budget cases of `tests/test_vllm_judge.py` on the behaving fixtures (and the "
              "checkpoints derived from them), each exported by our exporter to F16 and Q4_K_M; parallel 4, n_ctx 512, "
-             "float32 KV cache (the tests' settings). `cpu`: llama.cpp with no CUDA device visible; `gpu-all`: every "
-             "layer offloaded; `gpu-half`: half the layers; `hf16`: the transformers backend in float16 (on the "
+             "float32 KV cache (the tests' settings). `cpu`: llama.cpp with no CUDA device visible, rows read from the "
+             "full logits (host sampling); `gpu-all`: every layer offloaded, rows read on the device (the top-20 "
+             "sampler chain in llama.cpp's graph); `gpu-all-host`: the same with host sampling; `gpu-half`: half the "
+             "layers, device sampling; `hf16`: the transformers backend in float16 (on the "
              "checkpoint, so against a Q4_K_M GGUF it also measures the quantization). Each cell: decisions agreeing · "
              "identical reasoning (same text, token count, forced and too-long flags) · max |Δscore|.", "",
              "| case | type | " + " | ".join(f"{a} vs {b}" for a, b in COMPARISONS) + " |",
@@ -114,7 +120,8 @@ def _fidelity(r: dict | None) -> list[str]:
         lines += ["", "Comparisons that missed their bar:", ""]
         lines += [f"- {r['case']} | {r['type']} | {r['run']} vs {r['against']}: {r['verdict'].removeprefix('failed: ')}"
                   for r in failed]
-    devices = sorted({(row["run"], row.get("device")) for row in rows if row.get("device")})
+    devices = sorted({(row["run"], row["device"] + (f", {row['sampling']} sampling" if row.get("sampling") else ""))
+                      for row in rows if row.get("device")})
     if devices:
         lines += ["", "Devices as the runs reported them: " + "; ".join(f"{k}: {v}" for k, v in devices)]
     return lines
@@ -130,37 +137,69 @@ def _speed(results: dict[str, dict | None]) -> list[str]:
         return ["Not run (see the steps table)."]
     lines = ["Random-weight models (every pair runs to the budget: the fallback answer is read after each), the "
              "official protocol; pairs: TREC RAG 2024 passages over 4 queries, 2 per slot (at least 2). rank1-local "
-             "offloads every layer (n_gpu_layers -1); its steps are timed (`benchmarks/gpu/timing.py`): *step* is one scheduler step in the "
-             "steady state (every slot generating), *device* the `llama_decode` call plus waiting for the device, "
-             "*host* the rest (batch, logits rows, argmax, protocol). The transformers backend scores one pair at a "
-             "time (no parallel setting).", "",
-             "| shape | type | engine | device | parallel | pairs | budget | pairs/s | generated tok/s | "
+             "offloads every layer (n_gpu_layers -1) and runs each setting twice, its rows read two ways: *host* "
+             "sampling (each row's greedy token found in its full logits, which cross from the device whole) and "
+             "*device* sampling (a top-20 → greedy sampler chain in llama.cpp's graph: 20 candidates cross). Its "
+             "steps are timed (`benchmarks/gpu/timing.py`): *step* is one scheduler step in the steady state (every "
+             "slot generating), *device* the `llama_decode` call plus waiting for the device, *host* the rest "
+             "(batch, rows read out, the pair decoders). The transformers backend scores one pair at a time (no "
+             "parallel setting).", "",
+             "| shape | type | engine | sampling | device | parallel | pairs | budget | pairs/s | generated tok/s | "
              "prompt tok/s | step ms | device ms | host ms | host share |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         gen = (row.get("steps") or {}).get("generate") or {}
         mark = " *" if row.get("background_busy") else ""
-        lines.append(f"| {row['shape']} | {row['type']} | {row['engine']}{mark} | {row['device']} | {row['parallel']} | "
-                     f"{row['pairs']} | "
+        lines.append(f"| {row['shape']} | {row['type']} | {row['engine']}{mark} | {row.get('sampling', '')} | "
+                     f"{row['device']} | {row['parallel']} | {row['pairs']} | "
                      f"{row['budget']} | {row['pairs_s']:.2f} | {row['gen_tok_s']:.0f} | {row['prompt_tok_s']:.0f} | "
                      f"{_fmt(gen.get('step_ms'))} | {_fmt(gen.get('device_ms'))} | {_fmt(gen.get('host_ms'))} | "
                      + (f"{gen['host_share']:.0%} |" if "host_share" in gen else " |"))
     for s in skipped:
         lines.append(f"| not run: {s.get('step')} {s.get('shape', '')} {s.get('type', '')} "
-                     f"{s.get('parallel', '')}: {s.get('reason')} ||||||||||||||")
+                     f"{s.get('parallel', '')} {s.get('sampling', '')}: {s.get('reason')} |||||||||||||||")
     if any(row.get("background_busy") for row in rows):
         lines += ["", "\\* measured while the background job wrote and quantized the random GGUFs (every core, at nice "
                   "10): its host times may be inflated."]
+    lines += _sampling_table(rows)
     split = [row for row in rows if (row.get("steps") or {}).get("generate", {}).get("steps")]
     if split:
-        lines += ["", "Host time per steady-state step, split: *readout* (batch filled through ctypes, each logits row "
-                  "read and copied into numpy) and *scheduler* (argmax, token text, protocol, slots).", "",
-                  "| shape | type | parallel | rows/step | readout ms | scheduler ms | host µs per row |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "Host time per steady-state step, split: *readout* (the batch filled through ctypes, the sampler "
+                  "chains attached, each row read out: a view of its logits, or its 20 candidates) and *scheduler* "
+                  "(the pair decoders: the greedy choice, token text, protocol; slots).", "",
+                  "| shape | type | sampling | parallel | rows/step | readout ms | scheduler ms | host µs per row |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for row in split:
             gen = row["steps"]["generate"]
-            lines.append(f"| {row['shape']} | {row['type']} | {row['parallel']} | {gen['rows_per_step']:.1f} | "
-                         f"{gen['readout_ms']:.2f} | {gen['scheduler_ms']:.2f} | {gen['host_us_per_row']:.0f} |")
+            lines.append(f"| {row['shape']} | {row['type']} | {row.get('sampling', '')} | {row['parallel']} | "
+                         f"{gen['rows_per_step']:.1f} | {gen['readout_ms']:.2f} | {gen['scheduler_ms']:.2f} | "
+                         f"{gen['host_us_per_row']:.0f} |")
+    return lines
+
+
+def sampling_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """The (host, device) sampling rows of each llama.cpp setting (shape, type, parallel) where both ran."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row.get("sampling") in ("host", "device"):
+            by.setdefault((row["shape"], row["type"], row["parallel"]), {})[row["sampling"]] = row
+    return [(both["host"], both["device"]) for both in by.values() if len(both) == 2]
+
+
+def _sampling_table(rows: list[dict]) -> list[str]:
+    pairs = sampling_pairs(rows)
+    if not pairs:
+        return []
+    lines = ["", "Host against device sampling, side by side (same GGUF, same pairs, same process order):", "",
+             "| shape | type | parallel | pairs/s host | pairs/s device | device / host | host ms per step, host | "
+             "host ms per step, device | device ms per step, host | device ms per step, device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for host, device in pairs:
+        h, d = ((r.get("steps") or {}).get("generate") or {} for r in (host, device))
+        lines.append(f"| {host['shape']} | {host['type']} | {host['parallel']} | {host['pairs_s']:.2f} | "
+                     f"{device['pairs_s']:.2f} | {device['pairs_s'] / host['pairs_s']:.2f}× | "
+                     f"{_fmt(h.get('host_ms'))} | {_fmt(d.get('host_ms'))} | {_fmt(h.get('device_ms'))} | "
+                     f"{_fmt(d.get('device_ms'))} |")
     return lines
 
 
@@ -217,16 +256,22 @@ def _summary(steps: Any, results: dict[str, dict | None]) -> list[str]:
     speed = []
     for name in ("speed-small", "speed-large", "transformers-speed"):
         speed += (((results.get(name) or {}).get("data")) or {}).get("rows", [])
-    best: dict[tuple[str, str, str], dict] = {}
+    best: dict[tuple[str, str, str, str], dict] = {}
     for row in speed:
-        key = (row["shape"], row["type"], row["engine"])
+        key = (row["shape"], row["type"], row["engine"], row.get("sampling", ""))
         if key not in best or row["parallel"] > best[key]["parallel"]:
             best[key] = row
-    for (shape, gguf_type, engine), row in best.items():
+    for (shape, gguf_type, engine, sampling), row in best.items():
         gen = (row.get("steps") or {}).get("generate") or {}
         host = f", host {gen['host_share']:.0%} of a step" if "host_share" in gen else ""
-        lines.append(f"- speed, {shape} {gguf_type} {engine} at parallel {row['parallel']}: {row['pairs_s']:.2f} "
+        how = f", {sampling} sampling" if sampling else ""
+        lines.append(f"- speed, {shape} {gguf_type} {engine}{how} at parallel {row['parallel']}: {row['pairs_s']:.2f} "
                      f"pairs/s, {row['gen_tok_s']:.0f} generated tok/s{host}")
+    for host, device in sampling_pairs(speed):
+        if host["parallel"] == max(r["parallel"] for r, _ in sampling_pairs(speed) if r["shape"] == host["shape"]
+                                   and r["type"] == host["type"]):
+            lines.append(f"- device / host sampling, {host['shape']} {host['type']} at parallel {host['parallel']}: "
+                         f"{device['pairs_s'] / host['pairs_s']:.2f}× pairs/s")
     missing = [s.name for s in steps if (results.get(s.name) or NOT_STARTED).get("status") != "ok"]
     if missing:
         lines.append(f"- did not pass or did not run: {', '.join(missing)} (see Steps)")

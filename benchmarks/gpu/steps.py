@@ -9,6 +9,8 @@ not fit before the deadline is recorded as not run, with the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -18,10 +20,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.gpu.groups import hold_group, spawn, stop
 
 logger = logging.getLogger("gpu-check")
 
@@ -132,12 +136,79 @@ def _cpu_model() -> str:
 
 
 # --- build -----------------------------------------------------------------------------------------------------------
+# The CUDA build, cut to what rank1-local runs on a Hopper GPU (H100, H200), so that its 141 CUDA units (144 with
+# llama.cpp's defaults, 189 with every flash-attention type pair) build inside the first command (README, "GPU (CUDA)"):
+# - sm_90 machine code only ("90-real"): llama.cpp's default list compiles each unit for five to eight architectures;
+#   "90" would add the PTX of each unit to the library, which only a newer GPU would need;
+# - flash attention's vector kernels for an F16 KV cache only (the KV cache rank1-local makes; an F32 one, as
+#   --f32-kv-cache asks, runs without flash attention): llama.cpp's default also compiles Q4_0, Q8_0 and BF16;
+# - no NCCL (one GPU), no multimodal library, no OpenSSL; llama.cpp's tests, examples, tools and server are off
+#   already when llama-cpp-python builds it.
+CUDA_ARGS = ("-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=90-real", "-DGGML_CUDA_FA_QUANTS=f16-f16",
+             "-DGGML_CUDA_NCCL=OFF")
+
+
 def cmake_args(ctx: Ctx) -> list[str]:
-    """What we add to llama-cpp-python's CMake call: CUDA for Hopper (sm_90) or no CUDA; no multimodal library and
-    no OpenSSL (neither is used by rank1-local)."""
-    device = (["-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_NCCL=OFF"] if ctx.gpu
-              else ["-DGGML_CUDA=off"])
+    """What we add to llama-cpp-python's CMake call: the cut CUDA build for Hopper (:data:`CUDA_ARGS`), or no CUDA
+    (the rehearsal); no multimodal library and no OpenSSL (neither is used by rank1-local)."""
+    device = list(CUDA_ARGS) if ctx.gpu else ["-DGGML_CUDA=off"]
     return [*device, "-DLLAVA_BUILD=OFF", "-DLLAMA_OPENSSL=OFF"]
+
+
+AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def compiler_flags() -> dict[str, str]:
+    """CFLAGS and CXXFLAGS for the build: without AMX where this machine's GCC would build llama.cpp's AMX kernels
+    wrongly (its ``amxtileintrin.h`` defines ``_tile_loadconfig`` as an asm that reads 8 bytes, as Debian 12's GCC 12.2
+    does: the first Q8_0/Q4_K batch on an AMX CPU then dies of SIGSEGV; ``.ci/run``, tests/test_llama_build.py), as
+    .ci/run and the README build it; none otherwise. The CPU reference runs of the fidelity step need this on a
+    Sapphire Rapids host."""
+    status, include = sh(["gcc", "-print-file-name=include"])
+    header = Path(include.strip()) / "amxtileintrin.h"
+    if status == 0 and header.is_file() and "__builtin_ia32_ldtilecfg" not in header.read_text(errors="replace"):
+        return {name: f"{os.environ.get(name, '')} {AMX_OFF}".strip() for name in ("CFLAGS", "CXXFLAGS")}
+    return {}
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, wait_s: float) -> Iterator[float]:
+    """Hold the build folder's lock (an earlier call's build, were it still running, would write the same files);
+    yields the seconds waited. :class:`TimeoutError` after ``wait_s``."""
+    start = time.perf_counter()
+    with open(path, "w") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.perf_counter() - start > wait_s:
+                    raise TimeoutError(f"another build held {path} for {wait_s:.0f} s") from None
+                time.sleep(0.5)
+        yield time.perf_counter() - start
+
+
+def prepare_build_tree(ctx: Ctx, carried: Path, args: list[str]) -> dict[str, Any]:
+    """The build's source copy and build folder under WORK. The build writes into its source tree (llama_cpp/lib), so
+    it gets a copy. A copy of the same sdist from an earlier call on this machine is kept, with its files' times, and
+    so is the build folder made with the same CMake arguments: CMake and ninja go on from where a build stopped by a
+    time guard (or by the end of the command) got to. What was kept, and how far the earlier build had got."""
+    src, build_dir = ctx.work / "llama-src", ctx.work / "llama-build"
+    sdist_sha = _read_json(ctx.carry / "MANIFEST.json").get("sdist_sha256", "unknown")
+    marker = src / ".rank1-sdist-sha256"
+    kept = {"sources": marker.is_file() and marker.read_text() == sdist_sha}
+    if not kept["sources"]:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(carried, src)
+        marker.write_text(sdist_sha)
+    stamp = build_dir / "rank1-mode"
+    kept["build_folder"] = kept["sources"] and stamp.is_file() and stamp.read_text() == " ".join(args)
+    if not kept["build_folder"]:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(args))
+    kept["objects_before"] = sum(1 for _ in build_dir.rglob("*.o"))
+    return kept
 
 
 def step_build(ctx: Ctx, data: Data) -> None:
@@ -148,33 +219,31 @@ def step_build(ctx: Ctx, data: Data) -> None:
         data["failed"] = (f"no carried sources in {carried}: run `python -m benchmarks.gpu.prepare` on a machine "
                           "with a package index and carry .gpu-carry")
         return
+    try:
+        with build_lock(ctx.work / "build.lock", wait_s=30) as waited:
+            _build(ctx, data, carried, waited)
+    except TimeoutError as exc:
+        data["failed"] = str(exc)
+
+
+def _build(ctx: Ctx, data: Data, carried: Path, waited: float) -> None:
     src, build_dir = ctx.work / "llama-src", ctx.work / "llama-build"
-    # The build writes into its source tree (llama_cpp/lib), so it gets a copy. A copy of the same sdist from an earlier
-    # call on this machine is kept, with its files' times, so that CMake and ninja go on from where a build stopped
-    # by its time guard got to.
-    sdist_sha = _read_json(ctx.carry / "MANIFEST.json").get("sdist_sha256", "unknown")
-    marker = src / ".rank1-sdist-sha256"
-    if not marker.is_file() or marker.read_text() != sdist_sha:
-        shutil.rmtree(src, ignore_errors=True)
-        shutil.copytree(carried, src)
-        marker.write_text(sdist_sha)
-    else:
-        data["sources"] = "kept from an earlier call (a build that was stopped goes on)"
+    flags = compiler_flags()
+    kept = prepare_build_tree(ctx, carried, [*cmake_args(ctx), *(f"{k}={v}" for k, v in flags.items())])
+    data.update(kept=kept, lock_waited_s=round(waited, 1))
+    if kept["objects_before"]:
+        print(f"build: going on from an earlier call's build ({kept['objects_before']} objects built)", flush=True)
     shutil.rmtree(ctx.site, ignore_errors=True)
-    stamp = build_dir / "rank1-mode"
-    if build_dir.exists() and (not stamp.is_file() or stamp.read_text() != " ".join(cmake_args(ctx))):
-        shutil.rmtree(build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(" ".join(cmake_args(ctx)))
-    env = dict(os.environ, CMAKE_ARGS=" ".join(cmake_args(ctx)), CMAKE_BUILD_PARALLEL_LEVEL=str(ctx.nproc))
+    env = dict(os.environ, CMAKE_ARGS=" ".join(cmake_args(ctx)), CMAKE_BUILD_PARALLEL_LEVEL=str(ctx.nproc), **flags)
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
            "--no-cache-dir", "--disable-pip-version-check", "--target", str(ctx.site), "-v",
            f"--config-settings=build-dir={build_dir}", str(src)]
-    data.update(cmake_args=cmake_args(ctx), jobs=ctx.nproc, command=" ".join(cmd), background_busy=background_busy(ctx))
+    data.update(cmake_args=cmake_args(ctx), compiler_flags=flags, jobs=ctx.nproc, command=" ".join(cmd),
+                background_busy=background_busy(ctx))
     data.save()
     log_path = ctx.work / "logs" / "build-output.log"
-    print(f"building llama-cpp-python: CMAKE_ARGS={env['CMAKE_ARGS']!r}, {ctx.nproc} jobs; log: {log_path}",
-          flush=True)
+    print(f"building llama-cpp-python: CMAKE_ARGS={env['CMAKE_ARGS']!r}"
+          + "".join(f", {k}={v!r}" for k, v in flags.items()) + f", {ctx.nproc} jobs; log: {log_path}", flush=True)
     start = time.perf_counter()
     status = _run_logged(cmd, env, log_path, progress=lambda line: line.startswith("[") and "/" in line[:12])
     data["seconds"] = round(time.perf_counter() - start, 1)
@@ -288,7 +357,7 @@ def step_checkpoints(ctx: Ctx, data: Data) -> None:
 
     torch.set_num_threads(min(4, ctx.nproc))
     sys.path.insert(0, str(ctx.root / "tests"))
-    from derived_models import answers_muted, derive, ends_early, overconfident
+    from derived_models import answers_muted, derive, ends_early, overconfident, tied_top
 
     from quantize.fixtures import build_fixture
 
@@ -303,6 +372,7 @@ def step_checkpoints(ctx: Ctx, data: Data) -> None:
     checkpoints["overconfident"] = derive(checkpoints["behaving"], derived / "overconfident", overconfident)
     checkpoints["answers-muted"] = derive(checkpoints["behaving"], derived / "answers-muted", answers_muted)
     checkpoints["ends-early"] = derive(checkpoints["behaving"], derived / "ends-early", ends_early)
+    checkpoints["tied-top"] = derive(checkpoints["behaving"], derived / "tied-top", tied_top)
     timings["derived"] = time.perf_counter() - t0
     data.update(checkpoints={k: str(v) for k, v in checkpoints.items()},
                 seconds={k: round(v, 1) for k, v in timings.items()})
@@ -352,9 +422,17 @@ def _fidelity_cases(ctx: Ctx) -> dict[str, tuple[str, int, list[tuple[str, str]]
     return {name: case for name, case in cases().items() if not wanted or name in wanted}
 
 
+# The llama.cpp runs of the fidelity step: label -> (layers offloaded, None for half of them; where rows are read).
+# ``cpu`` runs with no CUDA device visible; the GPU runs read their rows on the device (a top-20 sampler chain in
+# llama.cpp's graph, what ``--sampling auto`` does on a GPU) except ``gpu-all-host``, which reads the full logits, as
+# the CPU does by default: against ``gpu-all`` it is the same arithmetic read out two ways.
+LLAMA_RUNS = {"cpu": {"cpu": (0, "host")},
+              "gpu": {"gpu-all": (-1, "device"), "gpu-half": (None, "device"), "gpu-all-host": (-1, "host")}}
+
+
 def step_fidelity_llama(ctx: Ctx, data: Data, which: str) -> None:
     """Every case on every GGUF type with llama.cpp: ``cpu`` (run with no CUDA device visible), or ``gpu`` (all
-    layers offloaded, then half of them)."""
+    layers offloaded, then half of them, with device sampling; all layers with host sampling)."""
     from benchmarks.gpu.cases import N_CTX, PARALLEL
     from rank1_local import Rank1, ScoringConfig
 
@@ -364,21 +442,28 @@ def step_fidelity_llama(ctx: Ctx, data: Data, which: str) -> None:
     for case, (checkpoint, budget, pairs) in _fidelity_cases(ctx).items():
         for gguf_type in ctx.settings["fidelity_types"]:
             gguf = fixtures["ggufs"][checkpoint][gguf_type]["path"]
-            configs = {"cpu": 0} if which == "cpu" else {"gpu-all": -1, "gpu-half": None}
-            for label, layers in configs.items():
+            for label, (layers, sampling) in LLAMA_RUNS[which].items():
                 config = ScoringConfig(max_think_tokens=budget, n_ctx=N_CTX)
                 if layers is None:
                     layers = _n_layers(fixtures["checkpoints"][checkpoint]) // 2
                 t0 = time.perf_counter()
                 with Rank1(gguf, config, parallel=PARALLEL, threads=threads, f32_kv_cache=True,
-                           n_gpu_layers=layers) as model:
+                           n_gpu_layers=layers, sampling=sampling) as model:
                     device = model.device
                     results = model.score_pairs(pairs)
+                    used = sampling_used(model)
                 data["runs"][f"{case}|{gguf_type}|{label}"] = {
-                    "device": device, "n_gpu_layers": layers, "seconds": round(time.perf_counter() - t0, 2),
-                    "results": [_result_row(r) for r in results]}
+                    "device": device, "n_gpu_layers": layers, "sampling": used,
+                    "seconds": round(time.perf_counter() - t0, 2), "results": [_result_row(r) for r in results]}
                 data.save()
     print(f"fidelity-{which}: {len(data['runs'])} runs", flush=True)
+
+
+def sampling_used(model: Any) -> str:
+    """Where a llama.cpp model read its rows in the end: "host" or "device" (a build that cannot run the sampler
+    chain in its graph falls back to the host at the first row)."""
+    scheduler = getattr(getattr(model, "_owner", None), "_scheduler", None)
+    return str(getattr(getattr(scheduler, "engine", None), "sampling", "unknown"))
 
 
 def _n_layers(checkpoint: str) -> int:
@@ -432,7 +517,8 @@ def compare(a: list[dict], b: list[dict]) -> dict[str, Any]:
             "forced": sum(x["forced"] for x in a), "too_long": sum(x["too_long"] for x in a)}
 
 
-COMPARISONS = (("gpu-all", "cpu"), ("gpu-half", "cpu"), ("gpu-all", "hf16"), ("gpu-half", "hf16"), ("cpu", "hf16"))
+COMPARISONS = (("gpu-all", "gpu-all-host"), ("gpu-all", "cpu"), ("gpu-half", "cpu"), ("gpu-all", "hf16"),
+               ("gpu-half", "hf16"), ("cpu", "hf16"))
 
 
 @dataclass(frozen=True)
@@ -443,11 +529,14 @@ class Bar:
       may differ. Where a chain may differ, its decision is not compared (another chain may end elsewhere);
       everywhere else the decisions must agree.
     - ``max_log_odds``: the largest |Δ log-odds| of the score allowed on a pair with identical reasoning.
+    - ``max_delta``: the largest |Δscore| allowed on a pair with identical reasoning (None: no bound but the
+      log-odds one).
     """
 
     label: str
     chain_changes: float
     max_log_odds: float
+    max_delta: float | None = None
 
 
 # llama.cpp on the device against llama.cpp on the CPU, on the same GGUF with a float32 KV cache: the same arithmetic
@@ -466,9 +555,18 @@ AGAINST_HF16 = Bar("F16 GGUF against transformers float16: chains identical on a
                    "equal where they are, |Δlog-odds| ≤ 0.1", 0.25, 0.1)
 
 
+# The same GGUF on the same device, rows read on the device (the top-20 sampler chain) against rows read from the full
+# logits: the same numbers read out two ways, so the chains are identical and the scores equal up to the float32 sum
+# of two exponentials: the issue's bar, |Δscore| ≤ 1e-3, as the vLLM tier's for float32 against float32.
+SAME_NUMBERS = Bar("device sampling against host sampling, the same GGUF on the same device: identical chains and "
+                   "decisions, |Δscore| ≤ 1e-3", 0.0, math.inf, 1e-3)
+
+
 def bar_for(run: str, against: str, gguf_type: str) -> Bar | None:
     """The bar of one comparison; None for a quantized GGUF against float16 transformers, which measures the
     quantization (reported, not judged)."""
+    if against == "gpu-all-host":
+        return SAME_NUMBERS
     if against == "cpu":
         return SAME_FILE.get(gguf_type)
     return AGAINST_HF16 if gguf_type == "F16" else None
@@ -486,6 +584,8 @@ def verdict(row: dict[str, Any], bar: Bar) -> str | None:
         problems.append(f"decisions differ on {differ} of {pairs} pairs")
     if row["max_log_odds_same_path"] > bar.max_log_odds:
         problems.append(f"|Δlog-odds| {row['max_log_odds_same_path']:.3f} > {bar.max_log_odds}")
+    if bar.max_delta is not None and row["max_delta_same_path"] > bar.max_delta:
+        problems.append(f"|Δscore| {row['max_delta_same_path']:.1e} > {bar.max_delta:.0e}")
     return "; ".join(problems) or None
 
 
@@ -505,7 +605,8 @@ def judge_fidelity(runs: dict[str, Any], cases: dict[str, tuple[str, int, list]]
                 if a is None or b is None:
                     row["not_run"] = f"{left if a is None else right} did not run"
                 else:
-                    row.update(compare(a["results"], b["results"]), device=a["device"], against_device=b["device"])
+                    row.update(compare(a["results"], b["results"]), device=a["device"], against_device=b["device"],
+                               sampling=a.get("sampling"), against_sampling=b.get("sampling"))
                 if bar is None:
                     row["verdict"] = "not judged: a quantized GGUF against float16 transformers measures the quantization"
                 else:
@@ -555,15 +656,14 @@ def _run_children(ctx: Ctx, jobs: dict[str, tuple[list[str], dict[str, str]]], p
         (ctx.work / "data" / f"{name}.json").unlink(missing_ok=True)  # never read an earlier call's rows
         cmd = [sys.executable, "-m", "benchmarks.gpu.steps", *args, "--name", name, "--ctx", str(ctx_path(ctx)),
                "--deadline", f"{ctx.deadline:.1f}"]
-        procs[name] = subprocess.Popen(cmd, env=dict(os.environ, **env))
+        procs[name] = spawn(cmd, env=dict(os.environ, **env))
 
     def finish(name: str, timeout: float) -> None:
         try:
             code = procs[name].wait(timeout=max(1.0, timeout))
             status[name] = "ok" if code == 0 else f"exit status {code}"
         except subprocess.TimeoutExpired:
-            procs[name].kill()
-            procs[name].wait()
+            stop(procs[name])
             status[name] = "stopped by the step's time guard"
 
     if parallel:
@@ -650,7 +750,9 @@ def step_speed(ctx: Ctx, data: Data, step: str) -> None:
 
 
 def step_speed_run(ctx: Ctx, data: Data, model: str, shape: str, gguf_type: str) -> None:
-    """rank1-local at each parallel setting on one GGUF, every scheduler step timed (:mod:`benchmarks.gpu.timing`)."""
+    """rank1-local at each parallel setting on one GGUF, every scheduler step timed (:mod:`benchmarks.gpu.timing`),
+    with each way of reading the rows (``--sampling host``: the full logits; ``device``: the top-20 sampler chain in
+    llama.cpp's graph) in turn at each setting, so a slow spell hits both."""
     from benchmarks.gpu.timing import instrument, reset
     from rank1_local import Rank1, ScoringConfig
 
@@ -659,36 +761,38 @@ def step_speed_run(ctx: Ctx, data: Data, model: str, shape: str, gguf_type: str)
     layers = -1 if ctx.gpu else 0
     with instrument() as times:
         for parallel in ctx.settings["parallel"]:
-            if ctx.left() < 10:
-                data["skipped"].append({"type": gguf_type, "parallel": parallel,
-                                        "reason": f"not run: the step's time guard ({ctx.left():.0f} s left)"})
+            for sampling in ctx.settings["samplings"]:
+                if ctx.left() < 10:
+                    data["skipped"].append({"type": gguf_type, "parallel": parallel, "sampling": sampling,
+                                            "reason": f"not run: the step's time guard ({ctx.left():.0f} s left)"})
+                    data.save()
+                    continue
+                pairs = speed_pairs(max(2, 2 * parallel))
+                busy = background_busy(ctx)
+                t0 = time.perf_counter()
+                with Rank1(model, ScoringConfig(max_think_tokens=budget, n_ctx=n_ctx), parallel=parallel,
+                           n_gpu_layers=layers, threads=ctx.nproc, sampling=sampling) as m:
+                    load_s = time.perf_counter() - t0
+                    m.score_pairs(pairs[:parallel], config=ScoringConfig(max_think_tokens=4, n_ctx=n_ctx))  # warm-up
+                    reset(times)
+                    start = time.perf_counter()
+                    results = m.score_pairs(pairs)
+                    seconds = time.perf_counter() - start
+                    stats, device = m.last_stats, m.device
+                row = {"shape": shape, "type": gguf_type, "engine": "rank1-local (llama.cpp)", "device": device,
+                       "sampling": times.sampling or sampling, "parallel": parallel, "pairs": len(pairs),
+                       "budget": budget, "seconds": round(seconds, 3), "load_s": round(load_s, 2),
+                       "generated": stats.generated_tokens, "prompt": stats.prompt_tokens,
+                       "pairs_s": len(pairs) / seconds, "gen_tok_s": stats.generated_tokens / seconds,
+                       "prompt_tok_s": stats.prompt_tokens / seconds,
+                       "all_budget": all(r.n_tokens == budget for r in results), "steps": times.summary(),
+                       "background_busy": busy or background_busy(ctx)}
+                data["rows"].append(row)
                 data.save()
-                continue
-            pairs = speed_pairs(max(2, 2 * parallel))
-            busy = background_busy(ctx)
-            t0 = time.perf_counter()
-            with Rank1(model, ScoringConfig(max_think_tokens=budget, n_ctx=n_ctx), parallel=parallel,
-                       n_gpu_layers=layers, threads=ctx.nproc) as m:
-                load_s = time.perf_counter() - t0
-                m.score_pairs(pairs[:parallel], config=ScoringConfig(max_think_tokens=4, n_ctx=n_ctx))  # warm-up
-                reset(times)
-                start = time.perf_counter()
-                results = m.score_pairs(pairs)
-                seconds = time.perf_counter() - start
-                stats, device = m.last_stats, m.device
-            row = {"shape": shape, "type": gguf_type, "engine": "rank1-local (llama.cpp)", "device": device,
-                   "parallel": parallel, "pairs": len(pairs), "budget": budget, "seconds": round(seconds, 3),
-                   "load_s": round(load_s, 2), "generated": stats.generated_tokens, "prompt": stats.prompt_tokens,
-                   "pairs_s": len(pairs) / seconds, "gen_tok_s": stats.generated_tokens / seconds,
-                   "prompt_tok_s": stats.prompt_tokens / seconds,
-                   "all_budget": all(r.n_tokens == budget for r in results), "steps": times.summary(),
-                   "background_busy": busy or background_busy(ctx)}
-            data["rows"].append(row)
-            data.save()
-            gen = row["steps"]["generate"]
-            print(f"{shape} {gguf_type} parallel {parallel}: {row['pairs_s']:.2f} pairs/s, "
-                  f"{row['gen_tok_s']:.0f} generated tok/s; steady step {gen.get('step_ms', 0):.2f} ms, "
-                  f"host {gen.get('host_ms', 0):.2f} ms ({gen.get('host_share', 0):.0%})", flush=True)
+                gen = row["steps"]["generate"]
+                print(f"{shape} {gguf_type} parallel {parallel}, {row['sampling']} sampling: {row['pairs_s']:.2f} "
+                      f"pairs/s, {row['gen_tok_s']:.0f} generated tok/s; steady step {gen.get('step_ms', 0):.2f} ms, "
+                      f"host {gen.get('host_ms', 0):.2f} ms ({gen.get('host_share', 0):.0%})", flush=True)
 
 
 # --- host work per step ----------------------------------------------------------------------------------------------
@@ -887,6 +991,7 @@ def main() -> int:
               raw["settings"], raw["nproc"], args.deadline)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("llama.cpp").setLevel(logging.ERROR)  # its chatter would bury the step's own lines
+    hold_group()  # stop everything this step starts when it is stopped, or when the driver dies
     data = Data(ctx, args.name or args.step)
     steps: dict[str, Callable[[], None]] = {
         "machine": lambda: step_machine(ctx, data),

@@ -6,10 +6,13 @@ Inside :func:`instrument`, every ``Rank1`` built in this process times each sche
 - ``decode``: the ``llama_decode`` call (with CUDA it queues the graph and returns; on the CPU it computes);
 - ``wait``: a ``llama_synchronize`` right after it, i.e. waiting for the device to finish the step, the copy of the
   logits rows to host memory included (llama.cpp would wait at the first ``llama_get_logits_ith`` anyway);
-- ``readout``: the rest of :meth:`LlamaEngine.decode`: filling the batch through ctypes before the call, and after it
-  reading each row's logits pointer and copying the row (n_vocab float32) into numpy;
-- ``scheduler``: the rest of the step: building the batch entries, and per row the argmax over the vocabulary, the
-  token's text, the protocol's decision (``ReasoningChain``), the top-20 at the answer, refilling slots.
+- ``readout``: the rest of :meth:`LlamaEngine.decode`: filling the batch through ctypes before the call (with device
+  sampling, attaching or detaching the slots' sampler chains too), and after it reading each row out: with host
+  sampling a view of its logits (n_vocab float32, nothing copied); with device sampling its 20 candidates and their
+  logits;
+- ``scheduler``: the rest of the step: building the batch entries, and per row the pair decoder's work
+  (:class:`~rank1_local.core.decoder.PairDecoder`): the greedy choice (on a host row, the argmax over the vocabulary),
+  the token's text, the protocol's decision, the top-20 at the answer, refilling slots.
 
 ``decode + wait`` is the device's share; ``readout + scheduler`` is the host overhead this module measures. Steps where
 every entry asks for logits (every slot reasoning, no prompt chunk) are also counted apart: those are the steady state
@@ -58,6 +61,7 @@ class Bucket:
 class StepTimes:
     all: Bucket
     generate: Bucket  # steps whose every entry asked for logits
+    sampling: str | None = None  # where the last timed engine read its rows ("host" or "device")
 
     def summary(self) -> dict[str, Any]:
         return {"all": self.all.summary(), "generate": self.generate.summary()}
@@ -110,6 +114,7 @@ def instrument() -> Iterator[StepTimes]:
             try:
                 return super().decode(entries)
             finally:
+                times.sampling = self.sampling
                 step = current.step
                 step.engine_s += time.perf_counter() - t0
                 step.tokens += len(entries)
@@ -142,4 +147,4 @@ def instrument() -> Iterator[StepTimes]:
 
 def reset(times: StepTimes) -> None:
     """Forget what was timed so far (e.g. a warm-up call)."""
-    times.all, times.generate = Bucket(), Bucket()
+    times.all, times.generate, times.sampling = Bucket(), Bucket(), None
