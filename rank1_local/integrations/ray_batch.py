@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,16 @@ def group_by_query(ds: Any, pairs_per_block: int = PAIRS_PER_BLOCK) -> Any:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What every worker loads: the backend, the model argument, the protocol settings and the engine settings."""
+    """What every worker loads: the backend, the model argument, the protocol settings, the backend's typed settings
+    (e.g. :class:`~rank1_local.backends.llama.facade.LlamaSettings`), a judgment cache path (each node opens its own)
+    and the GGUF type for a hub id."""
 
     backend: str
     model: str
-    config: dict[str, Any]
-    engine: dict[str, Any] = field(default_factory=dict)
+    config: ScoringConfig
+    settings: Any
+    cache: str | None = None
+    gguf_type: str | None = None
 
 
 class BlockAttempts:
@@ -121,13 +125,14 @@ class PairScorer:
     ``attempts``: a :class:`BlockAttempts` actor that counts the starts of each block (None: no bound on retries)."""
 
     def __init__(self, spec: WorkerSpec, attempts: Any = None, max_task_retries: int = MAX_TASK_RETRIES) -> None:
-        from rank1_local.backends import open_reranker
+        from rank1_local.backends import backend_spec
 
         self.attempts, self.max_attempts = attempts, 1 + max_task_retries
         quiet_llama_cpp()
         self.where = this_worker()
         try:
-            self.model = open_reranker(spec.backend, spec.model, ScoringConfig(**spec.config), **dict(spec.engine))
+            self.model = backend_spec(spec.backend).open(spec.model, spec.config, spec.settings, cache=spec.cache,
+                                                         gguf_type=spec.gguf_type)
         except Rank1Error as exc:
             raise Rank1Error(f"{self.where}: cannot load the model: {exc}") from None
         self.settings = json.dumps(self.model.score_settings(), sort_keys=True)
@@ -193,19 +198,27 @@ def result_schema() -> Any:
                       ("cached", pa.bool_()), ("worker", pa.string())])
 
 
-def engine_for_workers(backend: str, engine: dict[str, Any], threads_per_worker: int) -> dict[str, Any]:
-    """The backend's engine settings as each worker opens the model (llama.cpp: ``threads_per_worker`` threads;
-    a judgment cache as a path, which each node opens for itself)."""
-    engine = dict(engine)
+def worker_spec(backend: str, model: str | Path, config: ScoringConfig, engine: dict[str, Any],
+                threads_per_worker: int) -> WorkerSpec:
+    """What each worker opens: ``engine``'s values as the backend's typed settings (a name the backend does not know
+    is an error now, before any worker starts; llama.cpp runs ``threads_per_worker`` threads), a judgment cache as a
+    path (each node opens its own) and the GGUF type."""
+    from rank1_local.backends import backend_spec
+
+    values = dict(engine)
+    cache, gguf_type = values.pop("cache", None), values.pop("gguf_type", None)
+    spec = backend_spec(backend)
     if backend == "llama.cpp":
-        engine["threads"] = threads_per_worker
-    if engine.get("cache") is not None:
-        if backend != "llama.cpp":
+        values["threads"] = threads_per_worker
+    if cache is not None:
+        if not spec.supports_cache:
             raise Rank1Error(f"the judgment cache keys on the GGUF file: llama.cpp backend only (not {backend})")
-        if not isinstance(engine["cache"], (str, Path)):
+        if not isinstance(cache, (str, Path)):
             raise Rank1Error("cache= must be the path of the judgment cache file (each node opens its own)")
-        engine["cache"] = str(Path(engine["cache"]).expanduser())
-    return engine
+        cache = str(Path(cache).expanduser())
+    if gguf_type is not None and not spec.takes_gguf_type:
+        raise Rank1Error(f"--gguf-type picks a GGUF for llama.cpp; the {backend} backend runs checkpoints")
+    return WorkerSpec(backend, str(model), config, spec.settings(**values), cache, gguf_type)
 
 
 def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = None, *, workers: int = 1,
@@ -245,18 +258,17 @@ def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = Non
     config = config or ScoringConfig()
     if cache is not None:
         engine["cache"] = cache
-    engine = engine_for_workers(backend, engine, threads_per_worker)
-    if backend == "llama.cpp" and gpus_per_worker and not engine.get("n_gpu_layers"):
+    spec = worker_spec(backend, model, config, engine, threads_per_worker)
+    if backend == "llama.cpp" and gpus_per_worker and not getattr(spec.settings, "n_gpu_layers", 0):
         logger.warning("gpus_per_worker=%g with n_gpu_layers=0: llama.cpp runs on the CPU (n_gpu_layers=-1 offloads "
                        "every layer)", gpus_per_worker)
     if check_model:
-        check_model_on_nodes(backend, model, gguf_type=engine.get("gguf_type"), cpus=threads_per_worker,
+        check_model_on_nodes(backend, model, gguf_type=spec.gguf_type, cpus=threads_per_worker,
                              gpus=gpus_per_worker)
     missing = [c for c in ("qid", "query", "docid", "text") if c not in ds.columns()]
     if missing:
         raise Rank1Error(f"the dataset has no column(s) {', '.join(missing)} (needs qid, query, docid, text[, title, "
                          "instruction])")
-    spec = WorkerSpec(backend, str(model), config.to_dict(), engine)
     if not grouped:
         ds = group_by_query(ds, pairs_per_block)
     # a worker per block at most: Ray Data warns about a pool larger than its inputs, whose extra workers would only
