@@ -17,7 +17,14 @@ from pathlib import Path
 
 from rank1_local.backends import open_reranker
 from rank1_local.cli.main import add_scoring_args, scoring_config
-from rank1_local.cli.support import RawDescriptionFormatter, add_common_flags, add_subcommand, add_version, run_command
+from rank1_local.cli.support import (
+    RawDescriptionFormatter,
+    add_common_flags,
+    add_subcommand,
+    add_version,
+    plain_text,
+    run_command,
+)
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.extras import require
 from rank1_local.core.reranker import Reranker
@@ -47,13 +54,13 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 def load_tokenizer(path: str) -> Callable[[str], list[int]]:
     """Token ids of text, from a GGUF file (llama.cpp, vocabulary only) or a Hugging Face folder/hub id."""
     if path.lower().endswith(".gguf"):
-        from llama_cpp import Llama
-
+        from rank1_local.backends.llama.tokenizer import LlamaTokenizer
         from rank1_local.models.gguf_file import check_gguf_file
 
         check_gguf_file(Path(path))
-        llm = Llama(model_path=path, vocab_only=True, verbose=False)
-        return lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        tokenizer = LlamaTokenizer(path)  # the vocabulary alone: no context, so nothing for llama.cpp to warn about
+        bos = len(tokenizer.tokenize(""))  # the BOS token the model adds, if any: not part of the text
+        return lambda text: tokenizer.tokenize(text)[bos:]
     from rank1_local.models.hub import resolve_local_or_hub
 
     transformers = require("transformers", "reference", "--tokenizer with a checkpoint folder (or pass a .gguf file)")
@@ -64,7 +71,7 @@ def load_tokenizer(path: str) -> Callable[[str], list[int]]:
 def _cmd_compare(args: argparse.Namespace) -> int:
     for module in ("scipy", "ir_measures", "matplotlib"):
         require(module, "bench", "rank1-bench compare")
-    from benchmarks.compare import compare, plot, read_qrels, render_markdown, to_json
+    from benchmarks.compare import compare, plot, read_qrels, render_html, render_markdown, to_json
     from benchmarks.runfile import read_run
     from rank1_local.runs.atomic import write_text_atomic
 
@@ -80,14 +87,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         stem = args.name
         write_text_atomic(args.out_dir / f"{stem}.md", markdown)
         write_text_atomic(args.out_dir / f"{stem}.json", json.dumps(to_json(ref, results), indent=2) + "\n")
+        png = args.out_dir / f"{stem}.png"
         if not args.no_plot:
-            plot(ref, runs, results, args.out_dir / f"{stem}.png")
-        print(f"report: {args.out_dir / stem}.md / .json" + ("" if args.no_plot else " / .png"))
+            plot(ref, runs, results, png)
+        write_text_atomic(args.out_dir / f"{stem}.html", render_html(
+            ref, runs, results, plot_png=None if args.no_plot else png.read_bytes(), tokenize=tokenize))
+        print(f"report: {args.out_dir / stem}.md / .json / .html" + ("" if args.no_plot else " / .png"))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-bench", description=__doc__, formatter_class=RawDescriptionFormatter)
+    parser = argparse.ArgumentParser(prog="rank1-bench", description=plain_text(__doc__),
+                                     formatter_class=RawDescriptionFormatter)
     add_common_flags(parser)
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reference)
 
     p = add_subcommand(sub, "compare", help="compare run files with a reference run")
-    p.add_argument("reference", type=Path)
-    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("reference", type=Path, help="the reference run file (rank1-bench reference, or any run file)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="run",
+                   help="run files to compare with the reference (rank1-local rerank --pairs … --output)")
     p.add_argument("--qrels", type=Path, default=None, help="TREC qrels (qid 0 docid rel): adds nDCG@10")
     p.add_argument("--tokenizer", default=None,
                    help="GGUF file or checkpoint: measure where reasoning diverges in tokens (default: characters)")
-    p.add_argument("--out-dir", type=Path, default=None, help="write NAME.md, NAME.json and NAME.png here")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="write NAME.md, NAME.json, NAME.png and NAME.html (the pairs, offline) here")
     p.add_argument("--name", default="compare", help="report file name stem (default: compare)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.set_defaults(func=_cmd_compare)

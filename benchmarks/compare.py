@@ -183,17 +183,14 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def render_markdown(ref: Run, results: Sequence[RunComparison]) -> str:
+def summary_table(results: Sequence[RunComparison]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table's columns and rows, as compare.md and compare.html show them."""
     has_ndcg = any(r.ndcg10_run is not None for r in results)
-    lines = [f"# Runs compared with the reference `{ref.path.name}`", ""]
-    if ref.header:
-        h = ref.header
-        lines += [f"Reference: {h.backend} ({h.device}), model `{h.model}`, settings {h.settings}.", ""]
     cols = ["run", "size MB", "pairs/s", "decision agr.", "mean |Δ|", "max |Δ|", "Pearson", "Spearman", "Kendall τ",
             "top-10 overlap", "same reasoning", "median divergence", "tokens (ref → run)", "forced (ref → run)"]
     if has_ndcg:
         cols += ["nDCG@10 ref", "nDCG@10 run", "ΔnDCG@10"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
+    rows = []
     for r in results:
         cells = [r.name, _fmt(r.model_bytes / 1e6 if r.model_bytes else None, ".1f"), _fmt(r.pairs_per_second, ".2f"),
                  f"{r.decision_agreement:.1%}", f"{r.mean_abs_diff:.4f}", f"{r.max_abs_diff:.4f}", _fmt(r.pearson),
@@ -204,15 +201,54 @@ def render_markdown(ref: Run, results: Sequence[RunComparison]) -> str:
         if has_ndcg:
             delta = r.ndcg10_delta
             cells += [_fmt(r.ndcg10_reference, ".4f"), _fmt(r.ndcg10_run, ".4f"), _fmt(delta, "+.4f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    problems = [r for r in results if r.missing_in_run or r.extra_in_run]
+        rows.append(cells)
+    return cols, rows
+
+
+def _one_side_only(results: Sequence[RunComparison]) -> list[str]:
+    return [f"`{r.name}`: {r.missing_in_run} reference rows missing (e.g. {r.missing_examples}), {r.extra_in_run} rows "
+            f"not in the reference (e.g. {r.extra_examples}); metrics use the {r.common} common rows."
+            for r in results if r.missing_in_run or r.extra_in_run]
+
+
+def render_markdown(ref: Run, results: Sequence[RunComparison]) -> str:
+    lines = [f"# Runs compared with the reference `{ref.path.name}`", ""]
+    if ref.header:
+        h = ref.header
+        lines += [f"Reference: {h.backend} ({h.device}), model `{h.model}`, settings {h.settings}.", ""]
+    cols, rows = summary_table(results)
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    problems = _one_side_only(results)
     if problems:
-        lines += ["", "## Rows on one side only", ""]
-        for r in problems:
-            lines.append(f"- `{r.name}`: {r.missing_in_run} reference rows missing (e.g. {r.missing_examples}), "
-                         f"{r.extra_in_run} rows not in the reference (e.g. {r.extra_examples}); metrics use the "
-                         f"{r.common} common rows.")
+        lines += ["", "## Rows on one side only", ""] + [f"- {p}" for p in problems]
     return "\n".join(lines) + "\n"
+
+
+def render_html(ref: Run, runs: Sequence[Run], results: Sequence[RunComparison], *, plot_png: bytes | None = None,
+                tokenize: Callable[[str], list[int]] | None = None) -> str:
+    """compare.html: what produced each run, the table, the plot and every run's pairs against the reference."""
+    from benchmarks.html_report import PairSet, Plot, Section, Table, fixture_name, render_page
+    from benchmarks.pair_views import pair_views
+
+    def produced(run: Run) -> str:
+        h = run.header
+        if h is None:
+            return f"{run.path.name}: no header (model and settings unknown)"
+        budget = h.settings.get("max_think_tokens", "?")
+        return (f"{h.model} on {h.backend} ({h.device}); protocol {h.settings.get('protocol', '?')}, reasoning "
+                f"budget {budget} tokens, context {h.settings.get('n_ctx', '?')}")
+
+    facts = [("Reference", f"{ref.name}: {produced(ref)}")] + [(r.name, produced(r)) for r in runs]
+    cols, rows = summary_table(results)
+    title = f"Runs compared with the reference {ref.path.name}"
+    models = [run.header.model for run in (ref, *runs) if run.header is not None]
+    section = Section(title, facts, _one_side_only(results), [Table("Against the reference", cols, rows)],
+                      [Plot("Scores against the reference; agreement by size", plot_png)] if plot_png else [],
+                      PairSet(ref.name, {r.name: pair_views(ref, run, tokenize) for r, run in zip(results, runs)},
+                              results[0].divergence_unit if results else "characters"),
+                      fixture=any(fixture_name(m) for m in models))
+    return render_page(title, [section])
 
 
 def to_json(ref: Run, results: Sequence[RunComparison]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Regenerate benchmarks/results/quant_study.{md,json,png}: `rank1-bench study` on the quantization test bed and on the
-behaving fixture.
+"""Regenerate benchmarks/results/quant_study.{md,json,png,html}: `rank1-bench study` on the quantization test bed and
+on the behaving fixture.
 
 1. The test bed, ``behaving-outliers``: the behaving fixture (a trained 3-layer Qwen2 that reasons rank1-style on a
    synthetic task) given the weight and activation statistics that make LLMs sensitive to quantization, by
@@ -14,6 +14,7 @@ reference is vLLM in float16 (the official engine and dtype), run with the Pytho
 (``--vllm-python``), or transformers fp32 with ``--reference transformers``. Everything is cached in ``--work`` and
 resumes. Usage:
     python benchmarks/quant_study.py [--vllm-python .vllm-venv/bin/python] [--work DIR] [--out benchmarks/results]
+    python benchmarks/quant_study.py --html-only   # quant_study.html and .md again from quant_study.json (no pairs)
 """
 
 from __future__ import annotations
@@ -94,6 +95,40 @@ def demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines()) + "\n"
 
 
+PAGE_TITLE = "Quantization studies: the test bed and the behaving fixture"
+
+
+def write_html(reports: dict, out: Path) -> Path:  # reports: name -> StudyReport
+    """quant_study.html: each study a section (the plot is the test bed's)."""
+    from benchmarks.html_report import render_page
+    from benchmarks.study.report import html_section
+    from rank1_local.runs.atomic import write_text_atomic
+
+    png = (out / "quant_study.png").read_bytes()
+    page = out / "quant_study.html"
+    write_text_atomic(page, render_page(PAGE_TITLE, [html_section(r, png if name == "test_bed" else None)
+                                                     for name, r in reports.items()]))
+    return page
+
+
+def html_from_json(out: Path) -> Path:
+    """quant_study.html and quant_study.md from the committed quant_study.json: the tables and the plot, without
+    pairs (the JSON does not keep the runs' chains; a full run of this script writes them). The markdown keeps the
+    run's own closing paragraph."""
+    from benchmarks.study.report import render_markdown, report_from_json
+    from rank1_local.runs.atomic import write_text_atomic
+
+    data = json.loads((out / "quant_study.json").read_text(encoding="utf-8"))
+    reports = {name: report_from_json(data[name]) for name in ("test_bed", "behaving") if name in data}
+    markdown = render_markdown(reports["test_bed"], "quant_study.png")
+    if "behaving" in reports:
+        markdown += "\n" + demote(render_markdown(reports["behaving"], None))
+    old = (out / "quant_study.md").read_text(encoding="utf-8") if (out / "quant_study.md").exists() else ""
+    closing = old[old.rfind("\nRegenerate with"):] if "\nRegenerate with" in old else ""
+    write_text_atomic(out / "quant_study.md", markdown + closing)
+    return write_html(reports, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None, help="cache folder (default: the fixture cache)")
@@ -105,8 +140,14 @@ def main() -> None:
     parser.add_argument("--vllm-python", type=Path, default=Path(".vllm-venv/bin/python"),
                         help="the Python of a virtualenv with vLLM and rank1-local (see the README's Tests)")
     parser.add_argument("--skip-behaving", action="store_true", help="only the test bed")
+    parser.add_argument("--html-only", action="store_true",
+                        help="only write quant_study.html and quant_study.md again, from quant_study.json in --out "
+                             "(without pairs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.html_only:
+        print(html_from_json(args.out))
+        return
 
     from benchmarks.study.report import plot, render_markdown
     from rank1_local.runs.atomic import write_text_atomic
@@ -135,6 +176,7 @@ def main() -> None:
     write_text_atomic(args.out / "quant_study.json", json.dumps(
         {k: r.to_json() for k, r in reports.items()} | {"seconds": seconds}, indent=2, ensure_ascii=False,
         default=str) + "\n")
+    write_html(reports, args.out)
     print(markdown)
 
 

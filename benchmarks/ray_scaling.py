@@ -180,7 +180,7 @@ def block_overhead(workers: int, blocks: int, block: int, tmp: Path) -> dict[str
     rows = [PairRow(f"q{i // block}", "query", f"d{i}", "a passage " * 40) for i in range(blocks * block)]
     ds = dataset_from_rows(rows, block).map_batches(
         EchoScorer, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1, max_restarts=-1, max_task_retries=3)
+        num_cpus=1)
     ds.context.enable_progress_bars = False
     out = BlockAppender(tmp / f"echo-{workers}-{block}.jsonl")
     seen: set[tuple[str, str]] = set()

@@ -9,6 +9,7 @@ from typing import Any
 
 from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, read_header
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, UnsupportedModelError
+from rank1_local.models.bundle import MANIFEST
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -75,8 +76,16 @@ def _shard_files(path: Path) -> list[Path]:
 
 def open_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
     """Read config and the tensor index of a local checkpoint folder (no tensor data is loaded)."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise ModelNotFoundError(f"{path}: a GGUF file, exported already; the exporter reads a Hugging Face checkpoint "
+                                 f"(a folder with config.json and safetensors, or a hub id). Run it with rank1-local "
+                                 f"rerank --model {path}")
     if not path.is_dir():
-        raise ModelNotFoundError(f"{path}: model folder does not exist")
+        raise ModelNotFoundError(f"{path}: no such checkpoint folder")
+    if (path / MANIFEST).is_file():
+        raise ModelNotFoundError(f"{path}: a bundle (a GGUF and its manifest), exported already; the exporter reads a "
+                                 f"Hugging Face checkpoint (a folder with config.json and safetensors, or a hub id). "
+                                 f"Run the bundle with rank1-local rerank --model {path}")
     config = read_config(path)
     tensors: dict[str, TensorEntry] = {}
     for shard in _shard_files(path):

@@ -13,6 +13,7 @@ from rank1_local.cli.support import (
     add_common_flags,
     add_subcommand,
     add_version,
+    plain_text,
     run_command,
 )
 from rank1_local.core.errors import Rank1Error
@@ -104,6 +105,12 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from quantize.demo import run_demo
+
+    return run_demo(progress=not args.quiet)
+
+
 def _fixture_epilog() -> str:
     from quantize.fixtures import FIXTURES
 
@@ -118,7 +125,8 @@ def _fixture_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-quantize", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="rank1-quantize", description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
     add_common_flags(parser)
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_fixture_epilog(), formatter_class=RawDescriptionFormatter)
     p.add_argument("names", nargs="*", metavar="NAME", help="fixtures to build (default: all; listed below)")
     p.set_defaults(func=_cmd_fixture)
+
+    p = add_subcommand(sub, "demo", help=DEMO_HELP)
+    p.set_defaults(func=_cmd_demo)
     return parser
+
+
+DEMO_HELP = ("see it work, with no hub and no torch: rebuild the behaving fixture from its shipped weights, export it to "
+             "GGUF, check it on llama.cpp and rerank three passages, saying what each step did and how long it took "
+             "(the first run needs the package index once, for llama.cpp's tokenizer files; later runs reuse it all)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ lossless intermediate by llama.cpp's own quantizer (:mod:`quantize.llama_quantiz
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, load_raw, to_floa
 from quantize.tokenizer_export import write_vocab
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.runs.atomic import atomic_path
+from rank1_local.runs.atomic import atomic_path, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,9 @@ def encode_tensor(job: TensorJob, qtype: gguf.GGMLQuantizationType) -> np.ndarra
     return out
 
 
-def write_gguf(plan: ExportPlan, out_type: str, path: Path, *, progress: bool = True) -> None:
-    """Write ``plan`` as one GGUF file of a direct type (F32/F16/BF16/Q8_0) to ``path``."""
+def write_gguf(plan: ExportPlan, out_type: str, path: Path, *, progress: bool = True, desc: str | None = None) -> None:
+    """Write ``plan`` as one GGUF file of a direct type (F32/F16/BF16/Q8_0) to ``path`` (``desc``: what the progress
+    bar says it makes, by default the file's name)."""
     qtype, file_type = DIRECT_TYPES[out_type]
     hp = plan.hparams
     writer = gguf.GGUFWriter(path=None, arch=plan.spec.gguf_name)
@@ -214,19 +216,18 @@ def write_gguf(plan: ExportPlan, out_type: str, path: Path, *, progress: bool = 
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         types = [tensor_type(job, qtype) for job in plan.jobs]
-        for job, ttype in zip(plan.jobs, types):
-            nbytes = job.n_rows * _row_bytes(job.n_cols, ttype)
+        sizes = [job.n_rows * _row_bytes(job.n_cols, ttype) for job, ttype in zip(plan.jobs, types)]
+        for job, ttype, nbytes in zip(plan.jobs, types, sizes):
             byte_shape = (*job.shape[:-1], _row_bytes(job.n_cols, ttype))
             writer.add_tensor_info(job.gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=ttype)
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total = sum(job.n_rows * job.n_cols for job in plan.jobs)
-        with tqdm(total=total, unit="w", unit_scale=True, desc=f"{path.name}", disable=not progress,
-                  leave=False) as bar:
-            for job, ttype in zip(plan.jobs, types):
+        with tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024, desc=desc or path.name,
+                  disable=not progress, leave=False) as bar:
+            for job, ttype, size in zip(plan.jobs, types, sizes):
                 writer.write_tensor_data(encode_tensor(job, ttype))
-                bar.update(job.n_rows * job.n_cols)
+                bar.update(size)
     finally:
         writer.close()
 
@@ -250,7 +251,7 @@ def lossless_type(checkpoint: Checkpoint) -> str:
 
 
 def load_checkpoint(model: str | Path) -> Checkpoint:
-    path = resolve_local_or_hub(model, allow_patterns=CHECKPOINT_PATTERNS)
+    path = resolve_local_or_hub(model, allow_patterns=CHECKPOINT_PATTERNS, what="checkpoint folder")
     name = str(model).rstrip("/").split("/")[-1] if not Path(model).expanduser().exists() else path.name
     return open_checkpoint(path, name=name)
 
@@ -295,6 +296,13 @@ def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
     return imatrix, path
 
 
+def remove_export_leftovers(out_dir: Path) -> None:
+    """Remove what exports killed midway left in ``out_dir``: their scratch folders (the intermediate GGUF) and the
+    temporary files of the GGUFs and importance matrices they were writing. Those of running exports stay."""
+    remove_stale(out_dir, r"\.rank1-export-(?P<pid>\d+)-.*", "export")
+    remove_stale(out_dir, r"\..+\.gguf\.(?P<pid>\d+)\.tmp", "export")
+
+
 def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], *,
                 threads: int | None = None, progress: bool = True,
                 imatrix: ImatrixOptions | None = None, allow_no_imatrix: bool = False,
@@ -315,21 +323,25 @@ def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], 
         matrix_file = matrix_path.name
     results: list[ExportResult] = []
     intermediate: Path | None = None
-    scratch = Path(tempfile.mkdtemp(prefix=".rank1-export-", dir=out_dir))
+    remove_export_leftovers(out_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=f".rank1-export-{os.getpid()}-", dir=out_dir))
     try:
         for out_type in sorted(out_types, key=lambda t: not t.direct):
             target = out_dir / output_name(checkpoint.name, out_type.name)
             start = time.perf_counter()
             if out_type.direct:
                 with atomic_path(target) as tmp:
-                    write_gguf(plan, out_type.name, tmp, progress=progress)
+                    write_gguf(plan, out_type.name, tmp, progress=progress, desc=f"writing {target.name}")
             else:
                 if intermediate is None:
                     source_type = lossless_type(checkpoint)
                     done = [r.path for r in results if r.type == source_type]
                     intermediate = done[0] if done else scratch / output_name(checkpoint.name, source_type)
                     if not done:
-                        write_gguf(plan, source_type, intermediate, progress=progress)
+                        write_gguf(plan, source_type, intermediate, progress=progress,
+                                   desc=f"writing the {source_type} source for llama.cpp's quantizer")
+                logger.info("making %s with llama.cpp's quantizer%s", target.name,
+                            " and the importance matrix" if matrix is not None else "")
                 with atomic_path(target) as tmp:
                     quantize_gguf(intermediate, tmp, out_type.name, threads=threads, imatrix=matrix,
                                   imatrix_file=matrix_file)

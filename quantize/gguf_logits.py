@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rank1_local.backends.llama.engine import llama_cpp_module
 from rank1_local.core.errors import CorruptFileError
 from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
 
@@ -24,6 +25,7 @@ class LlamaCppLogits:
                  n_gpu_layers: int = 0, f32_kv_cache: bool = True) -> None:
         from llama_cpp import Llama
 
+        llama_cpp_module()  # llama.cpp's log through the runtime's filter (its chatter at DEBUG)
         self.path = Path(path)
         check_gguf_file(self.path)
         kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv_cache else {}

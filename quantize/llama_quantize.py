@@ -10,6 +10,7 @@ from typing import Any
 
 from quantize.gguf_types import LLAMA_CPP_TYPES
 from quantize.imatrix import Imatrix, ImatrixParam
+from rank1_local.backends.llama.engine import llama_cpp_module
 from rank1_local.core.errors import Rank1Error
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ def imatrix_metadata(imatrix: Imatrix, file_name: str) -> list[tuple[str, str | 
 
 
 def _kv_overrides(items: list[tuple[str, str | int]]) -> Any:
-    import llama_cpp
-
+    llama_cpp = llama_cpp_module()
     array = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
     for i, (key, value) in enumerate(items):
         array[i].key = key.encode()
@@ -50,8 +50,10 @@ def _kv_overrides(items: list[tuple[str, str | int]]) -> Any:
 def quantize_gguf(source: Path, target: Path, out_type: str, *, threads: int | None = None,
                   imatrix: Imatrix | None = None, imatrix_file: str = "") -> None:
     """Quantize the F32/F16/BF16 GGUF ``source`` into ``target`` of llama.cpp type ``out_type``, guided by
-    ``imatrix`` when given (recorded in the output's ``quantize.imatrix.*`` metadata as llama-quantize does)."""
-    import llama_cpp
+    ``imatrix`` when given (recorded in the output's ``quantize.imatrix.*`` metadata as llama-quantize does).
+    llama.cpp's report of the run goes to Python logging like the runtime's (:mod:`rank1_local.backends.llama.logs`):
+    its per-tensor lines are chatter (DEBUG), its warnings stay warnings."""
+    llama_cpp = llama_cpp_module()
 
     if out_type not in LLAMA_CPP_TYPES:
         raise Rank1Error(f"{out_type} is not a llama.cpp quantization type")
@@ -65,7 +67,7 @@ def quantize_gguf(source: Path, target: Path, out_type: str, *, threads: int | N
         keep_alive += [matrix, overrides]
         params.imatrix = matrix.pointer
         params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    logger.info("llama.cpp quantize %s -> %s (%s)", source.name, target.name, out_type)
+    logger.debug("llama.cpp quantize %s -> %s (%s)", source, target, out_type)
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     del keep_alive  # the importance matrix buffers were needed until here
     if status != 0 or not target.is_file():

@@ -102,3 +102,24 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype in ("F16", "F32", "F64"):
         return np.asarray(raw, dtype=np.float32)
     raise UnsupportedModelError(f"cannot convert {dtype} weights to float")
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]], *,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``{name: (dtype, shape, raw little-endian bytes)}`` as one safetensors file (tensors in name order, the
+    header padded with spaces to 8 bytes, as the safetensors library writes it)."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in sorted(tensors):
+        dtype, shape, raw = tensors[name]
+        if dtype not in _DTYPES or len(raw) != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize:
+            raise ValueError(f"{name}: {len(raw)} bytes do not hold a {dtype} tensor of shape {shape}")
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name in sorted(tensors):
+            f.write(tensors[name][2])

@@ -110,7 +110,8 @@ def summarize(gguf_path: Path, source: str, engine: str, rows: list[PromptCompar
 
 
 def open_source(source: str | Path, n_ctx: int, threads: int | None) -> tuple[LogitSource, str]:
-    path = resolve_local_or_hub(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"])
+    path = resolve_local_or_hub(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"],
+                                what="checkpoint folder or .gguf file")
     if path.is_file():
         check_gguf_file(path)
         return LlamaCppLogits(path, n_ctx=n_ctx, threads=threads), "llama.cpp"

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,7 +34,7 @@ from quantize.gguf_export import load_checkpoint
 from rank1_local.backends.hf import prepare_gptqmodel_env
 from rank1_local.core.errors import Rank1Error
 from rank1_local.models.hub import is_hub_id
-from rank1_local.runs.atomic import write_text_atomic
+from rank1_local.runs.atomic import remove_stale, write_text_atomic
 from rank1_local.runs.run_header import library_versions
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def export_weight_quant(model: str | Path, out_dir: str | Path, options: WeightQ
         load_args["dtype"] = torch.float16
         if device == "cpu":
             quantize_args["backend"] = gptqmodel.BACKEND.AWQ_TORCH  # the portable packer; the default is CUDA-only
+    remove_stale(out_dir.parent, rf"\.{re.escape(out_dir.name)}\.partial-(?P<pid>\d+)", "GPTQ/AWQ export")
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -11,7 +11,9 @@ The package is layered; each layer imports only the layers before it (``tests/te
 - ``cli``, ``server``, ``integrations``: the ways in.
 """
 
+from rank1_local.backends import open_reranker
 from rank1_local.backends.llama.facade import LlamaSettings, Rank1
+from rank1_local.core.cards import CARDS, ModelCard
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair
@@ -20,5 +22,5 @@ from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result, RunStats
 from rank1_local.version import __version__
 
-__all__ = ["LlamaSettings", "Pair", "Rank1", "Rank1Error", "Rank1Result", "Reranker", "RunStats", "ScoringConfig",
-           "__version__", "build_prompt", "format_passage", "format_query"]
+__all__ = ["CARDS", "LlamaSettings", "ModelCard", "Pair", "Rank1", "Rank1Error", "Rank1Result", "Reranker", "RunStats",
+           "ScoringConfig", "__version__", "build_prompt", "format_passage", "format_query", "open_reranker"]

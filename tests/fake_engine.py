@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from rank1_local.backends.llama.engine import BatchEntry, DeviceInfo
+from rank1_local.core.decoder import HostRow
 
 EOG, TRUE, FALSE, CLOSE, OPEN = 0, 1, 2, 3, 4
 SPECIAL = {" true": TRUE, " false": FALSE, "</think>": CLOSE, "<think>": OPEN}
@@ -132,7 +133,7 @@ class FakeEngine:
             seq.append(e.token)
             self.evaluated += 1
             if e.logits:
-                out[i] = self._next_logits(seq)
+                out[i] = HostRow(self._next_logits(seq))
         return out
 
 
@@ -158,6 +159,28 @@ def scripted_rank1(engine: FakeEngine, parallel: int, config, *, cache=None, max
     class ScriptedRank1(Rank1):
         def __init__(self) -> None:
             self._start(config, LlamaSettings(parallel=parallel, max_waiting=max_waiting),
-                        Path(model_path or "scripted.gguf"), engine, lambda: engine, (TRUE, FALSE), cache)
+                        Path(model_path or "scripted.gguf"), lambda: engine, lambda: engine, cache)
 
     return ScriptedRank1()
+
+
+class DeviceEngine(FakeEngine):
+    """A :class:`FakeEngine` whose rows are read "on the device": each holds only its top 20 candidates, unless its
+    entry asks for the full logits (``entry.host``). Counts the rows of each kind."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.device_rows = self.host_rows = 0
+
+    def decode(self, entries):
+        from rank1_local.core.decoder import CandidateRow
+
+        rows = super().decode(entries)
+        for i, row in list(rows.items()):
+            if entries[i].host:
+                self.host_rows += 1
+                continue
+            self.device_rows += 1
+            ids = np.argsort(-row.values, kind="stable")[:20]
+            rows[i] = CandidateRow(ids.tolist(), row.values[ids].tolist())
+        return rows

@@ -53,13 +53,13 @@ class Reference:
 
     def _fallback(self, prompt: str, text: str, n_ctx: int) -> float:
         ids = self.tok.encode(prompt + "\n" + official_cut(text) + "\n</think>")
-        return 0.5 if len(ids) >= n_ctx else self._score(self._next_logits(ids))
+        return 0.5 if len(ids) > n_ctx else self._score(self._next_logits(ids))
 
     def score(self, query, passage, max_think_tokens=1024, rethink_rounds=0, protocol="official",
               n_ctx=4096) -> RefResult:
         prompt = TEMPLATE.format(query=query, passage=passage)
         context = self.tok.encode(prompt)
-        if len(context) >= n_ctx:
+        if len(context) > n_ctx:
             return RefResult(0.5, "", 0, False)
         generated = 0
         base, new_tokens = "", []  # text = base + decode(new_tokens); base changes on rethink
@@ -84,11 +84,11 @@ class Reference:
             if protocol == "full":
                 if "</think>" in text:
                     return RefResult(self._score(self._next_logits(context)), reasoning, generated, False)
-                if generated >= max_think_tokens or len(context) >= n_ctx:
+                if generated >= max_think_tokens or len(context) > n_ctx:
                     break
                 continue
             stop = min([text.index(s) for s in STOPS if s in text], default=-1)
-            if eos or stop >= 0 or generated >= max_think_tokens or len(context) >= n_ctx:
+            if eos or stop >= 0 or generated >= max_think_tokens or len(context) > n_ctx:
                 top = set(self.torch.topk(logits, 20).indices.tolist())
                 if self.true_id in top and self.false_id in top:
                     return RefResult(self._score(logits), reasoning, generated, False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -92,6 +93,22 @@ def test_layers_import_inwards_only():
             assert not root_import, f"{path.relative_to(ROOT)}:{node.lineno} imports the package root"
 
 
+# the callers that must serve every backend: they speak to the engine interface (core.engine, pipeline), never to one
+# backend's modules (a backend is opened by name through rank1_local.backends' registry)
+ENGINE_CALLERS = ("rank1_local/server", "rank1_local/integrations/ray_serve.py", "rank1_local/runs/run_file.py",
+                  "rank1_local/runs/run_output.py", "rank1_local/integrations/ray_run_file.py")
+
+
+def test_servers_and_run_files_use_only_the_engine_interface():
+    for entry in ENGINE_CALLERS:
+        target = ROOT / entry
+        for path in [target] if target.is_file() else sorted(target.rglob("*.py")):
+            backends = {p.stem for p in (ROOT / "rank1_local" / "backends").iterdir() if p.stem != "__init__"}
+            per_backend = sorted(m for m in imported_modules(path)
+                                 if m.startswith("rank1_local.backends.") and m.split(".")[2] in backends)
+            assert not per_backend, f"{path.relative_to(ROOT)} imports {per_backend}"
+
+
 def test_runtime_imports_no_torch():
     modules = ["rank1_local", "rank1_local.cli.main", "rank1_local.backends", "rank1_local.backends.hf",
                "rank1_local.backends.vllm", "rank1_local.runs.run_file", "rank1_local.integrations.ray",
@@ -176,3 +193,21 @@ def test_llama_cpp_log_levels_follow_ggml_h():
                     (logging.WARNING, "control-looking token: '<x>' was not control-type"),
                     (logging.ERROR, "failed to decode"),
                     (logging.DEBUG, "n_ctx_seq (37120) > n_ctx_train (32768) -- possible training context overflow")]
+
+
+@pytest.mark.parametrize("user, expected", [({}, {"GOMP_SPINCOUNT": "SPIN"}),
+                                            ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+                                            ({"GOMP_SPINCOUNT": "5"}, {"GOMP_SPINCOUNT": "5"})])
+def test_llama_cpp_threads_wait_briefly_unless_the_user_says_otherwise(user, expected):
+    """The waiting default is in the environment before llama.cpp's OpenMP runtime loads (it reads it once, then);
+    a user's own setting stays."""
+    from rank1_local.backends.llama.threads import SPIN_COUNT, WAIT_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES} | user
+    code = ("import os, sys; from rank1_local.backends.llama.engine import llama_cpp_module; llama_cpp_module(); "
+            "import json; print(json.dumps({k: os.environ[k] for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') "
+            "if k in os.environ}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    import json
+
+    assert json.loads(out.stdout) == {k: (SPIN_COUNT if v == "SPIN" else v) for k, v in expected.items()}

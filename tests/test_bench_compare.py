@@ -99,6 +99,25 @@ def test_cli_writes_markdown_json_and_plot(files, tmp_path, capsys):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_writes_an_html_page_with_every_pair(files, tmp_path):
+    """compare.html: the table, the plot inline, and each run's pairs with both chains (b and y flip; b and y have
+    other chains, diverging at characters 5 and 0)."""
+    from browser_support import page_pairs
+
+    ref, run, qrels = files
+    out = tmp_path / "report"
+    assert main(["-q", "compare", str(ref), str(run), "--qrels", str(qrels), "--out-dir", str(out)]) == 0
+    page = out / "compare.html"
+    text = page.read_text()
+    assert "data:image/png;base64," in text and "<td data-sort=\"66.7\">66.7%</td>" in text
+    data = page_pairs(page)
+    (listed,) = data["runs"]
+    assert (listed["label"], listed["total"], listed["flips"], listed["forced"], listed["differ"]) == ("run", 6, 2, 1, 2)
+    pairs = {(p["q"], p["d"]): p for p in listed["pairs"]}
+    assert data["strings"][pairs[("q1", "b")]["rb"]] == "abc dXf" and data["strings"][pairs[("q1", "b")]["ra"]] == "abc def"
+    assert (pairs[("q1", "b")]["v"], pairs[("q2", "y")]["v"], pairs[("q1", "a")]["v"]) == (5, 0, None)
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "empty run file"),
     ('{"qid": "1", "docid": "a", "score": 0.5, "reasoning": "", "n_tokens": 1, "forced": false}\n{oops\n',

@@ -453,7 +453,7 @@ def test_toolchain_checkpoint_download_is_fast_offline_too(tmp_path):
     done = subprocess.run([sys.executable, "-m", "quantize.cli", "gguf", "owner/rank1-7b", "--out",
                            str(tmp_path / "models")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "is not in the local cache" in done.stderr
-    assert "rank1-quantize fixture --help" in done.stderr  # the route that needs no download
+    assert "`rank1-local demo`" in done.stderr  # the route that needs no hub
     assert time.perf_counter() - start < 5
 
 
@@ -615,6 +615,44 @@ def test_a_bad_manifest_is_an_error_and_list_shows_the_others(tmp_path, monkeypa
     lines = done.stdout.splitlines()
     assert [line.split()[1] for line in lines[1:]] == ["a-good", "b-bad", "c-good"]
     assert "DAMAGED:" in lines[2] and message in lines[2] and "DAMAGED" not in lines[1] + lines[3]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("change, message", [
+    (lambda data: data | {"format_version": -5}, "format_version must be a version number from 1"),
+    (lambda data: data | {"type": "NOTATYPE"}, "type \"NOTATYPE\" is not a GGUF type"),
+    (lambda data: data | {"files": data["files"] * 2}, "is listed twice"),
+    (lambda data: "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+])
+def test_manifests_that_cannot_be_right_are_refused_and_list_goes_on(tmp_path, monkeypatch, change, message):
+    env = cli_env(tmp_path)
+    monkeypatch.setenv("RANK1_LOCAL_HOME", env["RANK1_LOCAL_HOME"])
+    folder = tmp_path / "bundles"
+    for name in ("a-good", "b-bad"):
+        pull(str(write_gguf(tmp_path / f"{name}-Q8_0.gguf", "Q8_0", 1.0)), out=folder / name)
+    manifest = folder / "b-bad" / MANIFEST
+    changed = change(json.loads(manifest.read_text()))
+    manifest.write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    with pytest.raises(CorruptFileError, match=message):
+        read_bundle(folder / "b-bad")
+    done = run_cli(["list", str(folder), "--no-hub-cache"], env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert "DAMAGED:" in lines[2] and "DAMAGED" not in lines[1]
+
+
+@pytest.mark.quick
+def test_a_link_to_a_file_outside_the_bundle_is_refused(tmp_path, monkeypatch):
+    """Same bytes, same size, same digest: still not the bundle's own file (the bundle would change with it)."""
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    source = write_gguf(tmp_path / "m-Q8_0.gguf", "Q8_0", 1.0)
+    bundle = pull(str(source), out=tmp_path / "b")
+    outside = tmp_path / "elsewhere.gguf"
+    outside.write_bytes(bundle.gguf.read_bytes())
+    bundle.gguf.unlink()
+    bundle.gguf.symlink_to(outside)
+    with pytest.raises(CorruptFileError, match="a link to .*elsewhere.gguf, outside the bundle"):
+        open_bundle(bundle.path)
 
 
 def _swap_keeping_size_and_mtime(target: Path, replacement: bytes, *, in_place: bool) -> None:

@@ -156,6 +156,30 @@ def test_a_missing_path_is_a_missing_file_not_a_hub_id(docs, capsys, model, tmp_
         assert rerank(["-q", *command]) == 2
         err = capsys.readouterr().err
         assert f"{model}: no such file" in err and "hub" not in err and "pull" not in err, err
+    assert quantize(["-q", "gguf", model, "--out", "models", "--types", "Q8_0", "--bundle", "b"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: no such checkpoint folder" in err and "hub" not in err and "download" not in err, err
+
+
+def test_a_bundle_name_almost_right_is_named_and_a_bundle_is_no_checkpoint(docs, capsys, tmp_path, monkeypatch):
+    """The README's route, one step wrong: a bundle made as bundles/rank1-0.5b-Q8_0-Q8_0 asked for as
+    bundles/rank1-0.5b-Q8_0 (or typed with a letter off) is named; a bundle or a .gguf given to the exporter is said to
+    be an export already, with the command that runs it."""
+    monkeypatch.chdir(tmp_path)
+    bundle = tmp_path / "bundles" / "rank1-0.5b-Q8_0-Q8_0"
+    bundle.mkdir(parents=True)
+    (bundle / "rank1-bundle.json").write_text("{}")
+    for model in ("bundles/rank1-0.5b-Q8_0", "bundles/rank1-0.5b-Q8_0-Q8O"):
+        assert rerank(["-q", "rerank", "--model", model, "--query", "q", "--docs", str(docs)]) == 2
+        err = capsys.readouterr().err
+        assert f"{model}: no such file or bundle folder; did you mean bundles/rank1-0.5b-Q8_0-Q8_0?" in err, err
+    assert quantize(["-q", "gguf", "bundles/rank1-0.5b-Q8_0-Q8_0", "--out", "models", "--types", "Q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "a bundle (a GGUF and its manifest), exported already" in err
+    assert "rank1-local rerank --model bundles/rank1-0.5b-Q8_0-Q8_0" in err and "config.json (is this" not in err
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert quantize(["-q", "gguf", "m.gguf", "--out", "models", "--types", "Q8_0"]) == 2
+    assert "m.gguf: a GGUF file, exported already" in capsys.readouterr().err
 
 
 def test_serve_names_a_missing_file_too():
@@ -253,3 +277,51 @@ def test_ctrl_c_on_serve_says_the_server_stopped(capsys):
     args = build_parser().parse_args(["rerank", "--model", "m.gguf"])
     args.func = interrupted
     assert run_command(args, "interrupted; rows already written are kept, re-run to resume") == 130
+
+
+class _InterruptedModel:
+    """A model interrupted (Ctrl-C) after judging the passages named in ``judged``: what the CLI has when the user
+    presses Ctrl-C midway."""
+
+    device = "CPU"
+
+    def __init__(self, judged: dict[int, float]) -> None:
+        self.judged = judged
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def score_pairs(self, pairs, *, config=None, on_result=None):
+        from rank1_local.core.results import Rank1Result
+
+        for index, score in self.judged.items():
+            on_result(Rank1Result(index, score, "r", 3, False, False, 0, 10, 0.1))
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fmt", ["table", "jsonl"])
+def test_ctrl_c_on_docs_prints_the_partial_ranking_marked_partial(tmp_path, monkeypatch, capsys, fmt):
+    import json
+
+    from rank1_local.cli import main as cli
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("apple passage\ntiger passage\ncherry passage\n")
+    monkeypatch.setattr(cli, "_model", lambda args, config: _InterruptedModel({2: 0.4, 0: 0.9}))
+    assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs), "--format", fmt]) == 130
+    out, err = capsys.readouterr()
+    assert "resume" not in err and "rows already written" not in err
+    assert "PARTIAL ranking: 2 of 3 passages judged" in err and "the other 1 are missing" in err
+    if fmt == "table":
+        lines = out.splitlines()
+        assert lines[0].startswith("PARTIAL ranking: 2 of 3") and lines[1].startswith("RANK")
+        assert "apple passage" in lines[2] and "cherry passage" in lines[3] and len(lines) == 4
+    else:
+        assert [json.loads(line)["docid"] for line in out.splitlines()] == ["0", "2"]
+    monkeypatch.setattr(cli, "_model", lambda args, config: _InterruptedModel({}))
+    assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs)]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and "none of the 3 passages was judged; nothing to show" in err and "resume" not in err

@@ -8,6 +8,7 @@ import pytest
 
 from quantize.fixtures.synthetic_task import eval_pairs
 from rank1_local.cli.main import main
+from rank1_local.runs.run_header import header_path
 
 PAIRS = eval_pairs()[:8]
 COMMON = ["--max-think-tokens", "64", "--n-ctx", "512", "--threads", "2"]
@@ -73,6 +74,7 @@ def test_pairs_output_is_resumable(model, tmp_path):
     part = tmp_path / "part.jsonl"
     lines = full.read_bytes().splitlines(keepends=True)
     part.write_bytes(b"".join(lines[:3]) + lines[3][:20])
+    header_path(part).write_bytes(header_path(full).read_bytes())  # written first, so a killed run has it
     assert main(["-q", "rerank", "--model", model, "--pairs", str(pairs), "--output", str(part),
                  "--parallel", "1", *COMMON]) == 0
     assert part.read_bytes() == full.read_bytes()

@@ -41,6 +41,9 @@ class LengthReranker(Reranker):
             out.append(r)
         return out
 
+    def _close_backend(self) -> None:
+        pass
+
 
 @pytest.mark.quick
 def test_one_pair_gives_one_numpy_scalar():
@@ -148,3 +151,22 @@ def test_sentence_transformers_calls_bind_and_run_on_ours(method):
             assert np.ndim(out) == 0
         else:
             assert isinstance(out, np.ndarray) and out.shape == (len(theirs["inputs"]),)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.rank("q", ["a", "b"], top_k=0), "top_k must be at least 1"),
+    (lambda m: m.rank("q", ["a", "b"], top_k=1.5), "top_k must be at least 1"),
+    (lambda m: m.rerank("q", ["a", "b"], top_k=-2), "top_k must be at least 1"),
+    (lambda m: m.rank("q", "abc"), "documents must be a list of passages .* got one str"),
+    (lambda m: m.rerank("q", "abc"), "documents must be a list of passages .* got one str"),
+    (lambda m: m.rerank("q", {"text": "abc"}), "got one dict"),
+    (lambda m: m.rank("q", 5), "got int"),
+])
+def test_bad_arguments_are_refused_before_anything_is_scored(call, message):
+    """As the CLI refuses them: not after scoring everything (top_k=0 returned [], 1.5 a TypeError), and never a
+    string scored letter by letter."""
+    model = LengthReranker()
+    with pytest.raises(Rank1Error, match=message):
+        call(model)
+    assert model.calls == []

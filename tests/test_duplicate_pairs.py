@@ -8,12 +8,12 @@ import dataclasses
 
 import pytest
 from fake_engine import FakeEngine, scripted
+from pipeline_support import run, serial_pipeline
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.duplicates import find_duplicates
 from rank1_local.core.pairs import prepare_pairs
 from rank1_local.core.results import build_result, too_long_result
-from rank1_local.pipeline import Pipeline, SerialExecutor
 
 pytestmark = pytest.mark.quick
 
@@ -39,14 +39,14 @@ class Scorer:
 
 
 def pipeline(scorer, config=CONFIG):
-    return Pipeline(FakeEngine(scripted({})), SerialExecutor(scorer), config)
+    return serial_pipeline(FakeEngine(scripted({})), scorer, config)
 
 
 def test_same_prompt_is_scored_once_and_every_pair_gets_its_result():
     pairs = [("q", "a"), ("q", "b"), ("q", "a"), ("other q", "a"), ("q", "b"), ("q", "a", "")]
     scorer, seen = Scorer(), []
     p = pipeline(scorer)
-    results = p.score(pairs, on_result=seen.append)
+    results, stats = run(p, pairs, on_result=seen.append)
     assert scorer.asked == [[0, 1, 3]]
     assert [r.index for r in results] == list(range(6)) and sorted(r.index for r in seen) == list(range(6))
     for copy, first in [(2, 0), (4, 1), (5, 0)]:
@@ -54,12 +54,12 @@ def test_same_prompt_is_scored_once_and_every_pair_gets_its_result():
     assert results[0].score != results[3].score  # another query is another prompt
     seen_order = [r.index for r in seen]
     assert seen_order.index(2) == seen_order.index(0) + 1  # a copy comes right after the result it copies
-    assert p.last_stats.pairs == 3 and p.counters.pairs == 6
+    assert stats.pairs == 3 and p.counters.pairs == 6
 
 
 def test_no_duplicates_passes_straight_through():
     scorer = Scorer()
-    results = pipeline(scorer).score([("q", "a"), ("q", "b")])
+    results, _ = run(pipeline(scorer), [("q", "a"), ("q", "b")])
     assert scorer.asked == [[0, 1]] and [r.reasoning for r in results] == ["r0", "r1"]
 
 
@@ -71,7 +71,7 @@ def test_too_long_pairs_are_left_alone():
     duplicates = find_duplicates(batch)
     assert [p.index for p in duplicates.unique] == [0, 1, 2] and duplicates.copies == {2: (3,)}
     assert duplicates.count == 1
-    results = pipeline(Scorer(), tight).score(pairs)
+    results, _ = run(pipeline(Scorer(), tight), pairs)
     assert [r.too_long for r in results] == [True, True, False, False] and results[3].score == results[2].score
 
 
@@ -80,4 +80,4 @@ def test_a_backend_failure_reaches_the_caller():
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        pipeline(broken).score([("q", "a")])
+        run(pipeline(broken), [("q", "a")])

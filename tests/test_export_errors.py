@@ -138,4 +138,34 @@ def test_offline_hub_id_gives_plain_message(tmp_path, monkeypatch, capsys):
 def test_cli_reports_missing_folder(tmp_path, capsys):
     code = cli_main(["-q", "gguf", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "no such file or folder" in capsys.readouterr().err
+    assert "nope: no such checkpoint folder" in capsys.readouterr().err
+
+
+
+def test_a_killed_export_leaves_nothing_after_the_next_run(fixture_dir, tmp_path):
+    """SIGKILL in the middle of writing a GGUF leaves its temporary file (a killed process cleans nothing): the next
+    export into the folder removes it, and a scratch folder, as left by a killed process; a running export's are
+    kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = fixture_dir("behaving")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "quantize.cli", "-q", "gguf", str(source), "--out", str(out),
+                             "--types", "F32"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.gguf.*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list(out.glob(".*.gguf.*.tmp")) + list(out.glob(".rank1-export-*"))
+    assert left, "the export was not caught while writing"
+    (out / f".rank1-export-{proc.pid}-x1y2").mkdir()  # a killed export's scratch folder
+    running = out / f".other-Q8_0.gguf.{os.getpid()}.tmp"  # a running export's temporary file (this process)
+    running.write_bytes(b"")
+    export_gguf(fixture_dir("qwen2-tied"), out, "F16", progress=False)
+    assert _leftovers(out) == sorted([f"{fixture_dir('qwen2-tied').name}-F16.gguf", running.name])

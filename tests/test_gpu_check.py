@@ -7,11 +7,12 @@ from __future__ import annotations
 import ast
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu import check, prepare
+from benchmarks.gpu import check, prepare, steps
 from benchmarks.gpu.report import render
 from benchmarks.gpu.timing import Bucket
 
@@ -157,3 +158,93 @@ def test_a_step_an_earlier_call_was_stopped_in_is_reported_as_stopped(tmp_path):
     later.render()
     step = json.loads((tmp_path / "out" / "gpu.json").read_text())["steps"]["fidelity"]
     assert step["status"] == "stopped" and earlier.call in step["reason"]
+
+
+# --- the fidelity step's verdict, on constructed runs (no llama.cpp, no GPU) ---------------------------------------
+def _results(n: int = 12, **changes: dict) -> list[dict]:
+    """``n`` pairs of one run; ``changes`` maps a pair index (as ``p3``) to the fields it changes."""
+    rows = [{"score": 0.9 if i % 2 else 0.1, "reasoning": f"chain {i}.", "n_tokens": 20, "forced": False,
+             "too_long": False} for i in range(n)]
+    for key, fields in changes.items():
+        rows[int(key[1:])].update(fields)
+    return rows
+
+
+def _runs(case: str, **overrides: list[dict]) -> dict:
+    """Every run the fidelity step compares, all agreeing, unless ``overrides`` (``F16_gpu_all`` …) say otherwise."""
+    runs = {f"{case}|hf16": {"device": "transformers cpu float16", "results": overrides.pop("hf16", _results())}}
+    for gguf_type in ("F16", "Q4_K_M"):
+        for label in ("cpu", "gpu-all", "gpu-half"):
+            name = f"{gguf_type}_{label.replace('-', '_')}"
+            runs[f"{case}|{gguf_type}|{label}"] = {"device": label, "results": overrides.pop(name, _results())}
+    assert not overrides
+    return runs
+
+
+CASE = {"closes normally": ("behaving", 64, [])}
+TYPES = ("F16", "Q4_K_M")
+
+
+def _failures(**overrides: list[dict]) -> list[str]:
+    return steps.judge_fidelity(_runs("closes normally", **overrides), CASE, TYPES)[1]
+
+
+def test_agreeing_fidelity_runs_pass_and_a_quantized_gguf_against_float16_is_not_judged():
+    rows, failures = steps.judge_fidelity(_runs("closes normally"), CASE, TYPES)
+    assert failures == [] and len(rows) == 2 * len(steps.COMPARISONS)
+    verdicts = {(r["type"], r["run"], r["against"]): r["verdict"] for r in rows}
+    assert verdicts[("Q4_K_M", "gpu-all", "hf16")].startswith("not judged")
+    assert all(v == "ok" for (t, _, against), v in verdicts.items() if against == "cpu" or t == "F16")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"F16_gpu_all": _results(p3={"score": 0.45})}, "F16 | gpu-all vs cpu: decisions differ on 1 of 12 pairs"),
+    ({"Q4_K_M_gpu_half": _results(p5={"reasoning": "another chain."})},
+     "Q4_K_M | gpu-half vs cpu: reasoning differs on 1 of 12 pairs (at most 0)"),
+    ({"F16_gpu_all": _results(p0={"n_tokens": 21})}, "F16 | gpu-all vs cpu: reasoning differs on 1 of 12"),
+    # 0.9 -> 0.92: the same decision, 0.24 in log-odds, over the same-file bar of 0.1
+    ({"F16_gpu_half": _results(p1={"score": 0.92})}, "F16 | gpu-half vs cpu: |Δlog-odds| 0.245 > 0.1"),
+    ({"Q4_K_M_gpu_all": _results(p1={"score": 0.95})}, "Q4_K_M | gpu-all vs cpu: |Δlog-odds| 0.747 > 0.5"),
+    # transformers float16 may change a quarter of the chains (3 of 12), not four
+    ({"hf16": _results(**{f"p{i}": {"reasoning": "x.", "score": 0.5} for i in range(4)})},
+     "F16 | cpu vs hf16: reasoning differs on 4 of 12 pairs (at most 3)"),
+    ({"hf16": _results(p2={"score": 0.6})}, "F16 | cpu vs hf16: decisions differ on 1 of 12 pairs"),
+    ({"F16_cpu": None}, "F16 | gpu-all vs cpu: cpu did not run"),
+])
+def test_the_fidelity_step_fails_on_each_disagreement(overrides, words):
+    missing = [k for k, v in overrides.items() if v is None]
+    runs = _runs("closes normally", **{k: v for k, v in overrides.items() if v is not None})
+    for name in missing:  # a run that did not happen
+        gguf_type, label = name.split("_", 1)
+        del runs[f"closes normally|{gguf_type}|{label}"]
+    failures = steps.judge_fidelity(runs, CASE, TYPES)[1]
+    assert any(words in f for f in failures), failures
+
+
+def test_float16_chain_changes_within_the_bar_pass_and_their_decisions_are_not_compared():
+    changed = {f"p{i}": {"reasoning": "x.", "score": 0.5} for i in range(3)}  # 3 of 12, decisions flipped too
+    assert _failures(hf16=_results(**changed)) == []
+    assert _failures(Q4_K_M_gpu_all=_results(p2={"score": 0.6})) != []  # the same file allows no such change
+
+
+def test_the_fidelity_step_records_failed_and_the_report_marks_it(tmp_path, monkeypatch):
+    """The step itself (its child processes replaced by their data files): a disagreement fails the step, and
+    gpu.md shows which comparison and why."""
+    settings = asdict(check.settings_for("cpu-rehearsal", 600))
+    ctx = steps.Ctx("cpu-rehearsal", ROOT, tmp_path / "work", tmp_path / "carry", tmp_path / "out", "c", settings, 2,
+                    1e12)
+    runs = _runs("closes normally", F16_gpu_all=_results(p3={"score": 0.45}))
+    data_dir = ctx.work / "data"
+    data_dir.mkdir(parents=True)
+    for child, which in (("fidelity-cpu", "|cpu"), ("fidelity-gpu", "|gpu-"), ("fidelity-hf", "|hf16")):
+        (data_dir / f"{child}.json").write_text(json.dumps({"runs": {k: v for k, v in runs.items() if which in k}}))
+    monkeypatch.setattr(steps, "_run_children", lambda ctx, jobs, parallel: dict.fromkeys(jobs, "ok"))
+    monkeypatch.setattr(steps, "_fidelity_cases", lambda ctx: CASE)
+    data = steps.Data(ctx, "fidelity")
+    steps.step_fidelity(ctx, data)
+    # the flipped pair misses two bars: against the CPU run and against transformers
+    assert data["failed"].startswith("2 comparison(s) missed their bar: closes normally | F16 | gpu-all vs cpu")
+    md, _ = render(check.STEPS, {"fidelity": {"status": "failed", "reason": data["failed"], "data": dict(data)}},
+                   {"mode": "gpu", "call": "c", "host": "h", "budget_s": 540, "elapsed_s": 1.0})
+    assert "**✗** 11/12" in md and "- closes normally | F16 | gpu-all vs cpu: decisions differ on 1 of 12" in md
+    assert "fidelity verdict: 5 of 7 judged comparisons met their bar, **2 did not**" in md

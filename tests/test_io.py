@@ -10,7 +10,8 @@ import pytest
 from quantize.calibration import load_calibration
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
-from rank1_local.runs.inputs import JsonlAppender, check_writable, done_keys, read_documents, read_pairs
+from rank1_local.runs.inputs import check_writable, done_keys, read_documents, read_pairs
+from rank1_local.runs.run_output import RunOutput
 
 pytestmark = pytest.mark.quick
 
@@ -58,10 +59,8 @@ def test_bad_pairs(tmp_path):
 
 def test_torn_last_line_is_dropped_and_rows_kept(tmp_path):
     out = tmp_path / "o.jsonl"
-    appender = JsonlAppender(out)
-    for i in range(3):
-        appender.write({"qid": "q", "docid": str(i), "score": 0.5})
-    appender.close()
+    with RunOutput(out) as run:
+        run.append({"qid": "q", "docid": str(i), "score": 0.5} for i in range(3))
     with open(out, "ab") as f:
         f.write(b'{"qid": "q", "docid": "3", "sco')
     assert done_keys(out) == {("q", "0"), ("q", "1"), ("q", "2")}
@@ -179,9 +178,8 @@ def test_a_last_row_without_its_newline_is_kept_and_closed(tmp_path):
     out.write_bytes(_rows(4)[:-1])  # the fourth row's newline never reached the disk
     assert done_keys(out) == {("q", str(i)) for i in range(4)}
     assert out.read_bytes() == _rows(4)  # no NUL byte, nothing cut: the row is whole and ends its line
-    appender = JsonlAppender(out)
-    appender.write({"qid": "q", "docid": "4", "score": 0.5})
-    appender.close()
+    with RunOutput(out, force_resume=True) as run:  # rows without a header: kept because we say so
+        run.append([{"qid": "q", "docid": "4", "score": 0.5}])
     assert done_keys(out) == {("q", str(i)) for i in range(5)} and out.read_bytes() == _rows(5)
 
 
@@ -212,3 +210,30 @@ def test_output_paths_that_cannot_be_written_are_refused_first(tmp_path):
         check_writable(blocker / "out.jsonl")
     check_writable(tmp_path / "new" / "sub" / "out.jsonl")  # folders to be made: fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the check leaves nothing behind
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", '{"docid": "d1", "text": "a"}\n{"docid": "d2", "text": "b"}\n{"docid": "d1", "text": "c"}\n',
+     r"d.jsonl:3: docid 'd1' again \(first on line 1\)"),
+    ("d.tsv", "d1\ta\nd1\tb\n", r"d.tsv:2: docid 'd1' again \(first on line 1\)"),
+    ("d.jsonl", '{"id": 7, "text": "a"}\n{"id": "7", "text": "b"}\n', r"d.jsonl:2: docid '7' again"),
+])
+def test_a_docid_given_twice_is_refused(tmp_path, name, content, message):
+    """A ranking (or a TREC run) with one docid twice is ambiguous."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(Rank1Error, match=message):
+        read_documents(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 200_000 + "]" * 200_000, "JSON nested too deeply to read"),
+    ('{"qid": ' + "9" * 5000 + ', "query": "q", "docid": "d", "text": "t"}', "unreadable JSON"),
+])
+def test_json_no_parser_can_hold_is_one_line(tmp_path, line, message):
+    """Nested 200k deep, or an integer of 5000 digits: an error naming the file line, never a traceback."""
+    for reader, name in ((read_pairs, "p.jsonl"), (read_documents, "d.jsonl")):
+        path = tmp_path / name
+        path.write_text(line + "\n")
+        with pytest.raises(Rank1Error, match=rf"{name}:1: {message}"):
+            reader(path)

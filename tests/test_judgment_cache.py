@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_support import run, serial_pipeline
 
 from rank1_local.cache.store import CacheFileError, JudgmentCache
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.results import Rank1Result, build_result
-from rank1_local.pipeline import Pipeline, SerialExecutor
+from rank1_local.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = "rank1_local.cache.store"
@@ -84,7 +85,7 @@ def test_keys_change_with_each_setting_the_model_and_the_prompt(tmp_path, model_
                "protocol": "full", "truncate_passages": True}
     assert set(changed) == set(SETTINGS)  # a new protocol setting needs a line here
     keys = {cache.scope(model_file, {**SETTINGS, name: value}).key("prompt") for name, value in changed.items()}
-    keys |= {cache.scope(model_file, {**SETTINGS, "engine": {"backend": "CPU"}}).key("prompt")}
+    keys |= {cache.scope(model_file, {**SETTINGS, "engine": {"device": "CPU"}}).key("prompt")}
     assert key not in keys and len(keys) == len(changed) + 1
 
     other = tmp_path / "other.gguf"
@@ -165,8 +166,8 @@ class Tokens:
 
 def cached_pipeline(cache: JudgmentCache, model_file: Path, scorer) -> Pipeline:
     config = ScoringConfig(max_think_tokens=64, n_ctx=512)
-    return Pipeline(Tokens(), SerialExecutor(scorer), config, cache=cache, model_path=model_file,
-                    cache_settings=lambda c: c.to_dict())
+    return serial_pipeline(Tokens(), scorer, config, cache=cache, model_path=model_file,
+                           cache_settings=lambda c: c.to_dict())
 
 
 @quick
@@ -181,12 +182,12 @@ def test_the_pipeline_scores_only_misses_and_keeps_order(tmp_path, model_file):
     cache = JudgmentCache(tmp_path / "c.sqlite3")
     pipe = cached_pipeline(cache, model_file, scorer)
     seen: list[Rank1Result] = []
-    first = pipe.score([("q", "a"), ("q", "b")], on_result=seen.append)
+    first, _ = run(pipe, [("q", "a"), ("q", "b")], on_result=seen.append)
     assert calls == [["a", "b"]] and [r.index for r in first] == [0, 1]
     assert sorted(r.index for r in seen) == [0, 1] and not any(r.cached for r in first)
 
     seen.clear()
-    second = pipe.score([("q", "d"), ("q", "b"), ("q", "a")], on_result=seen.append)
+    second, _ = run(pipe, [("q", "d"), ("q", "b"), ("q", "a")], on_result=seen.append)
     assert calls[1] == ["d"]
     assert [r.index for r in second] == [0, 1, 2] and [r.cached for r in second] == [False, True, True]
     assert sorted(r.index for r in seen) == [0, 1, 2]
@@ -203,7 +204,7 @@ def test_interrupted_scoring_keeps_what_finished(tmp_path, model_file):
 
     cache = JudgmentCache(tmp_path / "c.sqlite3")
     with pytest.raises(KeyboardInterrupt):
-        cached_pipeline(cache, model_file, dies).score([("q", "a"), ("q", "b")])
+        run(cached_pipeline(cache, model_file, dies), [("q", "a"), ("q", "b")])
     cache.close()  # what finished is written on close
     again = cached_pipeline(JudgmentCache(tmp_path / "c.sqlite3"), model_file, dies)
     scope = again.scope(again.default_config)
@@ -616,8 +617,8 @@ def test_rank1_second_run_is_served_from_the_cache(gguf, fixture_pairs, tmp_path
 
         longer = dataclasses.replace(model.config, max_think_tokens=63)
         assert not any(r.cached for r in model.score_pairs(fixture_pairs[:2], config=longer))  # other settings
-        assert model.pipeline.scope(model.config).hits == len(fixture_pairs)
-        assert model.pipeline.scope(longer).misses == 2
+        assert model.engine.scope(model.config).hits == len(fixture_pairs)
+        assert model.engine.scope(longer).misses == 2
         assert "engine" in model.cache_settings() and model.cache_settings()["max_think_tokens"] == 64
 
     with Rank1(gguf, cache=JudgmentCache(path), **COMMON) as again:  # another load, another object
@@ -646,3 +647,142 @@ def test_cli_rerank_with_cache_then_stats_and_clear(gguf, fixture_pairs, tmp_pat
     assert "removed 4 judgments" in capsys.readouterr().out
     assert main(["cache", "stats", "--cache", str(path), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 0
+
+
+@quick
+@pytest.mark.parametrize("damage", ["score = 'abc'", "score = 7.5", "n_tokens = -3", "reasoning = x'00ff'",
+                                    "forced = 2"])
+def test_a_row_that_does_not_read_back_is_a_miss_and_is_replaced(tmp_path, model_file, caplog, damage):
+    path = tmp_path / "c.sqlite3"
+    good = judged(pair(0, "p"))
+    with JudgmentCache(path) as first:
+        first.scope(model_file, SETTINGS).store(pair(0, "p"), good)
+    with sqlite3.connect(path) as conn:  # edited outside rank1-local
+        conn.execute(f"UPDATE judgments SET {damage}")
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with JudgmentCache(path) as cache:
+            scope = cache.scope(model_file, SETTINGS)
+            for _ in range(2):  # the warning is said once
+                assert scope.lookup([pair(0, "p")]) == {}  # a miss, never an exception
+    assert caplog.text.count("does not read back") == 1
+    with JudgmentCache(path) as cache:  # the next judgment of the pair replaces the damaged row
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), good)
+    with JudgmentCache(path) as cache:
+        (hit,) = cache.scope(model_file, SETTINGS).lookup([pair(0, "p")]).values()
+    assert same_judgment(hit, good)
+
+
+@quick
+def test_a_good_row_is_never_replaced(tmp_path, model_file):
+    path = tmp_path / "c.sqlite3"
+    with JudgmentCache(path) as cache:
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p"), 0.25))
+    with JudgmentCache(path) as cache:
+        cache.scope(model_file, SETTINGS).store(pair(0, "p"), judged(pair(0, "p"), 0.75))
+    with JudgmentCache(path) as cache:
+        (hit,) = cache.scope(model_file, SETTINGS).lookup([pair(0, "p")]).values()
+    assert hit.score == 0.25
+
+
+@quick
+def test_a_cache_in_a_read_only_folder_is_read(tmp_path, model_file):
+    """As a user who cannot write the folder (SQLite cannot make the journal's shared-memory file there): the
+    judgments are read, as the warning says, and none is added."""
+    import shutil
+    import tempfile
+
+    from test_bundles import _unprivileged
+
+    folder = Path(tempfile.mkdtemp(prefix="rank1-perm-"))
+    try:
+        (folder / "ro").mkdir()
+        model = folder / "model.gguf"
+        shutil.copy(model_file, model)
+        with JudgmentCache(folder / "ro" / "c.sqlite3") as cache:
+            cache.scope(model, SETTINGS).store(pair(0, "p"), judged(pair(0, "p")))
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (folder / "ro").chmod(0o555)
+        script = (
+            "import sys, json\n"
+            "from pathlib import Path\n"
+            "from rank1_local.cache.store import JudgmentCache\n"
+            "from rank1_local.core.pairs import PreparedPair\n"
+            f"settings = json.loads({json.dumps(json.dumps(SETTINGS))})\n"
+            "p = PreparedPair(0, 'q', 'p', list(range(4)))\n"
+            f"cache = JudgmentCache(Path({str(folder / 'ro' / 'c.sqlite3')!r}))\n"
+            f"scope = cache.scope(Path({str(model)!r}), settings)\n"
+            "print(sorted(scope.lookup([p])), cache.read_only)\n"
+            "cache.close()\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK1_LOCAL_HOME": str(folder / "home")}
+        done = subprocess.run(_unprivileged([sys.executable, "-c", script]), capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[0] True", done.stdout + done.stderr
+        assert "judgments are read from it" in done.stderr
+        assert sorted(p.name for p in (folder / "ro").iterdir()) == ["c.sqlite3"]
+    finally:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        shutil.rmtree(folder)
+
+
+@quick
+def test_the_writer_survives_a_failing_batch_and_says_what_it_lost(tmp_path, model_file, monkeypatch, caplog):
+    """An exception that is not SQLite's (a bug, memory) in one batch: that batch is lost, said loudly with its
+    count; the writer thread goes on, later judgments are stored, and flush never waits on a dead thread."""
+    import rank1_local.cache.writer as writer_module
+
+    write = writer_module._write
+    calls = []
+
+    def flaky(conn, rows, hits):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise TypeError("a bug in a batch")
+        return write(conn, rows, hits)
+
+    monkeypatch.setattr(writer_module, "_write", flaky)
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    scope = cache.scope(model_file, SETTINGS)
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        scope.store(pair(0, "lost"), judged(pair(0, "lost")))
+        assert cache.flush(5)
+        scope.store(pair(1, "kept"), judged(pair(1, "kept")))
+        assert cache.flush(5)
+    assert "writing 1 judgment(s) failed (TypeError: a bug in a batch)" in caplog.text
+    assert cache.writer().alive_in_this_process
+    assert list(scope.lookup([pair(0, "lost"), pair(1, "kept")])) == [1]
+    cache.close()
+
+
+@quick
+def test_hit_counts_waiting_for_a_locked_file_are_bounded(tmp_path, model_file, monkeypatch):
+    import rank1_local.cache.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "MAX_PENDING", 10)
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    writer = cache.writer()
+    with writer._cond:  # the writer is held: nothing is written meanwhile
+        writer.count_hits([f"key-{i}" for i in range(50)])
+        assert len(writer._hits) == 10
+    cache.close()
+
+
+@quick
+def test_engine_facts_say_device_and_version_1_keys_are_not_hit(tmp_path, model_file):
+    """Where the model ran is ``device`` in the cache key's engine facts (version 1 called it ``backend``): the key's
+    domain says version 2, so a judgment stored under a version 1 key is never served."""
+    import hashlib
+
+    from rank1_local.backends.llama.facade import LlamaSettings, engine_facts
+    from rank1_local.cache.keys import canonical_settings
+
+    facts = engine_facts("CPU", LlamaSettings())
+    assert facts["device"] == "CPU" and "backend" not in facts
+    settings = {**SETTINGS, "engine": facts}
+    scope = JudgmentCache(tmp_path / "c.sqlite3").scope(model_file, settings)
+    v1 = hashlib.sha256(b"rank1-local judgment v1\x00" + scope.model_digest.encode() + b"\x00" +
+                        canonical_settings(settings).encode() + b"\x00" + b"prompt").hexdigest()
+    assert scope.key("prompt") != v1

@@ -53,3 +53,68 @@ def test_loading_our_export_gives_no_warning(exported, caplog, name):
             model.predict([("q", "a passage")])
     warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
     assert warnings == []  # no "control-looking token", no "possible training context overflow" at our defaults
+
+
+@pytest.mark.quick
+def test_a_line_logged_while_a_progress_bar_is_shown_goes_above_it(capsys):
+    """The CLIs' log handler writes through tqdm: the bar is cleared, the line printed on its own, the bar drawn again
+    (a plain stream handler would print the line straight after the bar's text)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from rank1_local.cli.support import ProgressAwareHandler
+
+    handler = ProgressAwareHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    with tqdm(total=4, desc="scoring", file=sys.stderr, mininterval=0) as bar:
+        bar.update(1)
+        handler.emit(logging.makeLogRecord({"name": "x", "levelno": logging.INFO, "levelname": "INFO",
+                                            "msg": "a line"}))
+        bar.update(1)
+    err = capsys.readouterr().err
+    before = err[:err.index("INFO x: a line")]
+    assert before.endswith("\r") and "scoring" in before  # the bar was cleared back to column 0 first
+    assert "INFO x: a line\n" in err and "scoring" in err[err.index("INFO x: a line"):]  # and drawn again below
+
+
+def test_quiet_export_through_llama_cpps_quantizer_prints_nothing(fixture_dir, tmp_path):
+    """`rank1-quantize gguf … --types Q4_K_M -q` goes through llama.cpp's quantizer: nothing on stderr at all (it printed
+    68 lines of llama_model_loader output); without -q, our lines and bars only, named after the files made."""
+    import subprocess
+    import sys
+
+    source = str(fixture_dir("behaving"))
+    command = [sys.executable, "-m", "quantize.cli", "gguf", source, "--out", str(tmp_path), "--types", "Q4_K_M"]
+    quiet = subprocess.run(command + ["-q"], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]
+    for made in tmp_path.glob("*.gguf"):
+        made.unlink()
+    loud = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0
+    for noise in ("llama_model_loader", "llama_model_quantize", "Little Endian", ".tmp", "w/s", "rank1-export"):
+        assert noise not in loud.stderr, (noise, loud.stderr[-2000:])
+    assert "with llama.cpp's quantizer" in loud.stderr
+
+
+def test_the_studys_tokenizer_makes_no_context(exported, caplog):
+    """rank1-bench's tokenizer for a GGUF reads the vocabulary alone: no llama.cpp context, so no `n_ctx_seq (512) >
+    n_ctx_train (0)` warning; its ids are the text's own (no BOS)."""
+    from llama_cpp import Llama
+
+    from benchmarks.cli import load_tokenizer
+    from rank1_local.backends.llama.engine import llama_cpp_module
+
+    llama_cpp_module()  # llama.cpp's log routed to Python logging, as in the study's process
+    path = exported("behaving", "Q8_0")
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        tokenize = load_tokenizer(str(path))
+        ids = tokenize("The query asks about apple (fruit).\n</think>")
+    assert not [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if "llama_context" in r.getMessage()]
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        assert ids == llm.tokenize("The query asks about apple (fruit).\n</think>".encode(), add_bos=False,
+                                   special=True)
+    finally:
+        llm.close()

@@ -67,3 +67,6 @@ def test_offline_the_command_that_works_comes_first(tmp_path, monkeypatch):
         resolve_gguf("someone/rank1-7b-GGUF")
     message = str(gguf_repo.value)
     assert message.index("rank1-local pull someone/rank1-7b-GGUF --gguf-type Q4_K_M") < message.index("rank1-quantize")
+    with pytest.raises(ModelNotFoundError) as named_by_type:  # a name that carries the type keeps it once
+        resolve_gguf("someone/rank1-0.5b-Q8_0")
+    assert "--bundle rank1-0.5b-Q8_0`" in str(named_by_type.value)

@@ -36,6 +36,9 @@ class Recording(Reranker):
         return [build_result(PreparedPair(i, "", "", []), score=0.25, reasoning="", n_tokens=0, forced=False,
                              seconds=0.0) for i in range(len(pairs))]
 
+    def _close_backend(self) -> None:
+        pass
+
 
 @pytest.mark.quick
 def test_batches_become_pairs_row_by_row():

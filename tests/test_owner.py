@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fake_engine import FALSE, TRUE, FakeEngine, RecordingEngine, scripted, scripted_rank1
 
-from rank1_local.backends.llama.owner import WorkQueue
 from rank1_local.backends.llama.scheduler import Scheduler, SchedulerParams, make_jobs
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import prepare_pairs
 from rank1_local.core.prompt import prompt_prefix
 from rank1_local.pipeline import Overloaded, Stopped
+from rank1_local.pipeline.work_queue import WorkQueue
 
 pytestmark = pytest.mark.quick
 
@@ -66,11 +66,20 @@ def make_model():
 
 
 def submit(model, pairs, config=None):
+    """Submit through the engine interface; a thread of the caller's takes the results as they come."""
     c = Collector()
-    ticket = model.pipeline.submit(pairs, config, c.on_result, c.on_error)
+    ticket = model.engine.submit(pairs, config)
     c.expected = ticket.size
-    if ticket.done:
+
+    def take():
+        try:
+            for result in ticket.results():
+                c.on_result(result)
+        except BaseException as exc:
+            c.on_error(exc)
         c.done.set()
+
+    threading.Thread(target=take, daemon=True).start()
     return ticket, c
 
 
@@ -102,26 +111,51 @@ def paused(engine):
 # --- the work queue ------------------------------------------------------------------------------------------------
 
 class _T:
+    """A ticket as the queue sees it: an id, whether it ended, and how many of its jobs started."""
+
     def __init__(self, id):
-        self.id = id
+        self.id, self.ended, self.n_started = id, False, 0
+
+    def started(self, n=1):
+        self.n_started += n
+
+
+class _J:
+    def __init__(self, owner, name, config="c"):
+        self.owner, self.name, self.config = owner, name, config
+
+    def __repr__(self):
+        return self.name
 
 
 def test_work_queue_takes_one_job_per_call_in_turn():
     queue = WorkQueue()
     big, small = _T(1), _T(2)
-    queue.add(big, ["b0", "b1", "b2", "b3", "b4"])
+    queue.add(big, [_J(big, f"b{i}") for i in range(5)])
     assert not queue.interleaved
-    queue.add(small, ["s0", "s1"])
+    queue.add(small, [_J(small, "s0"), _J(small, "s1")])
     assert queue.interleaved and queue.depth == 7
-    taken = [queue.next_job(block=False) for _ in range(7)]
+    taken = [repr(queue.next_job(block=False)) for _ in range(7)]
     assert taken == ["b0", "s0", "b1", "s1", "b2", "b3", "b4"]
+    assert (big.n_started, small.n_started) == (5, 2)  # taking a job starts it on its ticket
     assert queue.next_job(block=False) is None and queue.depth == 0
-    queue.add(big, ["x"])
+    queue.add(big, [_J(big, "x")])
     assert queue.drop(big) == 1 and queue.depth == 0
     queue.close()
     assert queue.next_job(block=True) is None  # closed and empty: no wait
     with pytest.raises(Stopped):
-        queue.add(small, ["late"])
+        queue.add(small, [_J(small, "late")])
+
+
+def test_work_queue_batches_take_calls_in_turn_with_the_same_settings():
+    queue = WorkQueue()
+    a, b = _T(1), _T(2)
+    queue.add(a, [_J(a, "a0"), _J(a, "a1", config="other"), _J(a, "a2")])
+    queue.add(b, [_J(b, "b0"), _J(b, "b1")])
+    assert [repr(j) for j in queue.next_batch(3, block=False)] == ["a0", "b0", "b1"]
+    assert [repr(j) for j in queue.next_batch(10, block=False)] == ["a1"]  # other settings: a batch of its own
+    assert [repr(j) for j in queue.next_batch(10, block=False)] == ["a2"]
+    assert queue.depth == 0 and (a.n_started, b.n_started) == (3, 2)
 
 
 # --- many callers, one batch ---------------------------------------------------------------------------------------
@@ -197,7 +231,7 @@ def test_a_request_repeating_a_document_has_it_judged_once(make_model):
     by_index = {r.index: r for r in c.results}
     for i, pair in enumerate(pairs):
         assert key(by_index[i])[1:] == key(expected[unique.index(pair)])[1:]
-    assert model.pipeline.counters.pairs == 5
+    assert model.engine.counters.pairs == 5
     assert model.tokens[1] == sum(r.n_tokens for r in expected)  # two generations, not five
 
 
@@ -225,7 +259,7 @@ def test_cancelling_drops_waiting_pairs_and_frees_slots(make_model):
 
     def on_first(result):
         if not c.results:
-            model.pipeline.cancel(ticket)  # from the owner thread, as the server's handler would from another
+            ticket.cancel()  # from the caller's side, as the server's handler does
             first.set()
 
     c.hook = on_first
@@ -233,8 +267,11 @@ def test_cancelling_drops_waiting_pairs_and_frees_slots(make_model):
     assert first.wait(10)
     (later,) = model.score_pairs([("Is the anchor relevant?", "a relevant doc")])
     assert len(c.results) == 1 and ticket.cancelled
-    counters = model.pipeline.counters
-    assert (counters.cancelled_pairs, counters.cancelled_requests) == (19, 1)
+    counters = model.engine.counters
+    # the pairs its caller never got: those not delivered when it cancelled (results delivered meanwhile, before
+    # the cancel, are dropped with the rest)
+    assert (counters.cancelled_pairs, counters.cancelled_requests) == (20 - ticket.finished, 1)
+    assert ticket.finished < 20
     # every slot's sequence was emptied: no cancelled pair kept its KV cells
     assert all(not toks for seq, toks in engine.seqs.items() if seq != 0)
     assert model.active_slots == 0 and model.waiting == 0
@@ -274,7 +311,7 @@ def test_an_engine_failure_fails_the_calls_in_flight_and_the_model_goes_on(make_
     with pytest.raises(RuntimeError, match="llama_decode"):
         model.score_pairs([("Is the anchor relevant?", "a relevant doc")])
     assert len(model.score_pairs([("Is the anchor relevant?", "an off doc")])) == 1
-    assert model.pipeline.counters.errors == 1
+    assert model.engine.counters.errors == 1
 
 
 def test_close_from_another_thread_mid_call(make_model):
@@ -329,12 +366,12 @@ def test_shutdown_finishes_what_it_can_then_cancels_and_says_which(make_model):
     _, c_quick = submit(model, quick_pairs)
     assert c_quick.done.wait(10)
     t_slow, c_slow = submit(model, [("What about the slow apple?", f"slow doc {i}") for i in range(500)])
-    report = model.pipeline.stop(0.0, "the server shut down")
+    report = model.engine.stop(0.0, "the server shut down")
     assert report.in_flight == 1 and report.cancelled_requests == 1 and report.finished_requests == 0
     assert 0 < report.cancelled_pairs <= 500 and t_slow.cancelled
     assert c_slow.done.wait(5) and isinstance(c_slow.errors[0], Stopped)
     with pytest.raises(Stopped):
-        model.pipeline.submit(quick_pairs, None, print, print)
+        model.engine.submit(quick_pairs)
 
 
 def test_admission_limit(make_model):

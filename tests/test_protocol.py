@@ -55,7 +55,7 @@ def test_answer_token_ids_need_single_tokens():
     with_bos = {" true": [1, 7], " false": [1, 8], "": [1]}
     assert answer_token_ids(lambda t: with_bos[t]) == (7, 8)
     split = {" true": [7, 9], " false": [8], "": []}
-    with pytest.raises(UnsupportedModelError, match="not a rank1-style model"):
+    with pytest.raises(UnsupportedModelError, match="not a rank1 model"):
         answer_token_ids(lambda t: split[t])
 
 
@@ -84,8 +84,8 @@ def test_official_chain_stops_on_the_stop_strings_only():
     assert chain.output_text == "ok.</think>\n" and chain.reasoning == "ok."
     assert chain.fallback_prompt == "P\nok.\n</think>"  # the text without the stop string, cut after "."
     short = ReasoningChain("P", budget=50, n_ctx=10)
-    assert short.advance(0, b"x", False, seq_len=9) is Step.CONTINUE
-    assert short.advance(0, b"x", False, seq_len=10) is Step.FINISH  # the context is full
+    assert short.advance(0, b"x", False, seq_len=10) is Step.CONTINUE  # the context is full: as vLLM 0.7.2 ...
+    assert short.advance(0, b"x", False, seq_len=11) is Step.FINISH  # ... it ends once the sequence is longer
 
 
 def test_chain_rethink_replaces_the_close_with_wait():

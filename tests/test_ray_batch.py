@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import engine
 from ray_support import BUDGET, N_CTX, PARALLEL, by_key, compare_runs, processes, read_run, write_pairs
 
 from rank1_local.cli.main import main
@@ -174,7 +175,7 @@ def test_a_killed_driver_resumes_with_only_the_rest_scored(ray_cluster, model, p
 @pytest.mark.parametrize("what", ["missing", "not a GGUF"])
 def test_a_model_the_nodes_cannot_find_fails_fast_naming_the_node(ray_cluster, pairs, tmp_path, capsys, what):
     if what == "missing":
-        model, words = tmp_path / "nowhere" / "rank1.gguf", "no such file or folder"
+        model, words = tmp_path / "nowhere" / "rank1.gguf", "no such file or bundle folder"
     else:
         model, words = tmp_path / "rank1.gguf", "not a GGUF file"
         model.write_bytes(b"this is no model" * 64)
@@ -190,8 +191,8 @@ def test_a_model_the_nodes_cannot_find_fails_fast_naming_the_node(ray_cluster, p
     assert not out.exists() and not set(processes(WORKER_TITLE)) - workers  # no worker was started
 
 
-def test_an_address_where_no_cluster_listens_fails_at_once(pairs, tmp_path):
-    pytest.importorskip("ray")
+def test_an_address_where_no_cluster_listens_fails_at_once(pairs, tmp_path, pytestconfig):
+    engine(pytestconfig, "ray")
     from benchmarks.server_process import free_port
 
     address = f"127.0.0.1:{free_port()}"
@@ -200,4 +201,22 @@ def test_an_address_where_no_cluster_listens_fails_at_once(pairs, tmp_path):
                           str(pairs[0]), "--output", str(tmp_path / "o.jsonl"), "--ray", address],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and time.monotonic() - start < 60
-    assert f"error: cannot connect to the Ray cluster at {address}: Connection refused" in out.stderr, out.stderr
+    assert f"error: cannot join the Ray cluster at {address} (from --ray): Connection refused" in out.stderr, out.stderr
+
+
+def test_a_block_whose_worker_dies_every_time_fails_the_run_after_3_retries(ray_cluster):
+    """Ray Data retries the block of a dead worker without end; the run counts each block's starts across worker
+    restarts and stops a block started more than 1 + 3 times, naming it."""
+    import ray
+
+    from rank1_local.core.errors import Rank1Error
+    from rank1_local.integrations.ray_batch import MAX_TASK_RETRIES, BlockAttempts, PairScorer
+
+    scorer = PairScorer.__new__(PairScorer)  # its counting alone: no model
+    scorer.attempts, scorer.max_attempts = ray.remote(num_cpus=0)(BlockAttempts).remote(), 1 + MAX_TASK_RETRIES
+    for _ in range(1 + MAX_TASK_RETRIES):
+        scorer._count_attempt(["q7", "q7", "q8"])
+    scorer._count_attempt(["q9"])  # another block counts on its own
+    with pytest.raises(Rank1Error, match="block of 3 pairs from query 'q7' was started 5 times"):
+        scorer._count_attempt(["q7", "q7", "q8"])
+

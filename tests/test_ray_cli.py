@@ -99,3 +99,58 @@ def test_serve_options_are_checked(options, words):
 
     with pytest.raises(Rank1Error, match=words):
         ServeOptions(**options)
+
+
+@pytest.mark.parametrize("flag, environ, address, source", [
+    ("auto", {}, None, "no RAY_ADDRESS set"),  # never a cluster that merely runs here (another job's)
+    (None, {}, None, "no RAY_ADDRESS set"),
+    ("auto", {"RAY_ADDRESS": "10.0.0.5:6379"}, "10.0.0.5:6379", "RAY_ADDRESS"),
+    ("auto", {"RAY_ADDRESS": "local"}, None, "no RAY_ADDRESS set"),
+    ("local", {"RAY_ADDRESS": "10.0.0.5:6379"}, None, "--ray local"),
+    ("ray://head:10001", {"RAY_ADDRESS": "10.0.0.5:6379"}, "ray://head:10001", "--ray"),
+])
+def test_which_cluster_ray_means(flag, environ, address, source):
+    from rank1_local.integrations.ray_cluster import choose_cluster
+
+    choice = choose_cluster(flag, environ)
+    assert choice.address == address and choice.source.startswith(source)
+
+
+def test_an_http_server_or_nothing_at_the_address_is_named_at_once(tmp_path):
+    """`--ray HOST:PORT` where a web server answers (rank1-local serve, Ray's dashboard) is named as an HTTP server in
+    well under a second, and a port where nothing listens is refused at once; neither waits on Ray's retries."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from rank1_local.integrations.ray_cluster import ClusterChoice, probe_cluster
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        start = time.monotonic()
+        with pytest.raises(Rank1Error, match=rf"{address} \(from --ray\) is an HTTP server, not a Ray cluster"):
+            probe_cluster(ClusterChoice(address, "--ray"))
+        assert time.monotonic() - start < 3
+    finally:
+        server.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(Rank1Error, match=rf"cannot join the Ray cluster at 127.0.0.1:{free} \(from RAY_ADDRESS\)"):
+        probe_cluster(ClusterChoice(f"127.0.0.1:{free}", "RAY_ADDRESS"))
+
+
+def test_every_worker_gets_a_block_when_there_are_few_pairs():
+    """96 pairs for 2 workers make 2 blocks of whole queries (128 pairs a block would leave a worker idle, and Ray Data
+    warned that its pool of 2 received 1 input); a single query stays one block."""
+    from rank1_local.integrations.ray_batch import block_size_for
+
+    rows = [PairRow(f"q{i // 8}", "q", f"d{i}", "t") for i in range(96)]
+    assert len(query_blocks(rows, block_size_for(len(rows), 2))) == 2
+    assert len(query_blocks(rows, block_size_for(len(rows), 1))) == 1
+    assert block_size_for(1000, 2) == 128 and block_size_for(10, 4, 2) == 2
+    one_query = [PairRow("q", "q", f"d{i}", "t") for i in range(50)]
+    assert len(query_blocks(one_query, block_size_for(50, 4))) == 1

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import engine
 from ray_support import BUDGET, N_CTX, PARALLEL, processes
 
 from quantize.fixtures.synthetic_task import all_words, make_pair
@@ -163,8 +164,8 @@ def test_a_second_server_on_another_port_is_refused_naming_the_running_proxy(ser
     assert f"Ray Serve already runs on this cluster with its HTTP proxy on 127.0.0.1:{port}" in err, err
 
 
-def test_the_deployment_carries_replicas_autoscaling_and_resources():
-    pytest.importorskip("ray.serve")
+def test_the_deployment_carries_replicas_autoscaling_and_resources(pytestconfig):
+    engine(pytestconfig, "ray.serve")
     from rank1_local.integrations.ray_serve import ServeOptions, rank1_deployment
 
     fixed = rank1_deployment(ServeOptions(replicas=3, threads_per_replica=2, gpus_per_replica=1,

@@ -96,8 +96,12 @@ def test_the_readme_blocks_are_found_and_every_skip_says_why():
     skipped = [b for b in blocks if b.skip is not None]
     assert all(len(b.skip) > 20 for b in skipped), [b.line for b in skipped]
     assert len(skipped) < len(blocks) / 2  # few: most blocks run
-    first = blocks[0]
-    assert first.skip is None and "rank1-quantize gguf jhu-clsp/rank1-0.5b" in first.code
+    first, hub = blocks[0], blocks[1]  # the install, then the demo; the hub route next to it
+    assert first.skip is None and first.code.splitlines()[-1] == "rank1-local demo"
+    assert "pip install -e ." in first.code and "--extra-index-url https://abetlen.github.io/llama-cpp-python" in first.code
+    assert hub.skip is None and "rank1-quantize gguf jhu-clsp/rank1-0.5b" in hub.code
+    text = README.read_text(encoding="utf-8")  # what a source build of llama-cpp-python costs, and how to watch it
+    assert "7 to 21 minutes on 2 busy cores" in text and "pip install -v" in text and "about 7 minutes" not in text
 
 
 @pytest.mark.quick
@@ -118,6 +122,90 @@ def test_the_inputs_table_names_tests_that_exist():
     assert len(named) >= 30
     for path, name in named:
         assert re.search(rf"^def {name}\(", (ROOT / path).read_text(encoding="utf-8"), re.M), f"{path}::{name}"
+
+
+EXTRA_COMMENT = re.compile(r"^#\s*pip install -e '\.\[([\w,-]+)\]'", re.M)
+
+
+def _dist(requirement: str) -> tuple[str, list[str]]:
+    """A requirement's normalized distribution name and its extras: ``"ray[data,serve]>=2.60"`` -> (ray, [data, serve])."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?", requirement)
+    assert match, requirement
+    extras = [e.strip() for e in (match.group(2) or "").split(",") if e.strip()]
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower(), extras
+
+
+def installed_by(extras: list[str], project: dict) -> set[str]:
+    """The distributions ``pip install -e '.[EXTRAS]'`` asks for by name: the dependencies and each extra's own (an
+    extra that names ``rank1-local[other]`` brings that one's too)."""
+    optional = project["optional-dependencies"]
+    names = {_dist(r)[0] for r in project["dependencies"]}
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        assert extra in optional, f"the README names an extra that pyproject.toml lacks: [{extra}]"
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in optional[extra]:
+            name, more = _dist(requirement)
+            if name == "rank1-local":
+                todo += more
+            else:
+                names.add(name)
+    return names
+
+
+def with_their_requirements(names: set[str]) -> set[str]:
+    """``names`` and what each, as installed here, requires unconditionally (a metapackage such as python-terrier
+    installs the distribution that holds the module, pyterrier)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    out = set(names)
+    for name in names:
+        try:
+            out |= {_dist(r)[0] for r in requires(name) or [] if "extra ==" not in r}
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def imported_top_level(code: str) -> set[str]:
+    """The top-level modules a Python block imports, but for the standard library and this project's packages."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"rank1_local", "quantize", "benchmarks"}
+
+
+@pytest.mark.quick
+def test_each_python_block_installs_what_it_imports():
+    """A Python block that imports beyond the default install names the extra that installs it, in its first comment
+    (``# pip install -e '.[cohere]'``), and that extra, read from pyproject.toml, asks for every distribution the
+    block imports: a user who installs what the README says can run the block."""
+    from importlib.metadata import packages_distributions
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    providers = packages_distributions()
+    blocks = [b for b in readme_blocks(README.read_text(encoding="utf-8")) if b.lang == "python"]
+    assert len(blocks) >= 8
+    for block in blocks:
+        extras = [e for group in EXTRA_COMMENT.findall(block.code) for e in group.split(",")]
+        allowed = with_their_requirements(installed_by(extras, project))
+        for module in sorted(imported_top_level(block.code)):
+            if module not in providers:
+                pytest.skip(f"{module} is not installed here (the dev extra installs every one)")
+            dists = {_dist(d)[0] for d in providers[module]}
+            assert dists & allowed, (f"README.md:{block.line}: the block imports {module} ({', '.join(dists)}), which "
+                                     f"{'[' + ','.join(extras) + ']' if extras else 'the default install'} does not "
+                                     "install; name the extra in a first comment: # pip install -e '.[EXTRA]'")
 
 
 # -- full tier: run them ------------------------------------------------------------------------------------------

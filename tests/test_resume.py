@@ -101,6 +101,9 @@ class Failing(Reranker):
     def score_pairs(self, pairs, *, config=None, on_result=None):
         raise Rank1Error("the query of pair 0 leaves no room")
 
+    def _close_backend(self) -> None:
+        pass
+
 
 def test_a_run_that_writes_nothing_leaves_nothing_behind(tmp_path):
     pairs = tmp_path / "pairs.jsonl"

@@ -208,7 +208,7 @@ def test_not_a_rank1_model(fixture_dir, tmp_path):
                               if "".join(m if isinstance(m, list) else m.split(" ")) not in ("Ġtrue", "Ġfalse")]
     (model / "tokenizer.json").write_text(json.dumps(tok))
     (result,) = export_gguf(model, tmp_path / "out", "Q8_0", progress=False)
-    with pytest.raises(UnsupportedModelError, match="not a rank1-style model"):
+    with pytest.raises(UnsupportedModelError, match="not a rank1 model"):
         Rank1(result.path, n_ctx=256, max_think_tokens=64)
 
 

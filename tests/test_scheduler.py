@@ -204,7 +204,7 @@ def test_official_generation_stops_at_the_context():
     engine = FakeEngine(lambda passage, generated: "x", background=(-5.0, -6.0))
     (r,), _ = run(engine, [(QUERY_A, "doc")], budget=300, n_ctx=400)
     prompt_len = len(engine.tokenize(build_prompt(QUERY_A, "doc")))
-    assert r.n_tokens == 400 - prompt_len and not r.forced
+    assert r.n_tokens == 400 - prompt_len + 1 and not r.forced  # as vLLM 0.7.2: until the sequence is longer
 
 
 def test_rethink_then_budget_in_one_slot():
@@ -255,3 +255,22 @@ def test_results_arrive_as_they_finish():
 def test_score_is_stable_for_extreme_logits():
     assert true_false_score(1000.0, 0.0) == 1.0 and true_false_score(0.0, 1000.0) == 0.0
     assert true_false_score(2.0, 1.0) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+@pytest.mark.parametrize("protocol", ["official", "full"])
+@pytest.mark.parametrize("budget", [8, 64])
+def test_device_rows_give_the_host_rows_results(protocol, budget):
+    """Rows holding only their top 20 candidates (llama.cpp's sampler in the graph) give every pair the result full
+    rows give; an answer row whose candidates lack " true" or " false" is evaluated again on the host."""
+    from fake_engine import DeviceEngine
+
+    pairs = pairs_for(QUERY_A, QUERY_B)
+
+    def answer(passage, generated):  # below the -10 filler: outside any top 20, so only the full row holds them
+        return (-12.0, -13.0) if "relevant" in passage else (-13.5, -12.5)
+
+    host, _ = run(FakeEngine(scripted(SCRIPTS), answer=answer), pairs, budget=budget, protocol=protocol)
+    engine = DeviceEngine(scripted(SCRIPTS), answer=answer)
+    device, _ = run(engine, pairs, budget=budget, protocol=protocol)
+    assert key(device) == key(host)
+    assert 0 < engine.host_rows < engine.device_rows  # each answer row again on the host, the rest on the device

@@ -249,6 +249,18 @@ def test_health_models_and_metrics(server):
     assert 'rank1_http_responses_total{route="/v1/rerank",status="200"}' in text
 
 
+def test_the_playground_at_the_root_and_no_ui(server, model_file, tmp_path):
+    """`rank1-local serve` answers GET / with the playground (no key needed for the page itself); `--no-ui` turns it
+    off (404) and serves the API as before."""
+    page = httpx.get(server.url + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "rank1-local playground" in page.text and "/playground.js" in page.text
+    with ServerProcess(model_file, ARGS + ["--no-ui"], tmp_path / "no-ui.log") as no_ui:
+        assert httpx.get(no_ui.url + "/", timeout=30).status_code == 404
+        assert httpx.get(no_ui.url + "/playground.js", timeout=30).status_code == 404
+        assert httpx.get(no_ui.url + "/v1/models", timeout=30).status_code == 200
+
+
 # A shutdown test needs its request still running when the signal is handled (uvicorn looks every 0.1 s; CI may be
 # slower): one slot and 12 documents of up to 200 thinking tokens keep it running for seconds after the first result.
 LONG_REQUEST = {"query": make_pair("grape", "grape").query, "stream": True, "max_think_tokens": 200,
@@ -304,3 +316,29 @@ def test_the_judgment_cache_serves_repeated_requests(model_file, tmp_path, direc
         strip = [{k: v for k, v in row.items() if k != "cached"} for row in first]
         assert strip == [{k: v for k, v in row.items() if k != "cached"} for row in second]
     check_scores(second, direct(QUERY, DOCS[:4]))
+
+
+def test_serve_backend_transformers_answers_the_cohere_sdk(fixture_dir, tmp_path):
+    """``serve --backend transformers``: the same server (one engine interface) in front of the transformers backend
+    on the fixture's checkpoint; the Cohere SDK's answers are the library's own, and /metrics and /v1/models name the
+    backend."""
+    cohere = pytest.importorskip("cohere")
+    from rank1_local.backends.hf import TransformersRank1
+
+    checkpoint = fixture_dir("behaving")
+    with TransformersRank1(checkpoint, n_ctx=N_CTX, max_think_tokens=BUDGET) as m:
+        expected = m.score_pairs([(QUERY, d) for d in DOCS])
+    args = ["--backend", "transformers", "--n-ctx", str(N_CTX), "--max-think-tokens", str(BUDGET), "--name", "hf"]
+    with ServerProcess(checkpoint, args, tmp_path / "server.log", api_key=KEY) as s:
+        response = cohere.ClientV2(api_key=KEY, base_url=s.url).rerank(model="hf", query=QUERY, documents=DOCS)
+        assert sorted(x.index for x in response.results) == list(range(len(DOCS)))
+        assert all(abs(x.relevance_score - expected[x.index].score) <= 1e-6 for x in response.results)
+        meta = httpx.get(s.url + "/v1/models", headers=s.headers, timeout=30).json()["data"][0]["meta"]
+        assert meta["backend"] == "transformers" and meta["device"].startswith("transformers cpu")
+        metrics = httpx.get(s.url + "/metrics", headers=s.headers, timeout=30).text
+        assert 'rank1_engine_info{backend="transformers"' in metrics and "rank1_decode_seconds_count 6" in metrics
+        bad = httpx.post(s.url + "/v1/rerank", json={"query": QUERY, "documents": DOCS, "protocol": "full"},
+                         headers=s.headers, timeout=60)
+        assert bad.status_code == 200  # transformers runs both protocols
+    with pytest.raises(RuntimeError, match="--parallel: not a setting of the transformers backend"):
+        ServerProcess(checkpoint, args + ["--parallel", "4"], tmp_path / "refused.log", startup_timeout=60)

@@ -96,6 +96,52 @@ def test_study_end_to_end_on_the_test_bed(studied):
     assert q8["cost"]["peak_rss_bytes"] > 0 and q8["cost"]["pairs_per_second"] > 0
 
 
+def test_the_study_writes_study_html_with_every_pair(studied):
+    """study.html holds each type's pairs with both chains, as the run files have them, and its flips."""
+    from browser_support import page_pairs
+
+    from benchmarks.runfile import read_run
+
+    _, tmp = studied
+    data = page_pairs(tmp / "out" / "study.html")
+    report = json.loads((tmp / "out" / "study.json").read_text())
+    (ref_file,) = (tmp / "work" / "runs").glob("reference-*.jsonl")
+    ref = read_run(ref_file)
+    for run, stats in zip(data["runs"], report["types"]):
+        rows = read_run(tmp / "work" / "runs" / f"{run['label']}.jsonl").rows
+        assert run["label"] == stats["label"] and run["flips"] == stats["flip_count"] and run["total"] == 48
+        for p in run["pairs"]:
+            key = (p["q"], p["d"])
+            assert data["strings"][p["ra"]] == ref.rows[key].reasoning
+            assert data["strings"][p["rb"]] == rows[key].reasoning and p["b"] == rows[key].score
+
+
+@pytest.mark.browser
+def test_the_studys_html_shows_a_flipped_pairs_two_chains_offline(studied, browser, artifacts):
+    """`rank1-bench study … --out OUT`: OUT/study.html opened from disk shows a flipped Q2_K pair's two chains."""
+    from browser_support import by_css, console_errors, one, open_page
+    from selenium.webdriver.support.ui import Select
+
+    from benchmarks.runfile import read_run
+
+    _, tmp = studied
+    (ref_file,) = (tmp / "work" / "runs").glob("reference-*.jsonl")
+    ref, q2 = read_run(ref_file), read_run(tmp / "work" / "runs" / "Q2_K.jsonl")
+    open_page(browser, (tmp / "out" / "study.html").as_uri())
+    Select(one(browser, ".explorer select.run")).select_by_index(1)  # Q2_K
+    one(browser, '.explorer input[value="flips"]').click()
+    rows = by_css(browser, ".explorer tbody tr")
+    assert rows
+    key = (rows[0].get_attribute("data-qid"), rows[0].get_attribute("data-docid"))
+    assert (ref.rows[key].score > 0.5) != (q2.rows[key].score > 0.5)
+    rows[0].click()
+    assert one(browser, ".detail pre.chain.reference").get_attribute("textContent") == ref.rows[key].reasoning
+    assert one(browser, ".detail pre.chain.run").get_attribute("textContent") == q2.rows[key].reasoning
+    browser.execute_script("arguments[0].scrollIntoView()", one(browser, ".explorer"))
+    browser.save_screenshot(str(artifacts / "study-fixture.png"))
+    assert console_errors(browser) == []
+
+
 def test_a_study_killed_mid_type_resumes_without_scoring_anything_twice(studied, tmp_path):
     """A copy of the finished study without its Q2_K run, killed while scoring Q2_K and started again: nothing that
     was done (exports, the reference, the Q2_K rows already written) is done again."""

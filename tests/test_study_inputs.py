@@ -179,3 +179,68 @@ def test_study_errors_are_one_line_and_early(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("part, change, message", [
+    ("corpus.jsonl", {"text": None}, r"corpus.jsonl:1: text must be a string, got null"),
+    ("corpus.jsonl", {"title": 5}, r"corpus.jsonl:1: title must be a string, got 5"),
+    ("queries.jsonl", {"text": {"q": "a dict"}}, r"queries.jsonl:1: text must be a string, got \{"),
+    ("queries.jsonl", {"_id": None}, r"queries.jsonl:1: _id must be a non-empty string or an integer"),
+])
+def test_beir_rows_of_the_wrong_type_name_their_line(tmp_path, part, change, message):
+    """Never "None" or a dict's repr scored as text."""
+    folder, run, _ = make_beir(tmp_path / "tiny")
+    path = folder / part
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[0] = json.dumps(json.loads(lines[0]) | change)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(Rank1Error, match=message):
+        inputs.from_beir(folder, run, depth=100)
+
+
+@pytest.mark.parametrize("flag", ["--work", "--out"])
+def test_work_and_out_that_are_files_are_refused_before_anything_runs(tmp_path, capsys, flag):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "t"}) + "\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    folders = {"--work": str(tmp_path / "work"), "--out": str(tmp_path / "out"), flag: str(a_file)}
+    argv = ["study", "--model", str(tmp_path / "no-model"), "--pairs", str(pairs), "--types", "Q8_0",
+            "--reference", "transformers", "--work", folders["--work"], "--out", folders["--out"]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"is a file; {flag} is a folder" in err and "Traceback" not in err
+    assert a_file.read_text() == "kept" and not (tmp_path / "work").exists()
+
+
+def test_the_reference_engine_is_checked_before_anything_else(tmp_path, capsys, caplog):
+    """Without vLLM, `--reference vllm` is refused before the inputs are read or anything exported, naming the study's
+    own flags; left out, the reference is transformers, and the study says so."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this Python")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "y"}) + "\n")
+    base = ["study", "--model", str(tmp_path / "no-model"), "--pairs", str(tmp_path / "pairs.jsonl"), "--work",
+            str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--types", "Q8_0"]
+    assert main(base + ["--reference", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--reference vllm: vLLM is not installed in this Python" in err and "--reference transformers" in err
+    assert "--backend" not in err and not (tmp_path / "w").exists()
+    assert main(base) == 2  # now the missing model: the engine was fine
+    err = capsys.readouterr().err
+    assert "no-model" in err and "vLLM is not installed in this Python" not in err
+    assert "vLLM is not installed here: the reference is transformers" in caplog.text
+
+
+def test_a_failed_scoring_job_says_whether_rows_were_kept(tmp_path):
+    from benchmarks.study.scoring import ScoringJob, subprocess_scorer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "y"}) + "\n")
+    job = ScoringJob("Q8_0", "llama.cpp", str(tmp_path / "missing.gguf"), {}, {}, str(pairs),
+                     str(tmp_path / "runs" / "Q8_0.jsonl"), progress=False)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(Rank1Error, match="no row was written") as failed:
+        subprocess_scorer(job)
+    assert "kept" not in str(failed.value)

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.runfile import Run, RunRow
 from benchmarks.study import statistics as st
-from benchmarks.study.analysis import analyse_run, compare_types
+from benchmarks.study.analysis import analyse_run, compare_types, ranking_quality
 
 pytestmark = pytest.mark.quick
 
@@ -104,7 +104,8 @@ def test_ndcg_matches_ir_measures_with_ties():
 def test_recall_and_rank_correlations():
     scores = {"a": 0.9, "b": 0.8, "c": 0.1}
     assert st.recall_at_k(scores, {"a": 1, "c": 1, "z": 2}, 2) == pytest.approx(1 / 3)  # z was never retrieved
-    assert st.recall_at_k(scores, {"a": 0}, 2) is None
+    assert st.recall_at_k(scores, {"a": 0}, 2) == 0.0  # judged, nothing relevant: 0, as trec_eval
+    assert st.recall_at_k(scores, {}, 2) is None  # not judged: not evaluated
     assert st.rank_correlations([1, 2, 3], [3, 2, 1]) == pytest.approx((-1.0, -1.0))
     assert st.rank_correlations([1, 1, 1], [1, 2, 3]) == (None, None)
     assert st.ranked({"x": 0.5, "y": 0.5, "w": 0.9}) == ["w", "y", "x"]  # ties: document id descending
@@ -140,3 +141,73 @@ def test_compare_types_detects_the_more_damaging_type():
     assert c.kl.value > 0 and c.kl_p < 0.001 and c.abs_diff.value > 0
     same = compare_types(ref, ("a", make_run("a", light)), ("b", make_run("b", light)))
     assert same.flip_p == same.kl_p == same.abs_diff_p == 1.0
+
+
+# A hand-made example: q1 graded, q2 judged with nothing relevant, q3 not judged at all, q4 with ties in its scores.
+EXAMPLE_QRELS = {"q1": {"a": 2, "b": 0, "c": 1, "z": 1}, "q2": {"a": 0, "b": 0}, "q4": {"b": 1, "c": 2}}
+EXAMPLE_RUN = {("q1", "a"): 0.2, ("q1", "b"): 0.9, ("q1", "c"): 0.7, ("q2", "a"): 0.8, ("q2", "b"): 0.3,
+               ("q3", "a"): 0.6, ("q3", "b"): 0.1, ("q4", "a"): 0.5, ("q4", "b"): 0.5, ("q4", "c"): 0.4}
+
+
+def test_ndcg_and_recall_average_as_trec_eval_does():
+    """nDCG@10 and Recall@10 over a run against ir_measures and pytrec_eval (trec_eval's own code): a judged query
+    without a relevant document counts 0 and is averaged in; a query without judgments is not evaluated. By hand:
+    q1 ranks b (0), c (1), a (2): DCG 1/log2 3 + 2/2 against the ideal 2 + 1/log2 3 + 1/2; q4 ranks b, a (tie broken
+    by document id, descending), c: DCG 1 + 2/2 against 2 + 1/log2 3."""
+    ir_measures = pytest.importorskip("ir_measures")
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from ir_measures import R, nDCG
+
+    run = make_run("run", EXAMPLE_RUN)
+    quality = ranking_quality(run, sorted(EXAMPLE_RUN), EXAMPLE_QRELS, (10,))
+    q1 = (1 / math.log2(3) + 1) / (2 + 1 / math.log2(3) + 0.5)
+    q4 = 2 / (2 + 1 / math.log2(3))
+    assert quality.per_query_ndcg10 == pytest.approx({"q1": q1, "q2": 0.0, "q4": q4})
+    assert quality.queries == 3 and quality.without_relevant == 1 and not quality.dropped
+    assert quality.ndcg10 == pytest.approx((q1 + q4) / 3, abs=1e-12)
+    assert quality.recall[10] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    qrels = [ir_measures.Qrel(q, d, g) for q, grades in EXAMPLE_QRELS.items() for d, g in grades.items()]
+    docs = [ir_measures.ScoredDoc(q, d, s) for (q, d), s in EXAMPLE_RUN.items()]
+    theirs = ir_measures.calc_aggregate([nDCG @ 10, R @ 10], qrels, docs)
+    assert quality.ndcg10 == pytest.approx(theirs[nDCG @ 10], abs=1e-9)
+    assert quality.recall[10] == pytest.approx(theirs[R @ 10], abs=1e-9)
+    by_query = {}
+    for (q, d), s in EXAMPLE_RUN.items():
+        by_query.setdefault(q, {})[d] = s
+    per_query = pytrec_eval.RelevanceEvaluator(EXAMPLE_QRELS, {"ndcg_cut.10"}).evaluate(by_query)
+    assert set(per_query) == {"q1", "q2", "q4"}
+    assert quality.ndcg10 == pytest.approx(np.mean([m["ndcg_cut_10"] for m in per_query.values()]), abs=1e-9)
+    dropped = ranking_quality(run, sorted(EXAMPLE_RUN), EXAMPLE_QRELS, (10,), drop_without_relevant=True)
+    assert dropped.queries == 2 and dropped.without_relevant == 1 and dropped.dropped
+    assert dropped.ndcg10 == pytest.approx((q1 + q4) / 2) and dropped.recall[10] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    # sorted 0.01, 0.03, 0.04 of m = 3: 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04); None is no test
+    assert st.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert st.holm([0.5, 0.9]) == [1.0, 1.0] and st.holm([]) == [] and st.holm([0.02]) == [0.02]
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_the_report_says_which_queries_its_ndcg_averages_and_adjusts_its_p_values(drop):
+    from benchmarks.study.report import METHODS, ReferenceSummary, StudyReport, render_markdown
+
+    ref = make_run("ref", EXAMPLE_RUN)
+    runs = [analyse_run(label, ref, make_run(label, {k: s + shift for k, s in EXAMPLE_RUN.items()}),
+                        qrels=EXAMPLE_QRELS, recall_k=(10,), drop_without_relevant=drop)
+            for label, shift in (("Q8_0", 0.01), ("Q4_K_M", 0.02))]
+    raw = [0.02, 0.04]
+    for r, p, adjusted in zip(runs, raw, st.holm(raw), strict=True):
+        r.ndcg10_p, r.ndcg10_p_holm = p, adjusted
+    quality = ranking_quality(ref, sorted(EXAMPLE_RUN), EXAMPLE_QRELS, (10,), drop_without_relevant=drop)
+    reference = ReferenceSummary("reference", "vllm", "cpu", runs[0].cost, quality, runs[0].forced, 10.0)
+    report = StudyReport("t", None, "pairs.jsonl", "m", 10, 4, quality.queries, None,
+                         {"protocol": "official", "max_think_tokens": 64, "n_ctx": 512}, "x86_64", reference, runs)
+    md = render_markdown(report, plot_name=None)
+    if drop:
+        assert "Means over the 2 judged queries with a relevant document: 1 judged query without one left out" in md
+    else:
+        assert "Means over all 3 judged queries, as trec_eval computes them: the 1 without a relevant document " \
+               "count 0" in md
+    assert "Holm-adjusted within each family" in METHODS and "p (paired randomization, Holm)" in md
+    assert "| Q8_0 |" in md and "| 0.040 |" in md  # 0.02 of a family of two: 0.04 after Holm

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import weight_quant_cache
+from conftest import WEIGHT_QUANT_CALIBRATION, WEIGHT_QUANT_EXPORTS, weight_quant_cache
 
 from quantize.cli import main as quantize
 from quantize.fixtures.synthetic_task import eval_pairs
@@ -17,7 +17,7 @@ from rank1_local.cli.main import main as rerank
 pytest.importorskip("transformers")
 
 PAIRS = list({(p.query_word, p.passage_word): p for p in eval_pairs()[::4] + eval_pairs()[1::9]}.values())
-CALIBRATION = ["--calibration-size", "8", "--calibration-budget", "64"]
+CALIBRATION = list(WEIGHT_QUANT_CALIBRATION)
 SETTINGS = {"max_think_tokens": 64, "n_ctx": 512}
 
 
@@ -42,13 +42,19 @@ def reference(fixture_dir):
 def exports(fixture_dir, tmp_path_factory):
     pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("weight-quant")
-    made = {"gptq": _export(fixture_dir, root / "gptq-4bit", "gptq", "--bits", "4", "--group-size", "128"),
-            "awq": _export(fixture_dir, root / "awq-4bit", "awq")}
+    made = {method: _export(fixture_dir, root / f"{method}-4bit", method, *args)
+            for method, args in WEIGHT_QUANT_EXPORTS.items()}
     keep = weight_quant_cache(fixture_dir("behaving"))  # for the vLLM tests, whose virtualenv has no GPTQModel
     for method, folder in made.items():
         if not (keep / method / "config.json").is_file():
+            staging = keep / f"{method}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(folder, staging)
             shutil.rmtree(keep / method, ignore_errors=True)
-            shutil.copytree(folder, keep / method)
+            staging.rename(keep / method)
+    for stale in keep.parent.glob(f"{fixture_dir('behaving').name}-exporter-*"):
+        if stale != keep:  # an older exporter's
+            shutil.rmtree(stale, ignore_errors=True)
     return made
 
 

@@ -24,9 +24,9 @@ def cases() -> dict[str, tuple[str, int, list[tuple[str, str]]]]:
         "closes normally": ("behaving", 64, pairs),
         "forced, cut mid-sentence": ("behaving", 12, pairs[:6]),
         "forced, no sentence end": ("behaving", 4, pairs[:6]),
+        "prompt longer than the context": ("behaving", 64, [long, pairs[0]]),
         "answer outside the top 20": ("overconfident", 64, pairs),
         "</think> not followed by an answer": ("answers-muted", 48, pairs[:6]),
         "generation ends at end of sequence": ("ends-early", 64, pairs),
-        "prompt longer than the context": ("behaving", 64, [long, pairs[0]]),
         "rank1's tokenizer (<think> tokens)": ("behaving-think", 64, pairs),
     }

@@ -12,7 +12,8 @@ machine            date, GPU, driver, CUDA compiler, CMake, cores, Python, torch
 build              llama-cpp-python from the carried sources (``-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90``, all cores)
 fixtures           F16 and Q4_K_M exports of those checkpoints with our exporter
 fidelity           the budget cases of the vLLM judge tests: llama.cpp CUDA (all layers; half the layers) against
-                   llama.cpp CPU on the same GGUF and against the transformers backend in float16 on CUDA
+                   llama.cpp CPU on the same GGUF and against the transformers backend in float16 on CUDA; fails
+                   when a comparison misses its bar (``steps.bar_for``)
 speed-small        rank1-local on CUDA, random rank1-0.5b shape, Q4_K_M and F16, parallel 1/8/32/64; per-step timings
 overhead           what one step's host work costs: logits rows copied, argmax over the vocabulary, top-20, device to
                    host copies

@@ -65,7 +65,8 @@ def _cell(row: dict | None) -> str:
     if "not_run" in row:
         return f"not run ({row['not_run']})"
     n = row["pairs"]
-    return f"{row['decisions_agree']}/{n} · {row['identical_reasoning']}/{n} · {row['max_delta']:.1e}"
+    mark = "**✗** " if str(row.get("verdict", "")).startswith("failed") else ""
+    return f"{mark}{row['decisions_agree']}/{n} · {row['identical_reasoning']}/{n} · {row['max_delta']:.1e}"
 
 
 def fidelity_totals(rows: list[dict]) -> dict[str, dict[str, Any]]:
@@ -104,6 +105,15 @@ def _fidelity(r: dict | None) -> list[str]:
     for name, t in fidelity_totals(rows).items():
         lines.append(f"| {name} | {t['pairs']} | {t['decisions_agree']} | {t['identical_reasoning']} | "
                      f"{t['max_delta']:.2e} |")
+    bars = dict.fromkeys(row["bar"] for row in rows if row.get("bar"))
+    failed = [row for row in rows if str(row.get("verdict", "")).startswith("failed")]
+    lines += ["", "Bars (the step fails when a comparison misses its bar; **✗** in the table): "
+              + "; ".join(bars) + ". A Q4_K_M GGUF against float16 transformers measures the quantization: "
+              "reported, not judged."]
+    if failed:
+        lines += ["", "Comparisons that missed their bar:", ""]
+        lines += [f"- {r['case']} | {r['type']} | {r['run']} vs {r['against']}: {r['verdict'].removeprefix('failed: ')}"
+                  for r in failed]
     devices = sorted({(row["run"], row.get("device")) for row in rows if row.get("device")})
     if devices:
         lines += ["", "Devices as the runs reported them: " + "; ".join(f"{k}: {v}" for k, v in devices)]
@@ -199,6 +209,11 @@ def _summary(steps: Any, results: dict[str, dict | None]) -> list[str]:
     for name, t in fidelity_totals(rows).items():
         lines.append(f"- fidelity, {name}: decisions {t['decisions_agree']}/{t['pairs']}, identical reasoning "
                      f"{t['identical_reasoning']}/{t['pairs']}, max |Δscore| {t['max_delta']:.1e}")
+    judged = [row for row in rows if row.get("bar")]
+    if judged:
+        failed = sum(str(row.get("verdict")).startswith("failed") for row in judged)
+        lines.append(f"- fidelity verdict: {len(judged) - failed} of {len(judged)} judged comparisons met their bar"
+                     + (f", **{failed} did not**" if failed else ""))
     speed = []
     for name in ("speed-small", "speed-large", "transformers-speed"):
         speed += (((results.get(name) or {}).get("data")) or {}).get("rows", [])

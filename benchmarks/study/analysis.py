@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics as stdlib_statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,16 @@ class RunCost:
 
 @dataclass
 class RankingQuality:
-    """nDCG@10 (and Recall@k) against the qrels, averaged over the queries with a relevant document."""
+    """nDCG@10 (and Recall@k) against the qrels, averaged over the judged queries as trec_eval averages them: a query
+    without a relevant document counts 0 (``without_relevant`` of them), unless ``dropped``: then those queries are
+    left out, as some papers do."""
 
-    queries: int
+    queries: int  # in the mean
     ndcg10: float
     recall: dict[int, float]
     per_query_ndcg10: dict[str, float]
+    without_relevant: int = 0  # judged queries with no relevant document (counted 0, or dropped)
+    dropped: bool = False
 
 
 @dataclass
@@ -71,6 +75,7 @@ class TypeResult:
     quality: RankingQuality | None = None
     ndcg10_delta: st.Estimate | None = None
     ndcg10_p: float | None = None
+    ndcg10_p_holm: float | None = None  # Holm-adjusted over the study's types (set by the report)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)  # estimates become {"value", "low", "high"}
@@ -83,32 +88,43 @@ def common_keys(ref: Run, run: Run) -> list[Key]:
     return keys
 
 
-def ranking_quality(run: Run, keys: Sequence[Key], qrels: Qrels, recall_k: Sequence[int]) -> RankingQuality | None:
-    """nDCG@10 and Recall@k of ``run`` over ``keys`` against ``qrels``; None if no query has a relevant document."""
+def ranking_quality(run: Run, keys: Sequence[Key], qrels: Qrels, recall_k: Sequence[int], *,
+                    drop_without_relevant: bool = False) -> RankingQuality | None:
+    """nDCG@10 and Recall@k of ``run`` over ``keys`` against ``qrels``, averaged over the judged queries (trec_eval's
+    mean: a query without a relevant document counts 0; ``drop_without_relevant`` leaves such queries out); None if
+    no query is judged (or, dropping, none has a relevant document)."""
     by_query: dict[str, dict[str, float]] = {}
     for qid, docid in keys:
         by_query.setdefault(qid, {})[docid] = run.rows[(qid, docid)].score
     ndcg: dict[str, float] = {}
     recall: dict[int, list[float]] = {k: [] for k in recall_k}
+    without_relevant = 0
     for qid, scores in by_query.items():
-        value = st.ndcg_at_k(scores, qrels.get(qid, {}), TOP_K)
+        judged = qrels.get(qid, {})
+        value = st.ndcg_at_k(scores, judged, TOP_K)
         if value is None:
             continue
+        if not any(g > 0 for g in judged.values()):
+            without_relevant += 1
+            if drop_without_relevant:
+                continue
         ndcg[qid] = value
         for k in recall_k:
-            r = st.recall_at_k(scores, qrels.get(qid, {}), k)
+            r = st.recall_at_k(scores, judged, k)
             if r is not None:
                 recall[k].append(r)
     if not ndcg:
         return None
     return RankingQuality(len(ndcg), float(np.mean(list(ndcg.values()))),
-                          {k: float(np.mean(v)) for k, v in recall.items() if v}, ndcg)
+                          {k: float(np.mean(v)) for k, v in recall.items() if v}, ndcg, without_relevant,
+                          drop_without_relevant)
 
 
 def analyse_run(label: str, ref: Run, run: Run, *, qrels: Qrels | None = None, recall_k: Sequence[int] = (),
                 tokenize: Callable[[str], list[int]] | None = None, cost: RunCost | None = None,
-                reference_quality: RankingQuality | None = None) -> TypeResult:
-    """Every per-type statistic of ``run`` against the reference ``ref`` over the pairs both hold."""
+                drop_without_relevant: bool = False) -> TypeResult:
+    """Every per-type statistic of ``run`` against the reference ``ref`` over the pairs both hold (nDCG@10 and
+    Recall@k as :func:`ranking_quality` computes them)."""
     keys = common_keys(ref, run)
     groups = np.array([q for q, _ in keys])
     a = np.array([ref.rows[k].score for k in keys])
@@ -151,8 +167,8 @@ def analyse_run(label: str, ref: Run, run: Run, *, qrels: Qrels | None = None, r
         forced=st.cluster_proportion(np.array([run.rows[k].forced for k in keys]), groups),
         cost=cost or RunCost())
     if qrels is not None:
-        result.quality = ranking_quality(run, keys, qrels, recall_k)
-        ref_quality = ranking_quality(ref, keys, qrels, recall_k)
+        result.quality = ranking_quality(run, keys, qrels, recall_k, drop_without_relevant=drop_without_relevant)
+        ref_quality = ranking_quality(ref, keys, qrels, recall_k, drop_without_relevant=drop_without_relevant)
         if result.quality is not None and ref_quality is not None:
             queries = sorted(ref_quality.per_query_ndcg10)
             d = np.array([result.quality.per_query_ndcg10[q] - ref_quality.per_query_ndcg10[q] for q in queries])
@@ -176,6 +192,8 @@ class TypeComparison:
     abs_diff_p: float
     ndcg10: st.Estimate | None = None
     ndcg10_p: float | None = None
+    # Holm-adjusted over the rows of the comparison's table, one family per statistic (set by the report)
+    holm: dict[str, float | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from rank1_local.cli.main import add_scoring_args, scoring_config
 from rank1_local.cli.ray_commands import add_ray_rerank_args, uses_ray
+from rank1_local.cli.support import add_subcommand
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import require
+from rank1_local.runs.inputs import check_output_folder
 
 logger = logging.getLogger("rank1-bench")
 DEFAULT_TYPES = "F16,Q8_0,Q4_K_M,Q4_K_M+imatrix,Q3_K_M,Q3_K_M+imatrix,Q2_K,Q2_K+imatrix"
@@ -51,7 +53,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     from benchmarks.study.exports import Calibration, parse_study_types
     from benchmarks.study.report import analyse_study, write_report
     from benchmarks.study.scoring import RayOptions, make_scorer
-    from benchmarks.study.study import StudySettings, run_study
+    from benchmarks.study.study import (
+        StudySettings,
+        check_engines,
+        check_vllm_python,
+        default_reference,
+        run_study,
+    )
 
     ray = None
     if uses_ray(args):  # a Ray-only flag without --ray is refused here, before anything runs
@@ -59,6 +67,14 @@ def cmd_study(args: argparse.Namespace) -> int:
                          gpus_per_worker=args.gpus_per_worker or 0.0, pairs_per_block=args.pairs_per_block)
     scorer = make_scorer(ray)
     types = parse_study_types(args.types)
+    check_vllm_python(args.vllm_python)
+    if args.reference is None:
+        args.reference = "vllm" if ray is not None else default_reference(args.vllm_python)
+    if ray is None:  # before the inputs are read (an ir_datasets id or MTEB task may download) or anything exported
+        check_engines(args.reference, types, weight_quant_backend=args.weight_quant_backend,
+                      vllm_python=args.vllm_python)
+    for flag, folder in (("--work", args.work), ("--out", args.out)):
+        check_output_folder(folder, flag)
     study_inputs = read_study_inputs(args)
     if args.prompt is None and args.dataset is None and study_inputs.dataset:
         args.dataset = study_inputs.dataset
@@ -71,7 +87,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         n_gpu_layers=args.n_gpu_layers,
         calibration=Calibration(args.calibration, args.calibration_size, args.calibration_seed,
                                 args.calibration_budget),
-        recall_k=args.recall_k, title=args.title, note=args.note, progress=not args.quiet)
+        recall_k=args.recall_k, drop_queries_without_relevant=args.drop_queries_without_relevant, title=args.title,
+        note=args.note, progress=not args.quiet)
     runs = run_study(study_inputs, settings, scorer)
     report = analyse_study(runs, study_inputs, settings)
     files = write_report(report, args.out)
@@ -80,11 +97,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def add_study_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "study", help="export a model to several types, score each and a reference, compare (resumable)",
+    p = add_subcommand(
+        sub, "study", help="export a model to several types, score each and a reference, compare (resumable)",
         description="Export a model to quantization types, score the reference and every export with the official "
                     "protocol on your pairs, and report decision flips, KL divergence, rank correlations, nDCG@10 "
-                    "with paired tests, reasoning fidelity and cost, with 95%% confidence intervals. Every step "
+                    "with paired tests, reasoning fidelity and cost, with 95% confidence intervals. Every step "
                     "resumes from --work.")
     p.add_argument("--model", required=True, help="the source checkpoint: a folder or a hub id")
     p.add_argument("--types", default=DEFAULT_TYPES,
@@ -101,8 +118,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", type=Path, metavar="FIRST_STAGE.trec", help="first-stage TREC run to rerank")
     p.add_argument("--depth", type=int, default=100, help="documents reranked per query (default 100)")
     p.add_argument("--split", default="test", help="BEIR/MTEB split (default test)")
-    p.add_argument("--reference", choices=["vllm", "transformers"], default="vllm",
-                   help="vllm: the official engine, float16 (default); transformers: float16 on CUDA, float32 on CPU")
+    p.add_argument("--reference", choices=["vllm", "transformers"], default=None,
+                   help="vllm: the official engine, float16; transformers: float16 on CUDA, float32 on CPU (default: "
+                        "vllm where it is installed, in this Python or --vllm-python, else transformers)")
     p.add_argument("--reference-dtype", default=None, help="override the reference's dtype (float16, bfloat16, "
                    "float32)")
     p.add_argument("--vllm-python", default=None, metavar="PYTHON",
@@ -121,9 +139,14 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-budget", type=int, default=256, help="reasoning tokens per calibration pair")
     p.add_argument("--recall-k", type=_ints, default=(10,), help="Recall@k cut-offs (default 10; only those below "
                    "the depth are reported)")
+    p.add_argument("--drop-queries-without-relevant", action="store_true",
+                   help="leave judged queries without a relevant document out of nDCG@10 and Recall@k (as some "
+                        "papers do; default: they count 0, as trec_eval counts them)")
     p.add_argument("--work", type=Path, required=True, help="cache of inputs, exports and run files (resumable)")
-    p.add_argument("--out", type=Path, required=True, help="where study.md, study.json and study.png go")
+    p.add_argument("--out", type=Path, required=True,
+                   help="where study.md, study.json, study.png and study.html (every pair, offline) go")
     p.add_argument("--title", default="Quantization study", help="the title of study.md")
     p.add_argument("--note", default=None, help="a paragraph for the top of study.md")
     add_ray_rerank_args(p)  # --ray [auto|ADDRESS], --workers, --threads-per-worker, --gpus-per-worker …
-    p.set_defaults(func=cmd_study)
+    p.set_defaults(func=cmd_study, interrupted="interrupted; --work keeps every finished export and every row "
+                                               "already scored, run the same command again to resume")

@@ -201,12 +201,23 @@ def _rerank_pairs(ranking: dict[str, list[str]], queries: dict[str, tuple[str, s
     return pairs
 
 
-def _read_beir_jsonl(path: Path, wanted: set[str] | None) -> Iterator[dict[str, Any]]:
+def _read_beir_jsonl(path: Path, wanted: set[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(id, row) of the rows of a BEIR ``corpus.jsonl`` / ``queries.jsonl`` that ``wanted`` names (all if None), each
+    checked: an ``_id`` (string or integer), a ``text`` string, and ``title`` / ``instruction`` strings when given."""
     for n, row in read_jsonl(path):
         if "_id" not in row:
             raise Rank1Error(f"{path}:{n}: a BEIR row needs '_id'")
-        if wanted is None or str(row["_id"]) in wanted:
-            yield row
+        row_id = row["_id"]
+        if isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or row_id == "":
+            raise Rank1Error(f"{path}:{n}: _id must be a non-empty string or an integer, got {json.dumps(row_id)[:40]}")
+        if wanted is not None and str(row_id) not in wanted:
+            continue
+        if not isinstance(row.get("text"), str):
+            raise Rank1Error(f"{path}:{n}: text must be a string, got {json.dumps(row.get('text'))[:40]}")
+        for name in ("title", "instruction"):
+            if row.get(name) is not None and not isinstance(row[name], str):
+                raise Rank1Error(f"{path}:{n}: {name} must be a string, got {json.dumps(row[name])[:40]}")
+        yield str(row_id), row
 
 
 def from_beir(folder: Path, run: Path, *, depth: int = 100, split: str = "test") -> StudyInputs:
@@ -220,10 +231,9 @@ def from_beir(folder: Path, run: Path, *, depth: int = 100, split: str = "test")
     ranking = read_trec_run(run, depth)
     ranking = {q: d for q, d in ranking.items() if q in qrels}
     needed = {d for docids in ranking.values() for d in docids}
-    queries = {str(r["_id"]): (str(r.get("text", "")), r.get("instruction") or None)
-               for r in _read_beir_jsonl(folder / "queries.jsonl", set(ranking))}
-    docs = {str(r["_id"]): (r.get("title") or None, str(r.get("text", "")))
-            for r in _read_beir_jsonl(folder / "corpus.jsonl", needed)}
+    queries = {qid: (r["text"], r.get("instruction") or None)
+               for qid, r in _read_beir_jsonl(folder / "queries.jsonl", set(ranking))}
+    docs = {docid: (r.get("title") or None, r["text"]) for docid, r in _read_beir_jsonl(folder / "corpus.jsonl", needed)}
     source = f"BEIR folder {folder.name} ({split}), first stage {run.name} to depth {depth}"
     pairs = _rerank_pairs(ranking, queries, docs, qrels, source)
     return StudyInputs(pairs, qrels, source, _dataset_from_name(folder.name))

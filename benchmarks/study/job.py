@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     args = argparse.Namespace(func=lambda _args: run_job(spec), quiet=not spec.get("progress", True))
-    return run_command(args, "interrupted; rows already written are kept, re-run the study to resume")
+    return run_command(args, "interrupted: this scoring job stopped")  # the study itself says what it keeps
 
 
 if __name__ == "__main__":

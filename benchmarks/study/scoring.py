@@ -88,13 +88,25 @@ def subprocess_scorer(job: ScoringJob) -> None:
     logger.info("%s: scoring with %s (%s)", job.name, job.backend, Path(job.model).name)
     result = subprocess.run([python, "-m", "benchmarks.study.job", str(job_file)], env=env)
     if result.returncode != 0:
-        raise Rank1Error(f"{job.name}: scoring failed (exit status {result.returncode}); rows already written to "
-                         f"{job.run_file} are kept, re-run the study to resume")
+        rows = rows_written(Path(job.run_file))
+        kept = (f"the {rows} row{'s' if rows != 1 else ''} already in {job.run_file} are kept, re-run the study to "
+                "resume" if rows else "no row was written; re-run the study once the cause above is fixed")
+        raise Rank1Error(f"{job.name}: scoring failed (exit status {result.returncode}); {kept}")
+
+
+def rows_written(run_file: Path) -> int:
+    """How many scored rows ``run_file`` holds (0 when there is none, or it cannot be read)."""
+    from rank1_local.runs.inputs import done_keys
+
+    try:
+        return len(done_keys(run_file)) if run_file.exists() else 0
+    except Rank1Error:
+        return 0
 
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how to score on Ray: ``address`` ("auto": the cluster this machine belongs to, else a local one; or
+    """Where and how to score on Ray: ``address`` ("auto": the cluster RAY_ADDRESS names, else a new local one; "local";
     HOST:6379, ray://HOST:10001), and per scoring job the workers, each with its own model."""
 
     address: str = "auto"

@@ -16,6 +16,12 @@ Conventions:
   change nothing under any sign, so identical runs give p = 1 exactly.
 - nDCG@10 follows trec_eval: linear gains (the qrels grade), discount log2(rank + 1), documents ranked by score
   with ties broken by document id in descending order, the ideal ranking from every judged document of the query.
+  A query with judgments but no relevant document scores 0 (trec_eval, ir_measures and pytrec_eval average it in;
+  some papers leave such queries out: :func:`benchmarks.study.analysis.ranking_quality` can); a query without any
+  judgment is not evaluated (trec_eval skips it). Recall@k the same.
+- Several tests of one family (ΔnDCG@10 of every type against the reference; one statistic over the rows of a
+  type-against-type table) are reported with Holm's step-down adjusted p-values (:func:`holm`), which keep the
+  family-wise error rate at the level without assuming independence.
 """
 
 from __future__ import annotations
@@ -159,6 +165,18 @@ def paired_randomization_test(differences: np.ndarray, *, permutations: int = PE
     return (1 + hits) / (1 + permutations)
 
 
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values of one family of tests (None entries are not tests and stay None): the
+    i-th smallest of m raw p-values becomes max over j ≤ i of min(1, (m − j + 1) · p_(j))."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def ranked(scores: Mapping[str, float]) -> list[str]:
     """Document ids best first, ties broken by document id in descending order (trec_eval's order)."""
     by_id = sorted(scores, reverse=True)
@@ -166,21 +184,27 @@ def ranked(scores: Mapping[str, float]) -> list[str]:
 
 
 def ndcg_at_k(scores: Mapping[str, float], qrels: Mapping[str, int], k: int = 10) -> float | None:
-    """nDCG@k of one query (trec_eval's definition); None when the query has no relevant document."""
+    """nDCG@k of one query (trec_eval's definition): 0 when its judgments hold no relevant document, None when it
+    has no judgment at all (trec_eval does not evaluate it)."""
+    if not qrels:
+        return None
     gains = sorted((g for g in qrels.values() if g > 0), reverse=True)
     if not gains:
-        return None
+        return 0.0
     ideal = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]))
     got = sum(max(qrels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranked(scores)[:k]))
     return got / ideal
 
 
 def recall_at_k(scores: Mapping[str, float], qrels: Mapping[str, int], k: int, *, min_grade: int = 1) -> float | None:
-    """The share of the query's relevant documents (grade >= ``min_grade``) ranked in the top ``k``; None when it
-    has none. Relevant documents the first stage never retrieved count as missed."""
+    """The share of the query's relevant documents (grade >= ``min_grade``) ranked in the top ``k``: 0 when it has
+    judgments but no relevant document, None when it has no judgment (as :func:`ndcg_at_k`). Relevant documents the
+    first stage never retrieved count as missed."""
+    if not qrels:
+        return None
     relevant = {d for d, g in qrels.items() if g >= min_grade}
     if not relevant:
-        return None
+        return 0.0
     return len(relevant & set(ranked(scores)[:k])) / len(relevant)
 
 

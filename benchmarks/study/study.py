@@ -1,5 +1,5 @@
 """``rank1-bench study``: export a model to several quantization types, score each and the reference with the official
-protocol, compare, and write ``study.md``, ``study.json`` and ``study.png``.
+protocol, compare, and write ``study.md``, ``study.json``, ``study.png`` and ``study.html``.
 
 The work folder holds everything the study makes, and every step resumes from it:
 
@@ -14,9 +14,11 @@ A study killed at any point and started again exports nothing twice and scores o
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from benchmarks.study.inputs import StudyInputs, write_inputs
 from benchmarks.study.scoring import Scorer, ScoringJob, read_job_record, subprocess_scorer
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
+from rank1_local.core.extras import MissingExtraError, install_hint
 from rank1_local.runs.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class StudySettings:
     n_gpu_layers: int = 0
     calibration: Calibration = field(default_factory=Calibration)
     recall_k: tuple[int, ...] = (10,)
+    drop_queries_without_relevant: bool = False  # nDCG@10 / Recall@k: trec_eval counts such queries 0
     title: str = "Quantization study"
     note: str | None = None  # a paragraph for the top of study.md
     progress: bool = True
@@ -61,9 +65,7 @@ class StudySettings:
             raise Rank1Error(f"--reference must be one of {', '.join(REFERENCES)}, not {self.reference!r}")
         if self.weight_quant_backend not in ("transformers", "vllm"):
             raise Rank1Error("--weight-quant-backend must be transformers or vllm")
-        if self.vllm_python is not None and not Path(self.vllm_python).is_file():
-            raise Rank1Error(f"--vllm-python {self.vllm_python}: no such Python (build vLLM's virtualenv as the "
-                             "README's Tests section shows, or leave it out where vLLM is installed here)")
+        check_vllm_python(self.vllm_python)
 
     @property
     def reference_dtype_resolved(self) -> str:
@@ -133,11 +135,61 @@ def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Pa
                       str(pairs_file), run_file, progress=settings.progress)
 
 
+def check_vllm_python(python: str | None) -> None:
+    if python is not None and not Path(python).is_file():
+        raise Rank1Error(f"--vllm-python {python}: no such Python (build vLLM's virtualenv as the README's Tests "
+                         "section shows, or leave it out where vLLM is installed here)")
+
+
+def has_module(module: str, python: str | None = None) -> bool:
+    """Whether ``module`` can be imported here, or by the Python ``python`` (a quick look-up, nothing imported)."""
+    if python is None:
+        return importlib.util.find_spec(module) is not None
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def default_reference(vllm_python: str | None) -> str:
+    """``--reference`` left out: vLLM (the official engine) where it is installed, else transformers, said once."""
+    if has_module("vllm", vllm_python):
+        return "vllm"
+    where = f"in {vllm_python}" if vllm_python else "here"
+    logger.warning("vLLM is not installed %s: the reference is transformers (float16 on CUDA, float32 on the CPU); "
+                   "--reference vllm with --vllm-python PYTHON uses vLLM's own virtualenv", where)
+    return "transformers"
+
+
+def check_engines(reference: str, types: list[StudyType], *, weight_quant_backend: str = "transformers",
+                  vllm_python: str | None = None) -> None:
+    """Every engine the study's scoring jobs run in this machine's Pythons is installed: checked before anything is
+    read, written or exported, so a missing engine never stops a study hours in, after the exports."""
+    weight_quant = any(not t.is_gguf for t in types)
+    needs_vllm = reference == "vllm" or (weight_quant and weight_quant_backend == "vllm")
+    if needs_vllm and not has_module("vllm", vllm_python):
+        where = f"in {vllm_python}" if vllm_python else "in this Python"
+        flag = "--reference vllm" if reference == "vllm" else "--weight-quant-backend vllm"
+        raise Rank1Error(f"{flag}: vLLM is not installed {where}; give --vllm-python PYTHON (vLLM's own virtualenv, "
+                         "see the README's Tests), or use --reference transformers (float16 on CUDA, float32 on the "
+                         "CPU)")
+    if reference == "transformers" or (weight_quant and weight_quant_backend == "transformers"):
+        for module in ("torch", "transformers"):
+            if not has_module(module):
+                flag = "--reference transformers" if reference == "transformers" else "GPTQ/AWQ types"
+                raise MissingExtraError(f"{flag} needs {module}, which is not installed: "
+                                        f"{install_hint('reference', module)}")
+
+
 def run_study(inputs: StudyInputs, settings: StudySettings, scorer: Scorer = subprocess_scorer) -> StudyRuns:
     """Export, score (resuming whatever is already there) and return where the runs are."""
     from rank1_local.models.hub import resolve_local_or_hub
 
     start = time.perf_counter()
+    if scorer is subprocess_scorer:  # on Ray the workers run their cluster's Python, which this process cannot see
+        check_engines(settings.reference, settings.types, weight_quant_backend=settings.weight_quant_backend,
+                      vllm_python=settings.vllm_python)
     source = resolve_local_or_hub(settings.model)
     if not (source / "config.json").is_file():
         raise Rank1Error(f"{source}: not a Hugging Face checkpoint folder (no config.json); a study starts from the "

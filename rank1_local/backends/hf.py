@@ -2,7 +2,7 @@
 reference engine of ``rank1-bench reference`` where vLLM is absent).
 
 The same protocol as the llama.cpp runtime — the same prepared prompts, greedy decoding, the same
-:class:`~rank1_local.core.protocol.ReasoningChain` deciding after each token — one pair at a time with a KV cache. It
+:class:`~rank1_local.core.decoder.PairDecoder` deciding after each row — one pair at a time with a KV cache. It
 runs unquantized checkpoints (fp32 on CPU, fp16 on CUDA) and the AWQ/GPTQ checkpoints transformers can load.
 
 Needs the ``reference`` extra (torch, transformers; ``gptq`` for AWQ/GPTQ); importing this module imports neither.
@@ -15,30 +15,24 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import ModelCard, card_named, recognise_card
 from rank1_local.core.config import ScoringConfig, split_settings
+from rank1_local.core.decoder import Become, Feed, PairDecoder, decode_pair
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.extras import require
-from rank1_local.core.pairs import Pair, PreparedPair
-from rank1_local.core.protocol import (
-    NO_SCORE,
-    ReasoningChain,
-    Step,
-    answer_score,
-    answer_token_ids,
-    common_prefix_len,
-    top_logprobs,
-    true_false_score,
-)
+from rank1_local.core.pairs import PreparedPair
+from rank1_local.core.protocol import answer_token_ids, common_prefix_len
 from rank1_local.core.reranker import Reranker
-from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.core.results import Rank1Result, too_long_result
 from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.pipeline import Pipeline, SerialExecutor
+from rank1_local.pipeline import Pipeline
+from rank1_local.pipeline.admission import check_max_waiting
+from rank1_local.pipeline.serial import SerialOwner
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +47,17 @@ class HFSettings:
         device: "cpu", "cuda", "cuda:1" … or "auto" (CUDA when available).
         dtype: "auto" (float16 on CUDA, float32 on CPU; float16 for AWQ/GPTQ checkpoints everywhere), "float32",
             "float16" or "bfloat16".
+        max_waiting: pairs that may wait to be scored at once (None: no limit); more is refused at once.
     """
 
     device: str = "auto"
     dtype: str = "auto"
+    max_waiting: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise Rank1Error(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_max_waiting(self.max_waiting)
 
 
 def prepare_gptqmodel_env() -> None:
@@ -69,6 +66,19 @@ def prepare_gptqmodel_env() -> None:
     the pool size. Call before gptqmodel is first imported (transformers imports it to load AWQ/GPTQ)."""
     if (os.cpu_count() or 1) < 4:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+def checkpoint_card(path: Path, card: str | ModelCard | None) -> ModelCard:
+    """The model card of a checkpoint folder: the one named, or the one its config.json and name show."""
+    if isinstance(card, ModelCard):
+        return card
+    if card is not None:
+        return card_named(card)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return recognise_card(hf_config=config if isinstance(config, dict) else {}, name=path.name)
 
 
 def quantization_method(path: Path) -> str | None:
@@ -118,25 +128,123 @@ class _Sequence:
         return out.logits[0, -1].float()
 
 
+class TorchRow:
+    """A row of logits as a torch tensor (float32): only what the decoder asks is computed or copied."""
+
+    def __init__(self, logits: Any) -> None:
+        self.values = logits
+
+    def best(self) -> int:
+        return int(self.values.argmax())  # torch's argmax: the first maximum, the lowest id among equals
+
+    def top(self, k: int) -> dict[int, float]:
+        values, ids = self.values.topk(k)
+        return {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist())}
+
+    def logits(self, ids: Sequence[int]) -> list[float]:
+        return [float(self.values[i]) for i in ids]
+
+
+class _TransformersScorer:
+    """The loaded torch model and the protocol's steps over it, one pair at a time (owned by the backend's owner
+    thread, which loads it)."""
+
+    batch_size = 1
+
+    def __init__(self, path: Path, torch: Any, transformers: Any, tokenizer: Any, device: str, dtype: str,
+                 quant: str | None, answer_ids: tuple[int, int], card: ModelCard) -> None:
+        self.torch, self.tokenizer, self.device, self.card = torch, tokenizer, device, card
+        self.true_id, self.false_id = answer_ids
+        if quant:
+            prepare_gptqmodel_env()
+        try:
+            # GPTQModel (loaded by transformers for AWQ/GPTQ) prints a banner to stdout: keep stdout for results
+            with contextlib.redirect_stdout(sys.stderr):
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=getattr(torch, dtype)).to(device).eval()
+        except (ImportError, ValueError, RuntimeError) as exc:
+            hint = (f" ({quant} checkpoints need GPTQModel: pip install 'rank1-local[gptq]')"
+                    if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
+            raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
+                                        f"{device}{hint}: {str(exc).splitlines()[0][:300]}") from None
+        self.eos_ids = self._eos_ids()
+        self._added = {int(i) for i in tokenizer.get_added_vocab().values()}
+        self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
+
+    def _eos_ids(self) -> set[int]:
+        """What ends generation, as vLLM decides it: the tokenizer's and the generation config's EOS."""
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+        return {i for i in ids if i is not None}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes (byte-level BPE), added tokens as their text."""
+        text = self.tokenizer.convert_ids_to_tokens(token)
+        if token in self._added:
+            return text.encode()
+        try:
+            return bytes(self._byte_decoder[c] for c in text)
+        except KeyError:
+            return self.tokenizer.decode([token], skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False).encode()
+
+    def piece(self, token: int) -> bytes:
+        return self._piece(token)
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.eos_ids
+
+    def score_one(self, pair: PreparedPair, config: ScoringConfig) -> Rank1Result:
+        """One pair: the prompt is fed, then each row goes to the pair's decoder (the same one the llama.cpp
+        scheduler drives), which says what to feed next."""
+        if pair.too_long:
+            return too_long_result(pair)
+        decoder = PairDecoder(pair, config, config.n_ctx, self, (self.true_id, self.false_id),
+                              reasons=self.card.reasons)
+        seq = _Sequence(self.model, self.torch, self.device)
+
+        def carry_out(action: Feed | Become) -> TorchRow:
+            ids = seq.ids + [action.token] if isinstance(action, Feed) else action.ids
+            return TorchRow(seq.feed(ids))
+
+        return decode_pair(pair, decoder, TorchRow(seq.feed(pair.ids)), carry_out)
+
+    def score(self, pairs: Sequence[PreparedPair], config: ScoringConfig,
+              deliver: Callable[[int, Rank1Result], None], cancelled: Callable[[int], bool]) -> None:
+        for i, pair in enumerate(pairs):
+            if not cancelled(i):
+                deliver(i, self.score_one(pair, config))
+
+    def close(self) -> None:
+        self.model = None
+
+
 class TransformersRank1(Reranker):
     """rank1 on a Hugging Face checkpoint (local folder or hub id) with transformers.
 
     Args:
         model: checkpoint folder or hub id (unquantized, AWQ or GPTQ).
         config: the protocol settings (or their keyword arguments), as for :class:`rank1_local.Rank1`.
-        settings: :class:`HFSettings` (or ``device=``, ``dtype=``).
+        settings: :class:`HFSettings` (or ``device=``, ``dtype=``, ``max_waiting=``).
     """
 
+    backend = "transformers"
+
     def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: HFSettings | None = None,
-                 **kwargs: Any) -> None:
+                 *, card: str | ModelCard | None = None, **kwargs: Any) -> None:
         config, settings = split_settings("TransformersRank1", config, settings, HFSettings, kwargs)
         path = resolve_local_or_hub(model)  # before torch is imported: a missing model is an error in a second
         if not (path / "config.json").is_file():
             raise UnsupportedModelError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+        self.card = checkpoint_card(path, card)
         torch = require("torch", "reference", "the transformers backend")
         transformers = require("transformers", "reference", "the transformers backend")
-        self.config = config
-        self.torch = torch
+        self.config, self.settings = config, settings
         self.model_path = path
         # where torch runs ("cpu", "cuda" …); ``device`` (the property) is the backend-and-device words
         self.torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" \
@@ -150,37 +258,23 @@ class TransformersRank1(Reranker):
             raise Rank1Error(f"{path.name} is a {quant} checkpoint: its kernels run in float16 or bfloat16, "
                              "not float32 (use dtype auto)")
         self.dtype = dtype
-        if quant:
-            prepare_gptqmodel_env()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        card = self.card
         try:
-            # GPTQModel (loaded by transformers for AWQ/GPTQ) prints a banner to stdout: keep stdout for results
-            with contextlib.redirect_stdout(sys.stderr):
-                self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path, dtype=getattr(torch, dtype)).to(self.torch_device).eval()
-        except (ImportError, ValueError, RuntimeError) as exc:
-            hint = (f" ({quant} checkpoints need GPTQModel: pip install 'rank1-local[gptq]')"
-                    if quant in ("gptq", "awq") else f" ({quant} checkpoints need their own kernels)" if quant else "")
-            raise UnsupportedModelError(f"{path}: transformers could not load this checkpoint on "
-                                        f"{self.torch_device}{hint}: {str(exc).splitlines()[0][:300]}") from None
-        self.true_id, self.false_id = answer_token_ids(self.tokenize)
-        self.eos_ids = self._eos_ids()
-        self._added = {int(i) for i in self.tokenizer.get_added_vocab().values()}
-        self._byte_decoder = {c: b for b, c in byte_level_alphabet().items()}
-        self.pipeline = Pipeline(self, SerialExecutor(self._score_batch), config)
+            self.true_id, self.false_id = answer_token_ids(self.tokenize, card.answers, card.name)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{path.name}: {exc}") from None
+        answer_ids = (self.true_id, self.false_id)
+        tokenizer, device = self.tokenizer, self.torch_device
+        self._owner = SerialOwner(lambda: _TransformersScorer(path, torch, transformers, tokenizer, device, dtype,
+                                                              quant, answer_ids, card), name="rank1-transformers")
+        self.engine = Pipeline(self, self._owner, config, backend=self.backend, device=self.device,
+                               max_waiting=settings.max_waiting, card=card)
         logger.info("loaded %s with transformers on %s (%s)", path.name, self.torch_device, dtype)
 
     @property
     def device(self) -> str:
         return f"transformers {self.torch_device} {self.dtype}"
-
-    def _eos_ids(self) -> set[int]:
-        """What ends generation, as vLLM decides it: the tokenizer's and the generation config's EOS."""
-        ids = {self.tokenizer.eos_token_id}
-        gen = getattr(self.model, "generation_config", None)
-        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-        ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-        return {i for i in ids if i is not None}
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
@@ -188,69 +282,6 @@ class TransformersRank1(Reranker):
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _piece(self, token: int) -> bytes:
-        """The token's bytes (byte-level BPE), added tokens as their text."""
-        text = self.tokenizer.convert_ids_to_tokens(token)
-        if token in self._added:
-            return text.encode()
-        try:
-            return bytes(self._byte_decoder[c] for c in text)
-        except KeyError:
-            return self.detokenize([token]).encode()
-
-    def _answer(self, logits: Any) -> float:
-        return true_false_score(float(logits[self.true_id]), float(logits[self.false_id]))
-
-    def _fallback(self, seq: _Sequence, chain: ReasoningChain, config: ScoringConfig) -> float:
-        """The answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
-        chain.forced = True
-        ids = self.tokenize(chain.fallback_prompt)
-        return self._answer(seq.feed(ids)) if config.fits(len(ids)) else NO_SCORE
-
-    def _score_one(self, pair: PreparedPair, config: ScoringConfig) -> Rank1Result:
-        if pair.too_long:
-            return too_long_result(pair)
-        started = time.perf_counter()
-        seq = _Sequence(self.model, self.torch, self.torch_device)
-        logits = seq.feed(pair.ids)
-        chain = ReasoningChain(pair.prompt, config.max_think_tokens, config.rethink_rounds,
-                               official=config.protocol == "official", n_ctx=config.n_ctx)
-        while True:
-            token = int(logits.argmax())
-            eos = token in self.eos_ids
-            step = chain.advance(token, b"" if eos else self._piece(token), eos, len(seq.ids) + 1)
-            if step is Step.CONTINUE:
-                logits = seq.feed(seq.ids + [token])
-                continue
-            if step is Step.RETHINK:
-                logits = seq.feed(self.tokenize(chain.continuation_prompt))
-                continue
-            if step is Step.ANSWER:
-                score = self._answer(seq.feed(seq.ids + [token]))
-            elif step is Step.FINISH:
-                score = answer_score(top_logprobs(logits.cpu().numpy()), self.true_id, self.false_id)
-                if score is None:
-                    score = self._fallback(seq, chain, config)
-            else:  # Step.FORCE
-                score = self._fallback(seq, chain, config)
-            return build_result(pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
-                                forced=chain.forced, seconds=time.perf_counter() - started)
-
-    def _score_batch(self, pairs: list[PreparedPair], config: ScoringConfig,
-                     deliver: Callable[[PreparedPair, Rank1Result], None], cancelled: Callable[[], bool]) -> None:
-        for pair in pairs:
-            if cancelled():
-                return
-            deliver(pair, self._score_one(pair, config))
-
-    @property
-    def last_stats(self) -> RunStats | None:
-        return self.pipeline.last_stats
-
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
-                    on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs one at a time (calls from several threads take turns); results in input order."""
-        return self.pipeline.score(pairs, config, on_result)
-
-    def close(self) -> None:
-        self.model = None
+    def _close_backend(self) -> None:
+        """The owner thread stops, then drops the torch model."""
+        self._owner.close()

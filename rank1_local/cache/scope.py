@@ -6,14 +6,22 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rank1_local.cache.keys import KeyMaker
+from rank1_local.cache.sqlite_file import Row
 from rank1_local.core.pairs import PreparedPair
 from rank1_local.core.results import Rank1Result, build_result
 
-if TYPE_CHECKING:
-    from rank1_local.cache.store import JudgmentCache
+
+class JudgmentCache(Protocol):
+    """What a scope needs of its cache (:class:`~rank1_local.cache.store.JudgmentCache`)."""
+
+    hits: int
+    misses: int
+
+    def rows(self, keys: list[str]) -> dict[str, Row]: ...
+    def put(self, key: str, model_digest: str, result: Rank1Result, model_name: str) -> None: ...
 
 
 class CacheScope:

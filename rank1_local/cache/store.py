@@ -1,5 +1,6 @@
-"""The judgment cache's SQLite file: opening (or creating it whole), reading judgments, and knowing when it cannot be
-used.
+"""The judgment cache's front: :class:`JudgmentCache` over its SQLite file (:mod:`rank1_local.cache.sqlite_file`), its
+writer thread (:mod:`rank1_local.cache.writer`), its scopes (:mod:`rank1_local.cache.scope`) and its administration
+(:mod:`rank1_local.cache.admin`); none of those imports this module.
 
 One file is shared by the API, the CLI and the server, and by several processes at once (WAL journal, busy
 timeout). The cache never fails a request: a file that is corrupt, not a database, of another schema, read-only or
@@ -19,86 +20,36 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from rank1_local.cache.admin import CacheStats, cache_stats, clear_cache
 from rank1_local.cache.keys import canonical_settings
-from rank1_local.core.errors import Rank1Error
+from rank1_local.cache.scope import CacheScope
+from rank1_local.cache.sqlite_file import (
+    CacheFileError,
+    CacheUnusableError,
+    Row,
+    close_quietly,
+    connect,
+    connect_immutable,
+    file_identity,
+    is_busy,
+    is_read_only,
+    valid_row,
+)
+from rank1_local.cache.writer import CacheWriter
 from rank1_local.core.results import Rank1Result
 from rank1_local.models.file_digest import file_digest
 from rank1_local.runs.user_dirs import default_cache_path
 
-if TYPE_CHECKING:
-    from rank1_local.cache.admin import CacheStats
-    from rank1_local.cache.scope import CacheScope
-    from rank1_local.cache.writer import CacheWriter
+__all__ = ["CacheFileError", "CacheStats", "CacheUnusableError", "JudgmentCache"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SQLITE_MAGIC = b"SQLite format 3\x00"
 _CHUNK = 500  # keys per SELECT (SQLite's host-parameter limit is 999 on old builds)
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS rank1_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS judgments (
-        key TEXT PRIMARY KEY,        -- sha256(model digest, settings JSON, prompt), hex
-        model TEXT NOT NULL,         -- sha256 of the GGUF file, hex
-        score REAL NOT NULL,
-        reasoning TEXT NOT NULL,
-        n_tokens INTEGER NOT NULL,
-        forced INTEGER NOT NULL,
-        created REAL NOT NULL,       -- unix time
-        last_used REAL,
-        hits INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS judgments_model ON judgments (model)",
-)
-
-Row = tuple[float, str, int, bool]  # score, reasoning, n_tokens, forced
 _T = TypeVar("_T")
-
-
-class CacheFileError(Rank1Error):
-    """The judgment cache file cannot be used (``rank1-local cache stats|clear`` report it)."""
-
-
-class CacheUnusableError(CacheFileError):
-    """The file is not a judgment cache this version can use (corrupt, not SQLite, another program's, another
-    schema)."""
-
-
-def is_busy(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.OperationalError) and (code in (5, 6) or "locked" in str(exc))
-
-
-def is_read_only(exc: BaseException) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) == 8 or "readonly" in str(exc)  # SQLITE_READONLY
-
-
-@contextmanager
-def writing(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the write lock at once (no deferred upgrade, which SQLite's busy handler
-    cannot wait for); committed when the block ends, rolled back if it raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at ``path``, None when there is none: tells a deleted or replaced file."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class JudgmentCache:
@@ -127,65 +78,8 @@ class JudgmentCache:
     # -- connections ---------------------------------------------------------------------------------------------
 
     def connect(self, *, create: bool, timeout: float | None = None) -> sqlite3.Connection:
-        """A connection to a judgment cache at ``path``. Raises :class:`CacheUnusableError` (checked before anything
-        is written: a file this version refuses is left exactly as it was), ``sqlite3.Error`` or ``OSError``."""
-        timeout = self.timeout if timeout is None else timeout
-        if not self.path.exists():
-            if not create:
-                raise FileNotFoundError(f"{self.path} does not exist")
-            self._create_file()
-        if self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:
-                if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                    raise CacheUnusableError("the file is not a SQLite database")
-        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and "rank1_meta" not in tables:
-                raise CacheUnusableError("the file is a SQLite database but not a rank1-local judgment cache")
-            if "rank1_meta" in tables:  # read the version before anything is written
-                version = _schema_version(conn)
-                if version != str(SCHEMA_VERSION):
-                    raise CacheUnusableError(f"it has schema version {version}; this rank1-local reads version "
-                                             f"{SCHEMA_VERSION}")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # a file made by an older tool or by hand
-                conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            if not {"rank1_meta", "judgments"} <= tables:  # an empty file (left by a crash): the schema in place
-                with writing(conn):
-                    _write_schema(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _create_file(self) -> None:
-        """Create the cache file whole: the schema is written to a private file in WAL mode, which is then linked
-        into place (only one of several processes starting at once wins; the others open the winner's file).
-        Processes never race to switch a fresh file's journal mode or to write its schema."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        files = [tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")]
-        try:
-            conn = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-                with writing(conn):
-                    _write_schema(conn)
-            finally:
-                conn.close()  # the last connection checkpoints: the whole database is in ``tmp`` now
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
-                pass  # another process created it first
-            except OSError:  # no hard links on this file system: create it in place instead
-                logger.debug("cannot link %s into place; the judgment cache is created in place", tmp)
-                with open(self.path, "ab"):
-                    pass
-        finally:
-            for f in files:
-                f.unlink(missing_ok=True)
+        """A connection to the file (see :func:`rank1_local.cache.sqlite_file.connect`)."""
+        return connect(self.path, create=create, timeout=self.timeout if timeout is None else timeout)
 
     def _connection(self) -> sqlite3.Connection:
         """The reading connection (opened again after a fork, or when the file was deleted or replaced)."""
@@ -194,10 +88,19 @@ class JudgmentCache:
         if self._conn is not None and file_identity(self.path) != self._identity:
             self.warn_once("replaced", "judgment cache %s was deleted or replaced while in use: opening it again "
                            "(judgments from now on are kept in the new file)", self.path)
-            _close_quietly(self._conn)
+            close_quietly(self._conn)
             self._conn = None
         if self._conn is None:
-            self._conn = self.connect(create=True)
+            try:
+                self._conn = self.connect(create=True)
+            except sqlite3.Error as exc:
+                if not is_read_only(exc) or not self.path.is_file():
+                    raise
+                self._conn = connect_immutable(self.path)
+                self.warn_once("read-only", "judgment cache %s is read-only (%s): judgments are read from it, new "
+                               "ones are not kept (changes another process makes to it are seen from the next start)",
+                               self.path, exc)
+                self._read_only = True
             self._identity = file_identity(self.path)
             self._pid = os.getpid()
         return self._conn
@@ -225,7 +128,7 @@ class JudgmentCache:
                        "left as it is: fix or remove it, or replace it with `rank1-local cache clear --cache %s "
                        "--force`", self.path, self._disabled, self.path)
         if self._conn is not None:
-            _close_quietly(self._conn)
+            close_quietly(self._conn)
             self._conn = None
 
     def _attempt(self, action: str, work: Callable[[sqlite3.Connection], _T], default: _T) -> _T:
@@ -263,8 +166,6 @@ class JudgmentCache:
 
     def scope(self, model_path: str | Path, settings: Mapping[str, Any]) -> CacheScope:
         """Lookups and stores for one model file under one set of protocol settings."""
-        from rank1_local.cache.scope import CacheScope
-
         model_path = Path(model_path)
         try:
             digest = file_digest(model_path)
@@ -289,7 +190,11 @@ class JudgmentCache:
                 rows = conn.execute("SELECT key, score, reasoning, n_tokens, forced FROM judgments WHERE key IN "
                                     f"({', '.join('?' * len(chunk))})", chunk).fetchall()
                 for key, score, reasoning, n_tokens, forced in rows:
-                    out[key] = (float(score), reasoning, int(n_tokens), bool(forced))
+                    if valid_row(score, reasoning, n_tokens, forced):
+                        out[key] = (float(score), reasoning, n_tokens, bool(forced))
+                    else:
+                        self.warn_once("bad-row", "judgment cache %s: a stored judgment does not read back (score %r, "
+                                       "n_tokens %r): it is scored again and replaced", self.path, score, n_tokens)
             return out
 
         if wanted:
@@ -306,8 +211,6 @@ class JudgmentCache:
                                 time.time(), model_name))
 
     def writer(self) -> CacheWriter:
-        from rank1_local.cache.writer import CacheWriter
-
         with self._lock:
             if self._writer is None or not self._writer.alive_in_this_process:
                 self._writer = CacheWriter(self)
@@ -325,7 +228,7 @@ class JudgmentCache:
             writer.close(self.timeout)
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
-                _close_quietly(self._conn)
+                close_quietly(self._conn)
             self._conn = None
 
     def __enter__(self) -> JudgmentCache:
@@ -337,34 +240,12 @@ class JudgmentCache:
     # -- administration (``rank1-local cache``): see rank1_local.cache.admin -------------------------------------
 
     def stats(self) -> CacheStats:
-        from rank1_local.cache.admin import cache_stats
-
         return cache_stats(self)
 
     def clear(self, model: str | None = None, *, force: bool = False) -> int:
-        from rank1_local.cache.admin import clear_cache
-
         return clear_cache(self, model, force=force)
 
     def enable(self) -> None:
         """Use the file again (after ``clear --force`` replaced an unusable one)."""
         with self._lock:
             self._disabled = None
-
-
-def _write_schema(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    conn.execute("INSERT OR IGNORE INTO rank1_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-
-
-def _schema_version(conn: sqlite3.Connection) -> str | None:
-    row = conn.execute("SELECT value FROM rank1_meta WHERE name = 'schema_version'").fetchone()
-    return row[0] if row else None
-
-
-def _close_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:
-        pass

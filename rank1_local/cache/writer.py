@@ -20,18 +20,36 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
-from rank1_local.cache.store import CacheUnusableError, file_identity, is_busy, is_read_only, writing
+from rank1_local.cache.sqlite_file import (
+    VALID_ROW_SQL,
+    CacheUnusableError,
+    Row,
+    file_identity,
+    is_busy,
+    is_read_only,
+    writing,
+)
 
-if TYPE_CHECKING:
-    from rank1_local.cache.store import JudgmentCache, Row
+
+class CacheFront(Protocol):
+    """What the writer needs of the cache it writes for (:class:`~rank1_local.cache.store.JudgmentCache`)."""
+
+    path: Path
+    timeout: float
+    _lock: threading.Lock
+
+    def connect(self, *, create: bool, timeout: float | None = None) -> sqlite3.Connection: ...
+    def warn_once(self, what: str, message: str, *args: Any) -> None: ...
+    def trouble(self, exc: BaseException, action: str, waited: float = 0.0) -> None: ...
 
 logger = logging.getLogger("rank1_local.cache.store")
 
 BATCH_LINGER_S = 0.02  # after the first judgment of a batch, wait this long for more
 BUSY_TIMEOUT_S = 0.25  # one write attempt waits this long for another process's lock, then tries again later
-MAX_PENDING = 100_000  # judgments kept in memory while the file stays locked; beyond, the oldest are dropped
+MAX_PENDING = 100_000  # judgments (and hit counts) kept in memory while the file stays locked; beyond, the oldest go
 
 # model digest, score, reasoning, n_tokens, forced, created, model file name
 Pending = tuple[str, float, str, int, int, float, str]
@@ -47,7 +65,7 @@ def _flush_at_exit() -> None:
 
 
 class CacheWriter:
-    def __init__(self, cache: JudgmentCache) -> None:
+    def __init__(self, cache: CacheFront) -> None:
         self.cache = cache
         self._cond = threading.Condition()
         self._rows: dict[str, Pending] = {}
@@ -77,6 +95,8 @@ class CacheWriter:
     def count_hits(self, keys: list[str]) -> None:
         with self._cond:
             for key in keys:
+                if key not in self._hits and len(self._hits) >= MAX_PENDING:
+                    self._hits.pop(next(iter(self._hits)))  # hit counts are statistics: the oldest give way
                 self._hits[key] = self._hits.get(key, 0) + 1
             self._cond.notify_all()
 
@@ -163,6 +183,14 @@ class CacheWriter:
                         conn = None
                     self._done(rows, hits, drop_all=True)
                     continue
+                except Exception as exc:  # anything else (a bug, memory): this batch is lost, said loudly; go on
+                    logger.error("judgment cache %s: writing %d judgment(s) failed (%s: %s); they are not stored, "
+                                 "and the writer goes on", self.cache.path, len(rows), type(exc).__name__, exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    self._done(rows, hits, drop_all=True)
+                    continue
                 delay, busy_since = 0.01, None
                 self._done(rows, hits)
         finally:
@@ -192,12 +220,14 @@ class CacheWriter:
 
 
 def _write(conn: sqlite3.Connection, rows: dict[str, Pending], hits: dict[str, int]) -> None:
-    """One transaction: the new judgments (a row already there is kept), their models' file names, and hit
-    counts."""
+    """One transaction: the new judgments (a row already there is kept, unless it does not read back as a judgment:
+    then it is replaced), their models' file names, and hit counts."""
     now = time.time()
     with writing(conn):
         conn.executemany("INSERT INTO judgments (key, model, score, reasoning, n_tokens, forced, created) VALUES "
-                         "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                         "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET model = excluded.model, score = "
+                         "excluded.score, reasoning = excluded.reasoning, n_tokens = excluded.n_tokens, forced = "
+                         f"excluded.forced, created = excluded.created WHERE NOT ({VALID_ROW_SQL})",
                          [(key, *row[:6]) for key, row in rows.items()])
         names = {row[0]: row[6] for row in rows.values() if row[0] and row[6]}
         conn.executemany("INSERT INTO rank1_meta VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",

@@ -4,26 +4,45 @@ HTTP, keep its judgments in a cache, and bundle it for offline use."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import subprocess
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rank1_local.backends import BACKENDS, open_reranker
+from rank1_local.backends import BACKENDS, BackendSpec, backend_spec
 from rank1_local.cli.bundle_commands import add_bundle_commands
 from rank1_local.cli.cache_commands import add_cache_arg, add_cache_parser, cache_path
 from rank1_local.cli.output import print_results
 from rank1_local.cli.ray_commands import add_ray_rerank_args, add_ray_serve_args, uses_ray
-from rank1_local.cli.support import HelpFormatter, add_common_flags, add_subcommand, add_version, run_command
+from rank1_local.cli.support import (
+    HelpFormatter,
+    add_common_flags,
+    add_subcommand,
+    add_version,
+    plain_text,
+    run_command,
+)
+from rank1_local.core.cards import CARDS, card_named
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT, ScoringConfig
 from rank1_local.core.dataset_prompts import NO_PROMPT, resolve_dataset
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.protocol import PROTOCOLS
 from rank1_local.core.reranker import Reranker, check_top_k, ranked
+from rank1_local.core.results import Rank1Result
 from rank1_local.models.file_digest import VERIFY_ENV, VERIFY_MODES, verify_mode
 
 logger = logging.getLogger("rank1-local")
+PAIRS_INTERRUPTED = "interrupted; rows already written to --output are kept, run the same command again to resume"
+
+SERVE_PARALLEL = 8  # the server's default slots (a library call's default is LlamaSettings')
+# backend settings fields -> the command-line flags (args attributes) that set them
+SETTING_FLAGS = {"device": "device", "dtype": "dtype", "enable_prefix_caching": "prefix_caching",
+                 "n_gpu_layers": "n_gpu_layers", "parallel": "parallel", "threads": "threads",
+                 "max_waiting": "max_queue", "sampling": "sampling"}
 
 
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
@@ -60,27 +79,53 @@ def add_scoring_args(p: argparse.ArgumentParser, *, budget: int, n_ctx: int) -> 
                         "prompt longer than the context is not run and scores 0.5)")
 
 
-def engine_settings(args: argparse.Namespace, config: ScoringConfig | None = None) -> dict[str, Any]:
-    """The chosen backend's engine settings from the command line, checked before anything loads (for llama.cpp, with
-    ``config``: that its KV cache fits llama.cpp's context size)."""
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend the command line chose, its settings (checked), and what it opens the model with."""
+
+    spec: BackendSpec
+    settings: Any
+    cache: Path | None = None
+    gguf_type: str | None = None
+    card: str | None = None
+
+    def open(self, model: str | Path, config: ScoringConfig) -> Reranker:
+        return self.spec.open(model, config, self.settings, cache=self.cache, gguf_type=self.gguf_type,
+                              card=self.card)
+
+
+def backend_choice(args: argparse.Namespace, config: ScoringConfig | None = None, **defaults: Any) -> BackendChoice:
+    """The chosen backend's settings from the command line, checked before anything loads: a flag the backend does
+    not take is an error naming it, and (with ``config``) the settings must suit the protocol settings (llama.cpp: its
+    KV cache must fit llama.cpp's context size). ``defaults``: the command's own defaults for settings the backend
+    has."""
+    spec = backend_spec(args.backend)
     cache = cache_path(args)
-    if cache is not None and args.backend != "llama.cpp":
+    if cache is not None and not spec.supports_cache:
         raise Rank1Error(f"--cache: the judgment cache keys on the GGUF file: llama.cpp backend only (not "
                          f"{args.backend})")
-    if args.backend == "transformers":
-        return {"device": args.device, "dtype": args.dtype}
-    if args.backend == "vllm":
-        return {"dtype": "float16" if args.dtype == "auto" else args.dtype,
-                "enable_prefix_caching": args.prefix_caching}
-    settings = {"n_gpu_layers": args.n_gpu_layers, "parallel": args.parallel, "threads": args.threads}
-    if config is not None:
-        from rank1_local.backends.llama.facade import LlamaSettings, kv_cells
-
-        kv_cells(config, LlamaSettings(**settings))
-    settings["gguf_type"] = args.gguf_type
-    if cache is not None:
-        settings["cache"] = cache
-    return settings
+    gguf_type = getattr(args, "gguf_type", None)
+    if gguf_type is not None and not spec.takes_gguf_type:
+        raise Rank1Error(f"--gguf-type picks a GGUF for llama.cpp; the {args.backend} backend runs checkpoints")
+    values = {name: getattr(args, attr, None) for name, attr in SETTING_FLAGS.items()}
+    if values["enable_prefix_caching"] is False:  # a store_true flag not given
+        values["enable_prefix_caching"] = None
+    known = {f.name for f in fields(spec.settings_type)}
+    given = ["--" + SETTING_FLAGS[name].replace("_", "-") for name, value in values.items()
+             if value is not None and name not in known]
+    if given:
+        raise Rank1Error(f"{', '.join(given)}: not a setting of the {args.backend} backend")
+    for name, value in defaults.items():
+        if name in known and values.get(name) is None:
+            values[name] = value
+    settings = spec.settings(**values)
+    check = getattr(settings, "check_config", None)
+    if config is not None and check is not None:
+        check(config)
+    card = getattr(args, "card", None)
+    if card is not None:
+        card_named(card)  # an unknown card is refused before anything loads, naming the cards
+    return BackendChoice(spec, settings, cache, gguf_type, card)
 
 
 def apply_verify(args: argparse.Namespace) -> None:
@@ -91,7 +136,7 @@ def apply_verify(args: argparse.Namespace) -> None:
 
 
 def _model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
-    return open_reranker(args.backend, args.model, config, **engine_settings(args, config))
+    return backend_choice(args, config).open(args.model, config)
 
 
 def _rerank_query(args: argparse.Namespace) -> int:
@@ -101,15 +146,42 @@ def _rerank_query(args: argparse.Namespace) -> int:
     from rank1_local.runs.inputs import read_documents
 
     config = scoring_config(args)
-    engine_settings(args, config)
+    backend_choice(args, config)
     ids, docs = read_documents(args.docs)
+    judged: list[Rank1Result] = []
+
+    def on_result(result: Rank1Result) -> None:
+        judged.append(result)
+        bar.update(1)
+
     with _model(args, config) as model:
         with tqdm(total=len(docs), unit="doc", disable=args.quiet, file=sys.stderr) as bar:
-            results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
-                                        on_result=lambda _: bar.update(1))
+            try:
+                results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
+                                            on_result=on_result)
+            except KeyboardInterrupt:
+                bar.close()
+                return _interrupted_ranking(args, list(judged), ids, docs)
         print_results(ranked(results, args.top_k), ids, docs, args.format, qid=args.qid)
         logger.info("ran on %s", model.device)
     return 0
+
+
+def _interrupted_ranking(args: argparse.Namespace, judged: list[Rank1Result], ids: list[str], docs: list) -> int:
+    """Ctrl-C during ``rerank --docs``: nothing is kept on disk, so print the passages judged so far, ranked and
+    marked partial (the table says so on its first line; json, jsonl and trec stay valid and stderr says so)."""
+    if not judged:
+        print(f"interrupted: none of the {len(docs)} passages was judged; nothing to show (nothing is kept: "
+              "--docs prints its ranking, run it again to rank them)", file=sys.stderr)
+        return 130
+    note = (f"PARTIAL ranking: {len(judged)} of {len(docs)} passages judged before the interrupt; the other "
+            f"{len(docs) - len(judged)} are missing")
+    if args.format == "table":
+        print(note)
+    print_results(ranked(judged, args.top_k), ids, docs, args.format, qid=args.qid)
+    print(f"interrupted: {note} (nothing is kept: --docs prints its ranking, run it again for all of them)",
+          file=sys.stderr)
+    return 130
 
 
 def _rerank_pairs(args: argparse.Namespace) -> int:
@@ -118,20 +190,25 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
     if args.output is None:
         raise Rank1Error("--pairs needs --output OUT.jsonl")
     config = scoring_config(args)
-    engine_settings(args, config)
+    backend_choice(args, config)
     score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
-                     backend=args.backend, settings=config.to_dict(), progress=not args.quiet)
+                     backend=args.backend, settings=config.to_dict(), progress=not args.quiet,
+                     force_resume=args.force_resume)
     return 0
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
     check_top_k(args.top_k, "--top-k")
+    if args.force_resume and args.output is None:
+        raise Rank1Error("--force-resume goes with --pairs … --output OUT.jsonl")
     apply_verify(args)
+    if args.pairs is not None or args.ray is not None:  # Ctrl-C: the run file keeps its rows (--docs: see below)
+        args.interrupted = PAIRS_INTERRUPTED
     if uses_ray(args):
         from rank1_local.cli.ray_commands import rerank_on_ray
 
         config = scoring_config(args)
-        return rerank_on_ray(args, config, engine_settings(args, config))
+        return rerank_on_ray(args, config, backend_choice(args, config))
     if args.pairs is not None:
         if args.query is not None or args.docs is not None:
             raise Rank1Error("give --pairs PAIRS.jsonl --output OUT.jsonl, or --query and --docs, not both")
@@ -149,55 +226,77 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     apply_verify(args)
     require("fastapi", "server", "rank1-local serve")
     require("uvicorn", "server", "rank1-local serve")
-    from rank1_local.backends.llama.facade import Rank1
     from rank1_local.server.app import ServerSettings
-    from rank1_local.server.run import API_KEY_ENV, check_binding, serve
+    from rank1_local.server.auth import API_KEY_ENV
+    from rank1_local.server.run import check_binding, serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_binding(args.host, api_key, args.insecure_no_auth)
     config = scoring_config(args)
-    settings = engine_settings(args, config) | {"max_waiting": args.max_queue}
+    choice = backend_choice(args, config, parallel=SERVE_PARALLEL)
     server = dict(api_key=api_key, max_documents=args.max_documents, max_total_chars=args.max_chars,
                   max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                  read_timeout=args.read_timeout, max_connections=args.max_connections)
+                  read_timeout=args.read_timeout, max_connections=args.max_connections, ui=not args.no_ui)
     ServerSettings(model_name=args.name or "-", **server)  # checked before the model loads
+    if args.max_queue < args.max_documents:
+        logger.warning("--max-queue %d is less than --max-documents %d: a request with more than %d documents to "
+                       "score is refused (413)", args.max_queue, args.max_documents, args.max_queue)
     if uses_ray(args):
         from rank1_local.cli.ray_commands import serve_on_ray
 
-        return serve_on_ray(args, config, settings, {"model_name": args.name, **server})
-    with Rank1(args.model, config, **settings) as model:
+        return serve_on_ray(args, config, choice, {"model_name": args.name, **server})
+    with choice.open(args.model, config) as model:
         serve(model, ServerSettings(model_name=args.name or model.model_path.stem, **server), host=args.host,
               port=args.port)
     return 0
 
 
-def add_llama_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str, help_prefix: str = "") -> None:
-    """The llama.cpp engine flags (``rerank`` names them "llama.cpp: …" beside the other backends' flags)."""
-    p.add_argument("--gguf-type", default=None, help="GGUF type to fetch for a hub id (default Q8_0 up to 3B, "
-                                                      "else Q4_K_M)")
-    p.add_argument("--parallel", type=int, default=parallel, help=help_prefix + parallel_help)
-    p.add_argument("--n-gpu-layers", type=int, default=0, help=help_prefix + "0 = CPU, -1 = all layers")
-    p.add_argument("--threads", type=int, default=None, help=help_prefix + "CPU threads (default: all cores)")
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``rank1-local demo`` is the toolchain's ``rank1-quantize demo``, run as a program: the demo builds and exports a
+    fixture, which is the toolchain's work, and the runtime never imports the toolchain (benchmarks -> quantize ->
+    rank1_local); both are installed together."""
+    if importlib.util.find_spec("quantize") is None:
+        raise Rank1Error("rank1-local demo runs rank1-quantize demo, which is not installed here: install rank1-local "
+                         "from its source (pip install -e .), which brings both")
+    command = [sys.executable, "-m", "quantize.cli", *(["-q"] if args.quiet else []), "demo"]
+    return subprocess.run(command).returncode
+
+
+def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help: str) -> None:
+    """The backend and each backend's engine flags (a flag the chosen backend does not take is refused)."""
+    p.add_argument("--backend", choices=BACKENDS, default="llama.cpp", help="the library that runs the model")
+    p.add_argument("--card", default=None, metavar="|".join(CARDS),
+                   help="the model's card (its prompt, answers, and whether it reasons first): "
+                        + "; ".join(f"{c.name}: {c.description}" for c in CARDS.values())
+                        + " (default: recognised from the model's metadata and name)")
+    p.add_argument("--device", default=None, help="transformers: cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--dtype", default=None, help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
+                   "float16, bfloat16; vllm: float16 (the official dtype, default), float32, bfloat16")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="vllm: enable vLLM's prefix caching (off by default, as in the official code)")
+    p.add_argument("--gguf-type", default=None, help="llama.cpp: GGUF type to fetch for a hub id (default Q8_0 up to "
+                                                      "3B, else Q4_K_M)")
+    p.add_argument("--parallel", type=int, default=None, help=f"llama.cpp: {parallel_help} (default: {parallel})")
+    p.add_argument("--n-gpu-layers", type=int, default=None, help="llama.cpp: 0 = CPU, -1 = all layers (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    p.add_argument("--sampling", choices=("auto", "host", "device"), default=None,
+                   help="llama.cpp: where each row's greedy token and top 20 are found: host (from the full logits), "
+                        "device (a top-20 sampler in llama.cpp's graph, no full row copied), auto (device with GPU "
+                        "layers, host on the CPU; default); the scores are the same")
     p.add_argument("--verify", choices=VERIFY_MODES, default=None,
-                   help=help_prefix + "how a model file's SHA-256 (bundle check, judgment cache key) is known: memo "
+                   help="how a model file's SHA-256 (bundle check, judgment cache key) is known: memo "
                    "(hashed once, then remembered while the file stays the same file: same path, size, times, inode) "
                    f"or always (hashed on every start); default: ${VERIFY_ENV}, else memo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rank1-local", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="rank1-local", description=plain_text(__doc__), formatter_class=HelpFormatter)
     add_common_flags(parser)
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = add_subcommand(sub, "rerank", help="rerank passages for a query, or score a pairs file")
     p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published "
                    "GGUF; with --backend transformers|vllm a checkpoint folder or hub id (unquantized, AWQ or GPTQ)")
-    p.add_argument("--backend", choices=BACKENDS, default="llama.cpp", help="the library that runs the model")
-    p.add_argument("--device", default="auto", help="transformers: cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="transformers: auto (fp16 on CUDA, fp32 on CPU), float32, "
-                   "float16, bfloat16; vllm: auto (float16), float32, bfloat16")
-    p.add_argument("--prefix-caching", action="store_true",
-                   help="vllm: enable vLLM's prefix caching (off by default, as in the official code)")
     p.add_argument("--query", help="the query (with --docs)")
     p.add_argument("--instruction", default=None, help="appended to the query, as the official code does")
     p.add_argument("--docs", type=Path, help="the passages: .txt (one per line; blank lines skipped, ids count "
@@ -211,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=Path, help='JSONL rows {"qid","query","docid","text"[,"title","instruction"]}')
     p.add_argument("--output", type=Path, help="with --pairs: JSONL results, appended as pairs finish; re-running "
                    "resumes (with the same model and settings)")
-    add_llama_args(p, parallel=4, help_prefix="llama.cpp: ", parallel_help="pairs decoded together")
+    p.add_argument("--force-resume", action="store_true",
+                   help="with --output: keep rows that have no header to check them against (a run killed before "
+                        "rank1-local wrote headers first); they are not checked against this model and settings")
+    add_backend_args(p, parallel=4, parallel_help="pairs decoded together")
     add_cache_arg(p)
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_ray_rerank_args(p)
@@ -219,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_subcommand(sub, "serve", help="serve POST /v1/rerank (Cohere/Jina/TEI shapes) with one continuous batch "
                                           "across requests (pip install 'rank1-local[server]')")
-    p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published GGUF")
+    p.add_argument("--model", required=True, help="a .gguf file, a bundle folder, or a hub id with a published "
+                   "GGUF; with --backend transformers|vllm a checkpoint folder or hub id")
     p.add_argument("--name", default=None, help="the model name clients see (default: the file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
@@ -232,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="request body size (more: 413)")
     p.add_argument("--max-queue", type=int, default=4096,
                    help="pairs that may wait for a slot, across all requests (a request that would exceed it: 503 "
-                        "with Retry-After)")
+                        "with Retry-After; one with more pairs than this at all: 413)")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections at once; more are answered 503 at once")
     p.add_argument("--read-timeout", type=float, default=30.0,
@@ -240,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "connection is closed); also how long an idle keep-alive connection stays open")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish on shutdown before they are cancelled")
-    add_llama_args(p, parallel=8, parallel_help="pairs decoded together, across all requests")
-    p.set_defaults(backend="llama.cpp")
+    p.add_argument("--no-ui", action="store_true",
+                   help="no playground page at / (by default / serves a page to try the model in a browser)")
+    add_backend_args(p, parallel=SERVE_PARALLEL, parallel_help="pairs decoded together, across all requests")
     add_scoring_args(p, budget=1024, n_ctx=4096)
     add_cache_arg(p)
     add_ray_serve_args(p)
@@ -249,11 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cache_parser(sub)
     add_bundle_commands(sub)
+    p = add_subcommand(sub, "demo", help=DEMO_HELP)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
+DEMO_HELP = ("see it work, with no hub and no torch: rebuild a tiny fixture model from the weights in this repository "
+             "(not a rank1 model), export it to GGUF, check it on llama.cpp and rerank three passages, saying what each "
+             "step did and how long it took (rank1-quantize demo; the first run needs the package index once, for "
+             "llama.cpp's tokenizer files)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv), "interrupted; rows already written are kept, re-run to resume")
+    return run_command(build_parser().parse_args(argv), "interrupted")
 
 
 if __name__ == "__main__":

@@ -4,20 +4,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.integrations.ray_batch import PAIRS_PER_BLOCK
+from rank1_local.integrations.ray_cluster import JOIN_TIMEOUT_S
 
-RAY_HELP = ("run on a Ray cluster (pip install 'rank1-local[ray]'): alone or 'auto', the cluster this machine "
-            "belongs to (RAY_ADDRESS or `ray start`), else a local one; or the cluster at ADDRESS (HOST:6379, "
-            "ray://HOST:10001)")
+if TYPE_CHECKING:
+    from rank1_local.cli.main import BackendChoice
+
+RAY_HELP = ("run on a Ray cluster (pip install 'rank1-local[ray]'): alone or 'auto', the cluster RAY_ADDRESS names, "
+            "else a new local one (never another job's cluster on this machine); 'local', always a new local one; or "
+            f"the cluster at ADDRESS (HOST:6379, ray://HOST:10001). A cluster that does not let this process in within "
+            f"{JOIN_TIMEOUT_S:g} s is an error naming it")
 
 
 def _ray_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS", help=RAY_HELP)
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|local|ADDRESS", help=RAY_HELP)
 
 
 def add_ray_rerank_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +75,17 @@ def _at_least(value: int | None, default: int, flag: str) -> int:
     return value
 
 
-def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[str, Any]) -> int:
+def _engine(choice: BackendChoice) -> dict[str, Any]:
+    """The chosen backend's settings as keywords for the workers (the cache as a path each node opens)."""
+    engine = {k: v for k, v in asdict(choice.settings).items() if v is not None}
+    if choice.gguf_type is not None:
+        engine["gguf_type"] = choice.gguf_type
+    if choice.cache is not None:
+        engine["cache"] = str(choice.cache)
+    return engine
+
+
+def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, choice: BackendChoice) -> int:
     """``rank1-local rerank --pairs PATH_OR_GLOB --output OUT --ray …``."""
     from rank1_local.integrations.ray_run_file import score_pairs_file_on_ray
 
@@ -80,29 +97,30 @@ def rerank_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[
     if gpus < 0:
         raise Rank1Error(f"--gpus-per-worker must be >= 0, got {gpus}")
     block = _at_least(args.pairs_per_block, PAIRS_PER_BLOCK, "--pairs-per-block")
-    engine = dict(engine)
-    if engine.get("cache") is not None:
-        engine["cache"] = str(engine["cache"])
+    engine = _engine(choice)
     score_pairs_file_on_ray(args.pairs, Path(args.output), str(args.model), config, address=args.ray,
                             backend=args.backend, engine=engine, workers=workers, threads_per_worker=threads,
-                            gpus_per_worker=gpus, pairs_per_block=block, progress=not args.quiet)
+                            gpus_per_worker=gpus, pairs_per_block=block, progress=not args.quiet,
+                            force_resume=args.force_resume)
     return 0
 
 
-def serve_on_ray(args: argparse.Namespace, config: ScoringConfig, engine: dict[str, Any], server: dict[str, Any]) -> int:
+def serve_on_ray(args: argparse.Namespace, config: ScoringConfig, choice: BackendChoice,
+                 server: dict[str, Any]) -> int:
     """``rank1-local serve --ray … --replicas N``: ``server`` holds the HTTP settings (ServerSettings' fields)."""
     from rank1_local.integrations.ray_serve import ReplicaSpec, ServeOptions
     from rank1_local.integrations.ray_serve import serve_on_ray as run
 
-    threads = _at_least(engine.get("threads"), 1, "--threads")
-    engine = dict(engine, threads=threads)
-    if engine.get("cache") is not None:
-        engine["cache"] = str(engine["cache"])
+    settings = choice.settings
+    threads = _at_least(getattr(settings, "threads", None), 1, "--threads")
+    if hasattr(settings, "threads"):  # llama.cpp's threads: the CPUs each replica reserves
+        settings = dataclasses.replace(settings, threads=threads)
     options = ServeOptions(replicas=_at_least(args.replicas, 1, "--replicas"), max_replicas=args.max_replicas,
                            target_ongoing_requests=args.target_ongoing_requests or 2.0,
                            max_ongoing_requests=_at_least(args.max_ongoing_requests, 64, "--max-ongoing-requests"),
                            threads_per_replica=threads, gpus_per_replica=args.gpus_per_replica or 0.0,
                            shutdown_timeout=server.get("shutdown_timeout", 30.0))
-    run(ReplicaSpec(str(args.model), config.to_dict(), engine, server), options, address=args.ray, host=args.host,
-        port=args.port)
+    spec = ReplicaSpec(str(args.model), config, choice.spec.name, settings,
+                       str(choice.cache) if choice.cache is not None else None, choice.gguf_type, server)
+    run(spec, options, address=args.ray, host=args.host, port=args.port)
     return 0

@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import textwrap
 
 from rank1_local.core.errors import Rank1Error
 
 
+def plain_text(doc: str | None) -> str:
+    """A docstring as help text: its reStructuredText literals (````rank1-local````) as plain words."""
+    return re.sub(r"``([^`]+)``", r"\1", doc or "")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help texts end with their default, unless the text already names it or there is none worth showing."""
+    """Help texts end with their default, unless the text already names it or there is none worth showing; lines
+    wrap between words only (argparse would also break a path at its hyphens, or a long one anywhere)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_long_words=False,
+                             break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -59,15 +76,37 @@ def printed_on_the_way(record: logging.LogRecord) -> bool:
     return False
 
 
+class ProgressAwareHandler(logging.Handler):
+    """Writes log lines to stderr with ``tqdm.write``: a line logged while a progress bar is shown goes above the bar,
+    which is drawn again below it, instead of landing in the middle of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+# libraries whose INFO lines narrate their own work (gguf-py: "This GGUF file is for Little Endian only", the files it
+# writes): our own lines and progress bars already say what is being made
+QUIET_LIBRARIES = ("gguf",)
+
+
 def configure_logging(quiet: bool) -> None:
-    """Log to stderr at INFO (WARNING when ``quiet``); a message a library printed with its own handler is not printed
-    a second time by ours."""
+    """Log to stderr at INFO (WARNING when ``quiet``), above any progress bar; a message a library printed with its own
+    handler is not printed a second time by ours."""
     root = logging.getLogger()
     before = list(root.handlers)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = ProgressAwareHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
     for handler in root.handlers:
         if handler not in before:
             handler.addFilter(lambda record: not printed_on_the_way(record))
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_command(args: argparse.Namespace, interrupted: str) -> int:

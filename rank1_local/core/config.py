@@ -71,9 +71,9 @@ class ScoringConfig:
                                  f"got {self.prompt_template[:60]!r}")
 
     def fits(self, n_prompt_tokens: int) -> bool:
-        """Whether a prompt of this many tokens can run: vLLM (the official engine) refuses one of ``n_ctx`` tokens
-        or more, and such a pair scores 0.5 in the official code."""
-        return n_prompt_tokens < self.n_ctx
+        """Whether a prompt of this many tokens can run: vLLM 0.7.2, the official code's pin, ran a prompt of up to
+        ``n_ctx`` tokens and skipped a longer one, which then scores 0.5 (tests/official_judge.py)."""
+        return n_prompt_tokens <= self.n_ctx
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as written in run headers (resuming a run with other settings is refused)."""

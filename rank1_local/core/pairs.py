@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import FALLBACK_MARGIN, ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.prompt import build_prompt, format_passage, format_query
@@ -90,8 +91,9 @@ def normalize_pairs(pairs: Sequence[Pair | Sequence[Any]]) -> list[Pair]:
     return out
 
 
-def formatted(pair: Pair, index: int, template: str | None) -> tuple[str, str]:
-    """The pair's query (instruction and template applied) and passage text, validated."""
+def formatted(pair: Pair, index: int, template: str | None, *, instruction_into_query: bool = True) -> tuple[str, str]:
+    """The pair's query (instruction and template applied, as rank1's official code applies them) and passage
+    text, validated (with ``instruction_into_query=False``: the query as given, its instruction checked only)."""
     query = check_text(f"query of pair {index}", pair.query)
     if isinstance(pair.passage, Mapping):
         if not isinstance(pair.passage.get("text"), str):
@@ -106,6 +108,8 @@ def formatted(pair: Pair, index: int, template: str | None) -> tuple[str, str]:
     instruction = None
     if pair.instruction is not None:
         instruction = check_text(f"instruction of pair {index}", pair.instruction, allow_empty=True)
+    if not instruction_into_query:
+        return query, passage
     return format_query(query, instruction, template), passage
 
 
@@ -132,19 +136,52 @@ def fit_prompt(index: int, query: str, passage: str, config: ScoringConfig, toke
                      "raise n_ctx or lower max_think_tokens")
 
 
+def tokenize_spans(card: ModelCard, spans: Sequence[str], tokenize: Tokenize) -> list[int]:
+    """A prompt's ids as its card tokenizes it: the whole text at once, or span by span, joined."""
+    if not card.split:
+        return tokenize("".join(spans))
+    bos = len(tokenize(""))
+    return [t for i, span in enumerate(spans) for t in tokenize(span)[bos if i else 0:]]
+
+
+def fit_spans(index: int, card: ModelCard, query: str, passage: str, n_ctx: int, tokenize: Tokenize,
+              detokenize: Detokenize) -> PreparedPair:
+    """A PREFILL card's prompt cut as its official code cuts it: the middle span (query and passage), tokenized on
+    its own, keeps its first tokens, as many as fit ``n_ctx`` beside the head and the tail."""
+    head, middle, tail = card.spans(query, passage)
+    bos = len(tokenize(""))
+    parts = [tokenize(head), tokenize(middle)[bos:], tokenize(tail)[bos:]]
+    room = n_ctx - len(parts[0]) - len(parts[2])
+    if room < 1:
+        raise Rank1Error(f"the card's own prompt ({len(parts[0]) + len(parts[2])} tokens) leaves no room in a context "
+                         f"of {n_ctx} tokens; raise n_ctx")
+    dropped = max(0, len(parts[1]) - room)
+    if dropped:
+        parts[1] = parts[1][:room]
+        middle = detokenize(parts[1])
+    ids = [t for part in parts for t in part]
+    return PreparedPair(index, query, head + middle + tail, ids, passage_tokens_dropped=dropped)
+
+
 def prepare_pairs(pairs: Sequence[Pair | Sequence[Any]], config: ScoringConfig, tokenize: Tokenize,
-                  detokenize: Detokenize) -> list[PreparedPair]:
-    """Validate, format and tokenize every pair (all of them before any is scored). With
-    ``config.truncate_passages`` passages are cut to fit; otherwise a prompt that leaves no room in the context
-    for even one generated token is marked ``too_long``."""
+                  detokenize: Detokenize, card: ModelCard = RANK1) -> list[PreparedPair]:
+    """Validate, format and tokenize every pair (all of them before any is scored), as ``card`` builds prompts. For
+    rank1, with ``config.truncate_passages`` passages are cut to fit; otherwise a prompt that leaves no room in the
+    context for even one generated token is marked ``too_long``. A card whose official code cuts long prompts (Qwen3-
+    Reranker) cuts them the same way."""
     prepared = []
     for i, pair in enumerate(normalize_pairs(pairs)):
+        if not card.reasons:
+            query, passage = formatted(pair, i, None, instruction_into_query=False)
+            query = card.query_text(query, pair.instruction)
+            prepared.append(fit_spans(i, card, query, passage, config.n_ctx, tokenize, detokenize))
+            continue
         query, passage = formatted(pair, i, config.prompt_template)
         if config.truncate_passages:
             prepared.append(fit_prompt(i, query, passage, config, tokenize, detokenize))
             continue
-        prompt = build_prompt(query, passage)
-        ids = tokenize(prompt)
+        prompt = card.prompt(query, passage)
+        ids = tokenize_spans(card, card.spans(query, passage), tokenize)
         too_long = not config.fits(len(ids))
         if too_long:
             logger.warning("pair %d: its prompt (%d tokens) does not fit the context of %d tokens; it scores %.1f "

@@ -89,13 +89,15 @@ def common_prefix_len(a: list[int] | str, b: list[int] | str) -> int:
     return i
 
 
-def answer_token_ids(tokenize: Callable[[str], list[int]]) -> tuple[int, int]:
-    """The single-token ids of " true" and " false" (a BOS the tokenizer adds is ignored)."""
+def answer_token_ids(tokenize: Callable[[str], list[int]], answers: tuple[str, str] = (" true", " false"),
+                     card: str = "rank1") -> tuple[int, int]:
+    """The single-token ids of a card's two answers (rank1: " true" and " false"; a BOS the tokenizer adds is
+    ignored); a vocabulary without them is not this card's model."""
     bos = len(tokenize(""))
-    ids = [tokenize(word)[bos:] for word in (" true", " false")]
+    ids = [tokenize(word)[bos:] for word in answers]
     if any(len(i) != 1 for i in ids):
-        raise UnsupportedModelError("the vocabulary has no single ' true' / ' false' tokens; "
-                                    "this is not a rank1-style model")
+        raise UnsupportedModelError(f"the vocabulary has no single {answers[0]!r} / {answers[1]!r} tokens: this is "
+                                    f"not a {card} model (the cards: rank1, qwen3-reranker; --card names one)")
     return ids[0][0], ids[1][0]
 
 
@@ -151,7 +153,8 @@ class ReasoningChain:
                 return Step.FINISH
         elif close >= 0:
             return Step.ANSWER
-        if self.n_tokens >= self.budget or (self.n_ctx is not None and seq_len >= self.n_ctx):
+        # the context: as vLLM 0.7.2 (the official pin) ended a sequence, once it is longer than n_ctx
+        if self.n_tokens >= self.budget or (self.n_ctx is not None and seq_len > self.n_ctx):
             if self.official:
                 return Step.FINISH
             self.forced = True

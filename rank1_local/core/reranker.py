@@ -9,16 +9,20 @@ when the model is loaded.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import ScoringConfig
+from rank1_local.core.engine import Lifecycle, ScoringEngine
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, Passage
-from rank1_local.core.results import Rank1Result
+from rank1_local.core.results import Rank1Result, RunStats
 
 
 def check_top_k(top_k: int | None, name: str = "top_k") -> int | None:
@@ -29,6 +33,15 @@ def check_top_k(top_k: int | None, name: str = "top_k") -> int | None:
     return top_k
 
 
+def check_documents(documents: Any) -> Sequence[Passage]:
+    """``documents`` when it is a sequence of passages; a single string (which would be scored letter by letter) or a
+    single mapping is an error saying so, before anything is scored."""
+    if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Sequence):
+        raise Rank1Error(f"documents must be a list of passages (strings, or {{'title', 'text'}} mappings), got "
+                         f"{'one ' if isinstance(documents, (str, bytes, Mapping)) else ''}{type(documents).__name__}")
+    return documents
+
+
 def ranked(results: Sequence[Rank1Result], top_k: int | None = None) -> list[Rank1Result]:
     """Best first (ties: input order), cut to ``top_k``."""
     order = sorted(results, key=lambda r: (-r.score, r.index))
@@ -36,21 +49,54 @@ def ranked(results: Sequence[Rank1Result], top_k: int | None = None) -> list[Ran
 
 
 class Reranker(ABC):
-    """Implementations set ``config`` and provide :meth:`score_pairs`; everything else is built on it."""
+    """A loaded model behind the :class:`~rank1_local.core.engine.ScoringEngine` interface.
+
+    Implementations set ``config`` (the default protocol settings), ``engine`` (the pipeline every call goes
+    through), ``model_path`` and ``backend``, and free their own resources in :meth:`_close_backend`; scoring,
+    closing and the sentence-transformers API are built here, the same for every backend."""
 
     config: ScoringConfig
+    engine: ScoringEngine
+    backend: str = ""  # the library that runs the model: "llama.cpp", "transformers", "vllm"
+    model_path: Path
+    card: ModelCard = RANK1  # the model's family: its prompt, answers and whether it reasons
 
-    @abstractmethod
+    def __new__(cls, *args: Any, **kwargs: Any) -> Reranker:
+        self = super().__new__(cls)
+        self._lifecycle = Lifecycle.OPEN
+        self._close_lock = threading.Lock()
+        self.last_stats: RunStats | None = None  # the pairs decoded, tokens and time of the last call to finish
+        return self
+
     def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
                     on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs under ``config``; results come back in input order. ``on_result`` sees each as it
-        finishes."""
+        """Score pairs under ``config`` (default: the model's); results come back in input order. ``on_result`` sees
+        each as it finishes, in the calling thread (if it raises, the rest of the call is cancelled). Pairs with the
+        same prompt are judged once. Thread-safe: concurrent calls share the engine."""
+        self._check_open()
+        ticket = self.engine.submit(pairs, config)
+        results: dict[int, Rank1Result] = {}
+        for result in ticket.results():
+            results[result.index] = result
+            if on_result is not None:
+                on_result(result)
+        self.last_stats = ticket.stats()
+        return [results[i] for i in range(ticket.size)]
 
     @property
     @abstractmethod
     def device(self) -> str:
         """Where and how the model runs, in words ("CPU", "GPU offload (24/24 layers)", "transformers cuda float16").
         (The *backend* is the library that runs it: llama.cpp, transformers or vLLM.)"""
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self._lifecycle
+
+    def _check_open(self) -> None:
+        if self._lifecycle is not Lifecycle.OPEN:
+            name = getattr(getattr(self, "model_path", None), "name", type(self).__name__)
+            raise Rank1Error(f"{name}: the model was closed; load it again to keep using it")
 
     def score_settings(self, config: ScoringConfig | None = None) -> dict[str, Any]:
         """Everything that decides the scores besides the model file: the protocol settings, and the numeric
@@ -59,12 +105,15 @@ class Reranker(ABC):
         dtype = getattr(self, "dtype", None)
         if dtype is not None:
             settings["dtype"] = dtype
+        if self.card is not RANK1:  # rank1's settings read as they always have
+            settings["card"] = self.card.name
         return settings
 
     def rerank(self, query: str, documents: Sequence[Passage], *, instruction: str | None = None,
                top_k: int | None = None, config: ScoringConfig | None = None) -> list[Rank1Result]:
         """Score every document for ``query``; best first. ``result.index`` points into ``documents``."""
         check_top_k(top_k)
+        check_documents(documents)
         return ranked(self.score_pairs([Pair(query, d, instruction) for d in documents], config=config), top_k)
 
     def predict(self, inputs: Sequence[Any] | Pair, prompt_name: str | None = None, prompt: str | None = None,
@@ -112,6 +161,8 @@ class Reranker(ABC):
         "text"]}]``, best first (ties in input order), cut to ``top_k``. Parameters as in :meth:`predict`."""
         refuse_unsupported("rank", prompt_name=prompt_name, prompt=prompt, activation_fn=activation_fn,
                            device=device, pool=pool)
+        check_top_k(top_k)
+        check_documents(documents)
         if batch_size <= 0:
             raise Rank1Error(f"batch_size must be a positive integer, got {batch_size}")
         results = self._score_with_progress([Pair(query, d) for d in documents], config, bool(show_progress_bar))
@@ -133,13 +184,39 @@ class Reranker(ABC):
             return self.score_pairs(pairs, config=config, on_result=lambda _: bar.update())
 
     def close(self) -> None:
-        """Free the model."""
+        """Stop taking calls, cancel those in flight (each caller gets an error at once), then free the backend's
+        resources (its owner thread stops first, then what it owned is freed). Safe from any thread, and more than
+        once."""
+        with self._close_lock:
+            if self._lifecycle is not Lifecycle.OPEN:
+                return
+            self._lifecycle = Lifecycle.DRAINING
+        try:
+            engine = getattr(self, "engine", None)
+            if engine is not None:
+                engine.stop(0.0, "the model was closed before this call finished")
+        finally:
+            try:
+                self._close_backend()
+            finally:
+                self._lifecycle = Lifecycle.CLOSED
+
+    @abstractmethod
+    def _close_backend(self) -> None:
+        """Free what the backend holds (its owner thread, model, tokenizer, cache), in the reverse order of opening."""
 
     def __enter__(self) -> Reranker:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort, as llama-cpp-python's Llama does
+        if getattr(self, "_lifecycle", None) is Lifecycle.OPEN and hasattr(self, "engine"):
+            try:
+                self.close()
+            except Exception:
+                pass
 
 
 def is_single_pair(inputs: Any) -> bool:

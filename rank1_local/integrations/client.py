@@ -34,10 +34,10 @@ from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import require
 from rank1_local.core.pairs import Pair, Passage
-from rank1_local.core.reranker import Reranker
+from rank1_local.core.reranker import Reranker, check_documents
 from rank1_local.core.results import Rank1Result
+from rank1_local.server.auth import API_KEY_ENV, check_api_key
 
-API_KEY_ENV = "RANK1_LOCAL_API_KEY"  # the variable ``rank1-local serve`` reads its key from
 RERANK_PATH = "/v1/rerank"
 MAX_CONCURRENT_REQUESTS = 8  # queries sent to a server at once by ``judge_queries``
 
@@ -140,6 +140,8 @@ class Rank1Client:
                                  "(give them to `rank1-local serve`)")
             self.url = str(model).rstrip("/")
             self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+            if self.api_key:
+                check_api_key(self.api_key)
             self._httpx = require("httpx", "client", "a rank1-local server client")
         elif isinstance(model, (str, Path)):
             from rank1_local.backends.llama.facade import Rank1
@@ -160,6 +162,7 @@ class Rank1Client:
 
     def judge(self, query: str, documents: Sequence[Passage], *, instruction: str | None = None) -> list[Judgment]:
         """One judgment per document, in input order."""
+        check_documents(documents)
         if not documents:
             return []
         if self.url is not None:
@@ -177,6 +180,7 @@ class Rank1Client:
     async def ajudge(self, query: str, documents: Sequence[Passage], *,
                      instruction: str | None = None) -> list[Judgment]:
         """:meth:`judge` without blocking the event loop."""
+        check_documents(documents)
         if not documents:
             return []
         if self.url is None:

@@ -64,13 +64,23 @@ class Rank1Transformer(pt.Transformer):
         if out.empty:
             return out.assign(score=pd.Series(dtype="float64"), rank=pd.Series(dtype="int64"),
                               reasoning=pd.Series(dtype="object"), forced=pd.Series(dtype="bool"))
-        groups = list(out.groupby("qid", sort=False).indices.items())
+        for column in ("qid", "query"):
+            missing_rows = out.index[out[column].isna()]
+            if len(missing_rows):
+                raise Rank1Error(f"{len(missing_rows)} rows have no {column} (NaN or None; the first is row "
+                                 f"{missing_rows[0]}): every row needs one")
+        not_text = out.index[~out["query"].map(lambda q: isinstance(q, str))]
+        if len(not_text):
+            raise Rank1Error(f"the query of row {not_text[0]} is {type(out['query'].iloc[not_text[0]]).__name__}, "
+                             "not text")
+        # rows of one qid whose query differs (a rewritten query in some rows) are each scored with their own query
+        groups = list(out.groupby(["qid", "query"], sort=False).indices.items())
         queries = []
-        for qid, rows in groups:
+        for (qid, query), rows in groups:
             texts = out[self.text_field].iloc[rows]
             if texts.isna().any():
                 raise Rank1Error(f"query {qid}: {int(texts.isna().sum())} documents have no {self.text_field}")
-            queries.append((str(out["query"].iloc[rows[0]]), [str(t) for t in texts]))
+            queries.append((query, [str(t) for t in texts]))
         judged = self.client.judge_queries(queries, instruction=self.instruction)
         score, reasoning, forced = [0.0] * len(out), [""] * len(out), [False] * len(out)
         for (_, rows), judgments in zip(groups, judged, strict=True):

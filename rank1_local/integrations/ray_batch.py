@@ -36,7 +36,7 @@ RESULT_COLUMNS = ("qid", "docid", "score", "relevant", "reasoning", "n_tokens", 
 # as JSON)
 EXTRA_COLUMNS = ("worker", "device", "settings")
 PAIRS_PER_BLOCK = 128  # whole queries are packed into blocks of about this many pairs (a bigger query: its own block)
-MAX_TASK_RETRIES = 3  # a block whose worker dies is retried this many times on a restarted worker
+MAX_TASK_RETRIES = 3  # a block whose worker dies is retried this many times on a restarted worker, then the run fails
 
 
 def pair_table(rows: Sequence[PairRow]) -> Any:
@@ -69,6 +69,12 @@ def query_blocks(rows: Sequence[PairRow], pairs_per_block: int = PAIRS_PER_BLOCK
     return blocks
 
 
+def block_size_for(n_pairs: int, workers: int, pairs_per_block: int = PAIRS_PER_BLOCK) -> int:
+    """``pairs_per_block``, made smaller where ``n_pairs`` would fill fewer blocks than there are workers, so that
+    every worker gets work (blocks still hold whole queries, so a single query stays one block)."""
+    return max(1, min(pairs_per_block, math.ceil(n_pairs / max(1, workers))))
+
+
 def dataset_from_rows(rows: Sequence[PairRow], pairs_per_block: int = PAIRS_PER_BLOCK) -> Any:
     """A Ray Dataset of ``rows`` whose blocks hold whole queries (pass it to :func:`score_dataset` with
     ``grouped=True``)."""
@@ -95,12 +101,29 @@ class WorkerSpec:
     engine: dict[str, Any] = field(default_factory=dict)
 
 
-class PairScorer:
-    """A Ray Data worker: one model, loaded once; each call scores one block of pairs and returns its results."""
+class BlockAttempts:
+    """How often each block was handed to a worker, across worker restarts: a Ray actor of the driver's run (no CPU).
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    Ray Data retries the block of a worker that died on its restarted worker, without end (and Ray 2.60 has no
+    argument that is not deprecated to bound that), so a pair that kills its worker every time would loop forever; a
+    block started more than ``1 + MAX_TASK_RETRIES`` times fails the run instead."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, int] = {}
+
+    def start(self, block: str) -> int:
+        self.started[block] = self.started.get(block, 0) + 1
+        return self.started[block]
+
+
+class PairScorer:
+    """A Ray Data worker: one model, loaded once; each call scores one block of pairs and returns its results.
+    ``attempts``: a :class:`BlockAttempts` actor that counts the starts of each block (None: no bound on retries)."""
+
+    def __init__(self, spec: WorkerSpec, attempts: Any = None, max_task_retries: int = MAX_TASK_RETRIES) -> None:
         from rank1_local.backends import open_reranker
 
+        self.attempts, self.max_attempts = attempts, 1 + max_task_retries
         quiet_llama_cpp()
         self.where = this_worker()
         try:
@@ -121,6 +144,7 @@ class PairScorer:
         qids = [str(x) for x in batch.column("qid").to_pylist()]
         docids = [str(x) for x in batch.column("docid").to_pylist()]
         n = batch.num_rows
+        self._count_attempt(qids)
         titles = batch.column("title").to_pylist() if "title" in columns else [None] * n
         instructions = batch.column("instruction").to_pylist() if "instruction" in columns else [None] * n
         pairs = [Pair(q, make_passage(t, title), ins) for q, t, title, ins in
@@ -136,6 +160,19 @@ class PairScorer:
             table = table.append_column(name, pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()),
                                                                            pa.array([value])))
         return table
+
+    def _count_attempt(self, qids: list[str]) -> None:
+        """Count this start of the block (whole queries: its first query names it); refuse one started too often."""
+        if self.attempts is None or not qids:
+            return
+        import ray
+
+        block = f"{qids[0]}\x00{len(qids)}"
+        started = ray.get(self.attempts.start.remote(block))
+        if started > self.max_attempts:
+            raise Rank1Error(f"the block of {len(qids)} pairs from query {qids[0]!r} was started {started} times: its "
+                             f"worker died each time (out of memory, a crash in the engine?); the run stops instead "
+                             "of retrying it forever")
 
     def __del__(self) -> None:  # the actor goes away when the dataset is done: free the model at once
         model = getattr(self, "model", None)
@@ -189,7 +226,8 @@ def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = Non
         cache: a judgment cache file, opened by each node for itself (llama.cpp only).
         grouped: ``ds``'s blocks already hold whole queries (:func:`dataset_from_rows`); otherwise ``ds`` is sorted
             by ``qid`` into blocks of about ``pairs_per_block`` pairs (:func:`group_by_query`).
-        max_task_retries: how often a block whose worker died is retried (on the restarted worker).
+        max_task_retries: how often a block whose worker died is retried (on the restarted worker) before the run
+            fails; -1: without end.
         engine: the backend's engine settings (llama.cpp: ``parallel``, ``n_gpu_layers``, ``gguf_type`` …).
 
     Returns:
@@ -221,10 +259,15 @@ def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = Non
     spec = WorkerSpec(backend, str(model), config.to_dict(), engine)
     if not grouped:
         ds = group_by_query(ds, pairs_per_block)
+    # a worker per block at most: Ray Data warns about a pool larger than its inputs, whose extra workers would only
+    # load the model and wait
+    pool = max(1, min(workers, ds.num_blocks()))
+    # Ray Data restarts a dead worker and retries its block by itself, without end; BlockAttempts bounds the retries
+    attempts = ray.remote(num_cpus=0)(BlockAttempts).remote() if max_task_retries >= 0 else None
     return ds.map_batches(
-        PairScorer, fn_constructor_args=(spec,), batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads_per_worker,
-        num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=max_task_retries)
+        PairScorer, fn_constructor_args=(spec, attempts, max_task_retries), batch_size=None, batch_format="pyarrow",
+        zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=threads_per_worker,
+        num_gpus=gpus_per_worker or None)
 
 
 def result_rows(batch: Any) -> Iterable[dict[str, Any]]:

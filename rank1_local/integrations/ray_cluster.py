@@ -9,7 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
+import sys
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +25,16 @@ from rank1_local.runs.run_header import path_bytes
 
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"  # ``--ray`` alone: the cluster this machine belongs to, else a local one
+AUTO = "auto"  # ``--ray`` alone: the cluster RAY_ADDRESS names, else a new local one
+LOCAL = "local"  # ``--ray local``: always a new local cluster of this process's own
+JOIN_TIMEOUT_S = 15.0  # joining a cluster that does not answer (or refuses us) fails after this, naming it
+PROBE_TIMEOUT_S = 5.0
+# The workers' output stays in Ray's logs instead of this terminal. A pooled worker that Ray reaps for idleness as the
+# scoring workers start can abort in Ray's own code while it exits (absl::Mutex "Mutex corrupt", SIGABRT, "Fatal Python
+# error: Aborted"), which says nothing about the run: it showed on the terminal in 1 of 8 `--ray --workers 2` runs
+# here, and a plain Ray Data script whose crashing workers ran none of our code did it in 7 of 10 sessions. A worker
+# that dies mid-task is reported by the driver itself, and errors come back as exceptions.
+WORKER_LOGS = "the workers' output is in Ray's logs: `ray logs`, or /tmp/ray/session_latest/logs on each node"
 
 
 def require_ray(purpose: str) -> ModuleType:
@@ -48,46 +61,136 @@ class Connection:
             logger.info("stopped the local Ray cluster")
 
 
-def connect(address: str | None = AUTO, *, num_cpus: int | None = None, purpose: str = "running on Ray") -> Connection:
+@dataclass(frozen=True)
+class ClusterChoice:
+    """Which cluster ``--ray`` means: ``address`` to join (None: start a local one) and why, in words."""
+
+    address: str | None
+    source: str  # "--ray ADDRESS", "RAY_ADDRESS", or why a local cluster
+
+    @property
+    def named(self) -> str:
+        return f"{self.address} (from {self.source})" if self.address else self.source
+
+
+def choose_cluster(address: str | None = AUTO, environ: Mapping[str, str] | None = None) -> ClusterChoice:
+    """``--ray``'s value as a cluster: ``local`` is always a new local cluster; ``auto`` (or nothing) joins only the
+    address the user set in ``RAY_ADDRESS``, else starts a local one (never a cluster that merely runs on this
+    machine: another job's); anything else is an address to join."""
+    environ = os.environ if environ is None else environ
+    if address in (None, "", AUTO):
+        env = environ.get("RAY_ADDRESS", "").strip()
+        if env and env != LOCAL:
+            return ClusterChoice(env, "RAY_ADDRESS")
+        return ClusterChoice(None, "no RAY_ADDRESS set: a new local cluster")
+    if address == LOCAL:
+        return ClusterChoice(None, "--ray local: a new local cluster")
+    return ClusterChoice(address, "--ray")
+
+
+def connect(address: str | None = AUTO, *, num_cpus: int | None = None, purpose: str = "running on Ray",
+            join_timeout: float = JOIN_TIMEOUT_S) -> Connection:
     """Make sure this process is a Ray driver.
 
     - already connected (``ray.init`` was called in this process): that cluster;
-    - ``"auto"`` (or None): the cluster this machine belongs to (``RAY_ADDRESS``, or one started with
-      ``ray start``); if there is none, a local cluster on this machine (``num_cpus``: all cores by default);
-    - an address (``HOST:6379``, ``ray://HOST:10001``): that cluster, or a clear error.
+    - ``"local"``: a new local cluster on this machine (``num_cpus``: all cores by default), whatever runs here;
+    - ``"auto"`` (or None): the cluster ``RAY_ADDRESS`` names, else a new local cluster;
+    - an address (``HOST:6379``, ``ray://HOST:10001``): that cluster.
+
+    A cluster to join is tried for at most ``join_timeout`` seconds; one that does not answer, answers HTTP (a web
+    server, not a Ray cluster), or refuses this process (another job's cluster with token authentication …) is an
+    error naming the address and where it came from, never minutes of Ray's retries.
     """
     ray = require_ray(purpose)
     if ray.is_initialized():
         return Connection()
-    if address in (None, "", AUTO):
-        try:
-            ray.init(address=AUTO, log_to_driver=True)
-            logger.info("connected to the Ray cluster at %s", ray.get_runtime_context().gcs_address)
-            return Connection(owned=True)
-        except ConnectionError:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-            logger.info("started a local Ray cluster (%d CPUs)", int(ray.cluster_resources().get("CPU", 0)))
-            return Connection(started=True, owned=True)
-    _probe(address)
-    try:
-        ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Rank1Error(f"cannot connect to the Ray cluster at {address}: {first}") from None
-    logger.info("connected to the Ray cluster at %s", address)
+    choice = choose_cluster(address)
+    if choice.address is None:
+        ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        logger.info("started a local Ray cluster (%d CPUs; %s); %s", int(ray.cluster_resources().get("CPU", 0)),
+                    choice.source, WORKER_LOGS)
+        return Connection(started=True, owned=True)
+    probe_cluster(choice)
+    _join(ray, choice, join_timeout)
+    logger.info("connected to the Ray cluster at %s; %s", choice.named, WORKER_LOGS)
     return Connection(owned=True)
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail at once when nothing listens at ``HOST:PORT`` (``ray.init`` would retry for minutes)."""
+def _join(ray: ModuleType, choice: ClusterChoice, timeout: float) -> None:
+    """``ray.init(address=…)`` within ``timeout`` seconds. It runs in a helper thread because Ray retries a cluster
+    that does not let it in for minutes, without a word; the main thread gives up on it after ``timeout``."""
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=choice.address, log_to_driver=False)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the main thread
+            outcome.append(exc)
+
+    quiet = _NotMainThreadNote()
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    try:
+        thread = threading.Thread(target=join, name="ray-join", daemon=True)
+        thread.start()
+        thread.join(timeout)
+    finally:
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+    if not outcome:
+        raise Rank1Error(f"cannot join the Ray cluster at {choice.named}: no answer that lets this process in within "
+                         f"{timeout:g} s (Ray's own lines above say why: another job's cluster, or one that needs a "
+                         f"token?); {_alternatives(choice)}")
+    exc = outcome[0]
+    if exc is not None:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise Rank1Error(f"cannot join the Ray cluster at {choice.named}: {first}; {_alternatives(choice)}") from None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # what ray.init does in the main thread
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+
+class _NotMainThreadNote(logging.Filter):
+    """Drops Ray's note that it set no SIGTERM handler from a helper thread (:func:`_join` sets the same one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _alternatives(choice: ClusterChoice) -> str:
+    unset = "unset RAY_ADDRESS or " if choice.source == "RAY_ADDRESS" else ""
+    return f"{unset}use --ray local for a cluster of this process's own, or --ray HOST:PORT for another"
+
+
+def probe_cluster(choice: ClusterChoice, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail at once when nothing listens at the cluster's ``HOST:PORT`` (``ray.init`` would retry for minutes), or when
+    what listens there speaks HTTP/1 (a web server such as ``rank1-local serve`` or Ray's dashboard; a cluster's GCS
+    and Ray Client speak gRPC)."""
+    address = choice.address or ""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as exc:
-        raise Rank1Error(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc} (is `ray start "
+        raise Rank1Error(f"cannot join the Ray cluster at {choice.named}: {exc.strerror or exc} (is `ray start "
                          "--head` running there, and is the port open?)") from None
+    with sock:
+        if speaks_http(sock):
+            dashboard = " (8265 is Ray's dashboard; a cluster's address is usually HOST:6379)" if port == "8265" else ""
+            raise Rank1Error(f"{choice.named} is an HTTP server, not a Ray cluster{dashboard}: give the cluster's GCS "
+                             "address (HOST:6379, as `ray start --head` prints it) or ray://HOST:10001 (Ray Client)")
+
+
+def speaks_http(sock: socket.socket, timeout: float = 2.0) -> bool:
+    """Whether the server on ``sock`` answers an HTTP/1.0 request as an HTTP server does (gRPC servers, as Ray's GCS
+    and Ray Client, close the connection or answer in HTTP/2 frames)."""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(b"HEAD / HTTP/1.0\r\nHost: rank1-local\r\n\r\n")
+        return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
 
 
 def quiet_llama_cpp() -> None:

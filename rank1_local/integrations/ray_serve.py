@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from rank1_local.core.config import ScoringConfig
+from rank1_local.core.engine import Lifecycle
 from rank1_local.core.errors import Rank1Error
 from rank1_local.integrations.ray_cluster import (
     AUTO,
@@ -41,13 +42,17 @@ REPLICA_HEADER = "x-rank1-replica"
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """What every replica loads and serves: the model argument, the protocol settings, the llama.cpp settings
-    (``parallel``, ``n_gpu_layers``, ``threads``, ``max_waiting``, ``gguf_type``, ``cache`` as a path) and the HTTP
-    settings (:class:`~rank1_local.server.app.ServerSettings`' fields; ``model_name`` None: the model file's stem)."""
+    """What every replica loads and serves: the model argument, the protocol settings, the backend and its settings
+    (a typed settings object, e.g. :class:`~rank1_local.backends.llama.facade.LlamaSettings`; None: its defaults), a
+    judgment cache path (each node opens its own), the GGUF type for a hub id, and the HTTP settings
+    (:class:`~rank1_local.server.app.ServerSettings`' fields; ``model_name`` None: the model file's stem)."""
 
     model: str
-    config: dict[str, Any]
-    engine: dict[str, Any] = field(default_factory=dict)
+    config: ScoringConfig
+    backend: str = "llama.cpp"
+    settings: Any = None
+    cache: str | None = None
+    gguf_type: str | None = None
     server: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,15 +117,14 @@ class Rank1Replica:
     builds the app through ``__serve_build_asgi_app__`` after the constructor, and runs its lifespan)."""
 
     def __init__(self, spec: ReplicaSpec) -> None:
-        from rank1_local.backends.llama.facade import Rank1
+        from rank1_local.backends import backend_spec
         from rank1_local.server.app import ServerSettings
 
         quiet_llama_cpp()
         self.where = this_worker()
-        engine = dict(spec.engine)
-        gguf_type, cache = engine.pop("gguf_type", None), engine.pop("cache", None)
         try:
-            self.model = Rank1(spec.model, ScoringConfig(**spec.config), gguf_type=gguf_type, cache=cache, **engine)
+            self.model = backend_spec(spec.backend).open(spec.model, spec.config, spec.settings, cache=spec.cache,
+                                                         gguf_type=spec.gguf_type)
         except Rank1Error as exc:
             raise Rank1Error(f"{self.where}: cannot load the model: {exc}") from None
         server = dict(spec.server)
@@ -137,7 +141,7 @@ class Rank1Replica:
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose model was closed is replaced."""
-        if getattr(self.model, "_closed", False):
+        if self.model.lifecycle is not Lifecycle.OPEN:
             raise Rank1Error(f"replica {self.replica}: the model was closed")
 
     def __del__(self) -> None:  # after the app's lifespan has stopped the pipeline
@@ -188,7 +192,7 @@ def start_serving(spec: ReplicaSpec, options: ServeOptions, *, host: str, port: 
     caller stops it again)."""
     from ray import serve
 
-    check_model_on_nodes("llama.cpp", spec.model, gguf_type=spec.engine.get("gguf_type"),
+    check_model_on_nodes(spec.backend, spec.model, gguf_type=spec.gguf_type,
                          cpus=options.threads_per_replica, gpus=options.gpus_per_replica)
     started = _serve_client() is None
     serve.start(http_options={"host": host, "port": port})

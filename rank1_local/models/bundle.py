@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,9 @@ from typing import Any
 
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
 from rank1_local.models.file_digest import file_digest, remember_digest
-from rank1_local.models.gguf_file import check_gguf_file, read_gguf_layout
-from rank1_local.runs.atomic import write_text_atomic
+from rank1_local.models.gguf_file import LLAMA_FTYPES, check_gguf_file, read_gguf_layout
+from rank1_local.runs.atomic import remove_stale, write_text_atomic
+from rank1_local.runs.inputs import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -135,31 +137,43 @@ def read_bundle(path: Path) -> Bundle:
         raise ModelNotFoundError(f"{path}: a folder, but not a rank1-local bundle (no {MANIFEST}); pass a .gguf file, "
                                  "or a bundle made by `rank1-local pull` or `rank1-quantize gguf --bundle`")
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+        data = parse_json(manifest.read_bytes(), str(manifest))
+    except Rank1Error as exc:
+        raise CorruptFileError(f"{exc}: not a valid bundle manifest") from None
+    except OSError as exc:
+        raise CorruptFileError(f"{manifest}: cannot be read ({exc.strerror or exc})") from None
+    try:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT!r}")
         version = data.get("format_version")
-        if not isinstance(version, int):
-            raise ValueError("no format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"format_version must be a version number from 1, got {json.dumps(version)[:20]}")
         if version > FORMAT_VERSION:
             raise UnsupportedModelError(f"{manifest}: bundle format version {version} is newer than this rank1-local "
                                         f"reads ({FORMAT_VERSION}); upgrade rank1-local")
         if not isinstance(data.get("files"), list) or not data["files"]:
             raise ValueError("files must be a non-empty list")
         files = tuple(_parse_file(f) for f in data["files"])
-        if not isinstance(data.get("type"), str) or not data["type"]:
-            raise ValueError("type must be a GGUF type name")
+        names = [f.name for f in files]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a file is listed twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+        if not isinstance(data.get("type"), str) or data["type"].upper() not in LLAMA_FTYPES:
+            raise ValueError(f"type {json.dumps(data.get('type'))[:20]} is not a GGUF type "
+                             f"({', '.join(LLAMA_FTYPES)})")
         source = _parse_source(data.get("source"))
         verification = data.get("verification")
         return Bundle(path, data["type"], files, source, str(data.get("created", "")),
                       str(data.get("rank1_local_version", "")), verification if isinstance(verification, dict) else None)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptFileError(f"{manifest}: not a valid bundle manifest ({exc})") from None
 
 
 def file_problem(bundle: Bundle, entry: BundleFile) -> str | None:
     """What is wrong with one of the bundle's files without reading it (missing, another size), or None."""
     path = bundle.path / entry.name
+    if path.is_symlink() and not path.resolve().is_relative_to(bundle.path.resolve()):
+        return (f"{path}: a link to {path.resolve()}, outside the bundle; a bundle holds its files itself (copy "
+                "the file in, or make the bundle again)")
     if not path.is_file():
         return f"{path}: missing from the bundle (its manifest lists it); copy the bundle again"
     size = path.stat().st_size
@@ -285,25 +299,10 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # another user's process, or no way to tell: leave its folder alone
-    return True
-
-
 def _remove_leftovers(out: Path) -> None:
     """Remove the hidden folders that an earlier write of ``out`` left when its process was killed (the GGUF copies
     in a ``.partial`` folder can be gigabytes). Folders of processes still running are left alone."""
-    for kind in ("partial", "old"):
-        for left in out.parent.glob(f".{out.name}.*.{kind}"):
-            pid = left.name[len(out.name) + 2:-len(kind) - 1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                logger.warning("removing %s, left by an interrupted bundle write (process %s)", left, pid)
-                shutil.rmtree(left, ignore_errors=True)
+    remove_stale(out.parent, rf"\.{re.escape(out.name)}\.(?P<pid>\d+)\.(partial|old)", "bundle write")
 
 
 def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: BundleSource, *,

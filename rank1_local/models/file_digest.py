@@ -54,7 +54,7 @@ def _read_memo(memo: Path) -> dict[str, str]:
     try:
         data = json.loads(memo.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

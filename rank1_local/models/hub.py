@@ -9,6 +9,7 @@ says so and shows the local-path route.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import socket
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 PROBE_TIMEOUT_S = 2.0
-FIXTURE_HINT = ("To see rank1-local run without any download, use a fixture model (not a rank1 model): "
-                "`rank1-quantize fixture --help`, and the README's fixture route.")
+FIXTURE_HINT = ("To see rank1-local work without the hub: `rank1-local demo` (a fixture model, not a rank1 model; no "
+                "torch needed).")
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,28 @@ def is_hub_id(model: str) -> bool:
     return bool(_REPO_ID.match(model)) and not looks_like_path(model) and not Path(model).expanduser().exists()
 
 
-def missing_model(model: str) -> str:
-    """The error for a model argument that is neither an existing path nor a hub id."""
+def missing_model(model: str, what: str = "file or folder") -> str:
+    """The error for a model argument that is neither an existing path nor a hub id (``what``: what the command
+    takes, e.g. "file or bundle folder"), with the names close to it in the folder it names, if any."""
     if looks_like_path(model):
-        return f"{model}: no such file or folder"
-    return f"{model}: no such file or folder, and not a hub id of the form owner/name"
+        return f"{model}: no such {what}{nearby(model)}"
+    return f"{model}: no such {what}, and not a hub id of the form owner/name"
+
+
+def nearby(model: str) -> str:
+    """``"; did you mean bundles/rank1-0.5b-Q8_0-Q8_0?"``: the entries of the folder ``model`` names that it is the
+    start of, that start it, or that are spelled almost alike; "" when there are none (or no such folder)."""
+    path = Path(model).expanduser()
+    try:
+        names = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return ""
+    close = [n for n in names if n.startswith(path.name) or path.name.startswith(n)]
+    close = close or difflib.get_close_matches(path.name, names, n=3, cutoff=0.75)
+    if not close:
+        return ""
+    shown = [str(Path(model).parent / n) if Path(model).parent != Path(".") else n for n in close[:3]]
+    return f"; did you mean {' or '.join(shown)}?"
 
 
 def hub_is_offline() -> bool:
@@ -186,8 +204,9 @@ def download_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> 
             f"or pass a local folder or file instead of the hub id. {FIXTURE_HINT}") from None
 
 
-def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = None) -> Path:
-    """A local path as given, or the local snapshot folder of a hub id."""
+def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = None,
+                         what: str = "file or folder") -> Path:
+    """A local path as given, or the local snapshot folder of a hub id (``what`` names the local kind in errors)."""
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -195,4 +214,4 @@ def resolve_local_or_hub(model: str | Path, allow_patterns: list[str] | None = N
     if is_hub_id(text):
         logger.info("resolving %s on the Hugging Face hub", text)
         return download_snapshot(text, allow_patterns)
-    raise ModelNotFoundError(missing_model(text))
+    raise ModelNotFoundError(missing_model(text, what))

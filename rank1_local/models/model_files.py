@@ -96,7 +96,7 @@ def resolve_gguf(model: str | Path, gguf_type: str | None = None) -> Path:
         return path
     text = str(model)
     if not is_hub_id(text):
-        raise ModelNotFoundError(missing_model(text))
+        raise ModelNotFoundError(missing_model(text, "file or bundle folder"))
     wanted = (gguf_type or default_type(text)).upper()
     return find_published_gguf(text, wanted).paths[0]
 
@@ -119,6 +119,13 @@ def check_type(gguf_type: str) -> str:
     if wanted not in LLAMA_FTYPES:
         raise ModelNotFoundError(f"unknown GGUF type {gguf_type!r}; known: {', '.join(LLAMA_FTYPES)}")
     return wanted
+
+
+def bundle_name(repo_id: str, wanted: str) -> str:
+    """The bundle folder named after a repository and type: ``rank1-0.5b-Q8_0`` (a name that ends in the type
+    already keeps it once)."""
+    name = repo_id.rstrip("/").split("/")[-1]
+    return name if name.upper().endswith(wanted.upper()) else f"{name}-{wanted}"
 
 
 def export_hint(repo_id: str, wanted: str, bundle: Path | None = None) -> str:
@@ -187,11 +194,11 @@ def _from_hub(repo_id: str, wanted: str, bundle_hint: Path | None) -> PublishedG
 def _from_cache(repo_id: str, wanted: str, access: HubAccess, bundle_hint: Path | None) -> PublishedGguf:
     snapshot = cached_snapshot(repo_id)
     if snapshot is None:
-        name = repo_id.split("/")[-1]
+        name = bundle_name(repo_id, wanted)
         publishes = (f"if it publishes GGUF files: `rank1-local pull {repo_id} --gguf-type {wanted}` (or `hf download "
                      f"{repo_id} --include '*{wanted}*.gguf'` and copy ~/.cache/huggingface)")
         checkpoint = (f"if it is a checkpoint (safetensors): `rank1-quantize gguf {repo_id} --out models --types "
-                      f"{wanted} --bundle {name}-{wanted}`")
+                      f"{wanted} --bundle {name}`")
         routes = [publishes, checkpoint] if "gguf" in repo_id.lower() else [checkpoint, publishes]
         raise ModelNotFoundError(
             f"{repo_id}: no such file or folder here, and as a hub id it is not in the local cache ({hub_cache_dir()}) "

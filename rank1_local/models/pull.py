@@ -37,7 +37,7 @@ def pull(model: str, gguf_type: str | None = None, out: Path | None = None, *, r
     if path.exists():
         return _pull_file(path, gguf_type, out, replace, link)
     if not is_hub_id(model):
-        raise ModelNotFoundError(missing_model(model))
+        raise ModelNotFoundError(missing_model(model, "file"))
     wanted = check_type(gguf_type or default_type(model))
     out = Path(out).expanduser() if out is not None else default_bundles_dir() / f"{model.split('/')[-1]}-{wanted}"
     published = find_published_gguf(model, wanted, bundle_hint=out)
@@ -69,7 +69,7 @@ def _verification_card(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(card.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         logger.warning("ignoring the unreadable verification card %s (%s)", card, exc)
         return None
     return data if isinstance(data, dict) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,14 +62,24 @@ def text_lines(text: str) -> Iterator[tuple[int, str]]:
         yield n, line.removesuffix("\r")
 
 
+def parse_json(text: str | bytes, where: str) -> Any:
+    """``json.loads(text)``, or a :class:`Rank1Error` naming ``where`` for every way JSON can fail to load: malformed,
+    nested too deep for the parser, or an integer with more digits than Python converts."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Rank1Error(f"{where}: malformed JSON ({exc.msg})") from None
+    except RecursionError:
+        raise Rank1Error(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # an integer over Python's digit limit
+        raise Rank1Error(f"{where}: unreadable JSON ({str(exc).split(';')[0]})") from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for n, line in text_lines(_read_text(path)):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise Rank1Error(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+        row = parse_json(line, f"{path}:{n}")
         if not isinstance(row, dict):
             raise Rank1Error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
@@ -96,21 +107,38 @@ def _text(path: Path, n: int, row: dict[str, Any], name: str, *, optional: bool 
     return value
 
 
+class _DocIds:
+    """Document ids as they are read, each once: a repeated id is an error naming both lines (a ranking or a TREC
+    run with one docid twice is ambiguous)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ids: list[str] = []
+        self._lines: dict[str, int] = {}
+
+    def add(self, docid: str, line: int) -> None:
+        if docid in self._lines:
+            raise Rank1Error(f"{self.path}:{line}: docid {docid!r} again (first on line {self._lines[docid]}); each "
+                             "document needs its own id")
+        self._lines[docid] = line
+        self.ids.append(docid)
+
+
 def _jsonl_documents(path: Path) -> tuple[list[str], list[Passage]]:
-    ids: list[str] = []
+    ids = _DocIds(path)
     docs: list[Passage] = []
     for n, row in read_jsonl(path):
         if not isinstance(row.get("text"), str):
             raise Rank1Error(f"{path}:{n}: row has no 'text' string")
         title = _text(path, n, row, "title", optional=True)
         key = "docid" if "docid" in row else "id" if "id" in row else None
-        ids.append(_id(path, n, row, key) if key else str(len(ids)))
+        ids.add(_id(path, n, row, key) if key else str(len(docs)), n)
         docs.append(make_passage(row["text"], title))
-    return ids, docs
+    return ids.ids, docs
 
 
 def _tsv_documents(path: Path) -> tuple[list[str], list[Passage]]:
-    ids: list[str] = []
+    ids = _DocIds(path)
     docs: list[Passage] = []
     tabs = False
     for n, line in text_lines(_read_text(path)):
@@ -118,7 +146,7 @@ def _tsv_documents(path: Path) -> tuple[list[str], list[Passage]]:
             continue
         fields = line.split("\t")
         if len(fields) == 1:
-            ids.append(str(len(ids)))
+            ids.add(str(len(docs)), n)
             docs.append(line)
             continue
         tabs = True
@@ -127,12 +155,12 @@ def _tsv_documents(path: Path) -> tuple[list[str], list[Passage]]:
                              "[<TAB>title] (a passage cannot contain a tab)")
         if not fields[0].strip():
             raise Rank1Error(f"{path}:{n}: empty docid before the first tab")
-        ids.append(fields[0].strip())
+        ids.add(fields[0].strip(), n)
         docs.append(make_passage(fields[1], fields[2] if len(fields) > 2 else None))
     if docs and not tabs:
         logger.warning("%s has no tab on any line: each line is read as one passage, with ids counted from 0 "
                        "(a .tsv line is docid<TAB>text[<TAB>title])", path)
-    return ids, docs
+    return ids.ids, docs
 
 
 def _text_documents(path: Path) -> tuple[list[str], list[Passage]]:
@@ -194,10 +222,14 @@ def read_pairs(path: Path) -> list[PairRow]:
 
 
 def _done_key(row: Any) -> tuple[str, str] | None:
+    """(qid, docid) of a complete result row (its ids and a finite score), else None."""
     if not isinstance(row, dict):
         return None
     ids = [row.get("qid"), row.get("docid")]
     if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in ids):
+        return None
+    score = row.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return None
     return str(ids[0]), str(ids[1])
 
@@ -226,7 +258,7 @@ def done_keys(path: Path) -> set[tuple[str, str]]:
         if raw.strip():
             try:
                 key = _done_key(json.loads(raw))
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 key = None
             if key is None and unterminated:
                 logger.warning("%s: dropping its torn last line (%d bytes, a run interrupted while writing it)",
@@ -234,8 +266,8 @@ def done_keys(path: Path) -> set[tuple[str, str]]:
                 _resize(path, offset)
                 break
             if key is None:
-                raise Rank1Error(f"{path}:{i + 1}: not a result row with a qid and a docid; a resumed output keeps "
-                                 "every row, so fix or remove that line (or write to a new --output file)")
+                raise Rank1Error(f"{path}:{i + 1}: not a result row (qid, docid, score); a resumed output "
+                                 "keeps every row, so fix or remove that line (or write to a new --output file)")
             keys.add(key)
             if unterminated:  # a complete row whose newline was not written: add it before appending
                 _append_newline(path)
@@ -280,17 +312,9 @@ def check_writable(path: Path, what: str = "--output") -> None:
         raise Rank1Error(f"{path}: cannot write there ({exc.strerror or exc}); choose another {what}") from None
 
 
-class JsonlAppender:
-    """Appends one JSON row per line, flushed and fsynced, so a crash loses at most the row in flight."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.f.close()
+def check_output_folder(path: Path, what: str) -> None:
+    """Refuse a folder option that names a file, or a place where no folder can be made or written, before anything
+    slow starts (the folder is not created by the check)."""
+    if path.exists() and not path.is_dir():
+        raise Rank1Error(f"{path}: is a file; {what} is a folder (it is created if missing)")
+    check_writable(path / ".rank1-probe", what)

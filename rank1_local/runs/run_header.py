@@ -19,11 +19,12 @@ from rank1_local.core.errors import Rank1Error
 from rank1_local.runs.atomic import write_text_atomic
 
 FORMAT = "rank1-run/1"
+HEADER_SUFFIX = ".header.json"
 _PACKAGES = ("rank1-local", "llama-cpp-python", "transformers", "torch", "vllm", "gptqmodel")
 
 
 def header_path(run_file: Path) -> Path:
-    return run_file.with_name(run_file.name.removesuffix(".jsonl") + ".header.json")
+    return run_file.with_name(run_file.name.removesuffix(".jsonl") + HEADER_SUFFIX)
 
 
 def library_versions() -> dict[str, str]:
@@ -73,16 +74,36 @@ def path_bytes(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+# the type each header field must have when read back (a header edited by hand or damaged is refused, naming it)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "model_file": (str,), "model_bytes": (int,), "backend": (str,), "device": (str,),
+    "settings": (dict,), "versions": (dict,), "pairs": (int,), "seconds": (int, float), "generated_tokens": (int,),
+    "created": (str,), "format": (str,)}
+
+
 def read_header(path: Path) -> RunHeader | None:
+    """The run header at ``path`` (None when there is none); one that is not a header this version wrote is an error
+    naming the file and the field."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        data.pop("pairs_per_second", None)
-        if "engine" in data:  # headers written before the words were settled: engine = backend, backend = device
-            data["backend"], data["device"] = data.pop("engine"), data["backend"]
+    except (ValueError, RecursionError, OSError) as exc:
+        raise Rank1Error(f"{path}: not a run header ({type(exc).__name__}: {str(exc)[:80]}); delete it and its run "
+                         "file to start over") from None
+    if not isinstance(data, dict):
+        raise Rank1Error(f"{path}: not a run header (a JSON {type(data).__name__}, not an object)")
+    data.pop("pairs_per_second", None)
+    if "engine" in data:  # headers written before the words were settled: engine = backend, backend = device
+        data["backend"], data["device"] = data.pop("engine"), data.get("backend")
+    for name, types in _FIELD_TYPES.items():
+        value = data.get(name)
+        if name in data and (isinstance(value, bool) or not isinstance(value, types)):
+            raise Rank1Error(f"{path}: not a run header: {name} is {json.dumps(value)[:40]}, expected "
+                             f"{' or '.join('a number' if t is float else t.__name__ for t in types)}")
+    try:
         return RunHeader(**data)
-    except (ValueError, TypeError) as exc:
+    except TypeError as exc:
         raise Rank1Error(f"{path}: not a run header ({exc})") from None
 
 

@@ -1,8 +1,9 @@
-"""The HTTP server's ASGI application (FastAPI): rerank endpoints, health, models and metrics.
+"""The HTTP server's ASGI application (FastAPI): rerank endpoints, health, models, metrics and the playground page.
 
-Every request's pairs go through the model's :class:`~rank1_local.pipeline.Pipeline` to the one thread that owns the
-llama.cpp context, in one continuous batch with every other request's; the handler waits for its results (or streams
-them as server-sent events) and cancels its pairs when the client goes away. Bad input is answered with a clear
+The server speaks only to the model's :class:`~rank1_local.core.engine.ScoringEngine` (``model.engine``), so any
+backend can be served: every request's pairs go through it to the one thread that owns the model (for llama.cpp, in
+one continuous batch with every other request's); the handler takes its results from its ticket as they arrive (or
+streams them as server-sent events) and cancels its pairs when the client goes away. Bad input is answered with a clear
 message (401 auth, 413 over a limit, 422 invalid, 503 with ``Retry-After`` when too many pairs wait already) and never
 reaches the batch. The app's state (model, settings, counters) lives on ``app.state.server``.
 """
@@ -25,11 +26,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from rank1_local.backends.llama.facade import Rank1
+from rank1_local.core.engine import ScoringEngine, TicketView
 from rank1_local.core.errors import Rank1Error
+from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result
-from rank1_local.pipeline import Overloaded, Stopped, Ticket
+from rank1_local.pipeline import Overloaded, Stopped, TooLarge
+from rank1_local.server.auth import check_api_key
 from rank1_local.server.metrics import RateWindow, render
+from rank1_local.server.playground import add_playground
 from rank1_local.server.schema import RerankRequest, error_body, rerank_response, result_row
 from rank1_local.version import __version__
 
@@ -53,6 +57,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0  # seconds a client gets for a request's headers, and again for its body
     max_connections: int = 256  # open connections at once (more: 503 at once)
+    ui: bool = True  # the playground at / (rank1_local.server.playground); --no-ui: / is 404
 
     def __post_init__(self) -> None:
         for name in ("max_documents", "max_total_chars", "max_body_bytes", "max_connections"):
@@ -62,21 +67,28 @@ class ServerSettings:
             raise Rank1Error(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if not self.read_timeout > 0:
             raise Rank1Error(f"read_timeout must be more than 0 seconds, got {self.read_timeout}")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
 
 @dataclass
 class ServerState:
     """What the handlers share: the model, the HTTP settings, responses by (route, status), the rates' window."""
 
-    model: Rank1
+    model: Reranker
     settings: ServerSettings
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)
     window: RateWindow = field(default_factory=RateWindow)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when shutdown begins: uploads stop waiting
 
+    @property
+    def engine(self) -> ScoringEngine:
+        return self.model.engine
+
     def sample_rates(self) -> None:
         """A point of the pairs/s and tokens/s window (when a request finishes; scrapes add one too)."""
-        self.window.add(self.model.pipeline.counters.pairs, self.model.tokens[1])
+        stats = self.engine.stats()
+        self.window.add(int(stats.counters["pairs"]), stats.generated_tokens)
 
 
 class HttpError(Exception):
@@ -92,21 +104,27 @@ def _fail(exc: HttpError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status, headers=headers or None)
 
 
+OTHER_ROUTE = "other"  # the route label of every path the server does not serve
+
+
 class StatusCounter:
     """Pure ASGI middleware counting responses by route and status (never touches ``receive``, so clients that
-    disconnect are still noticed by the handlers)."""
+    disconnect are still noticed by the handlers). Only the server's own routes are labels; any other path a client
+    sends is counted as ``other`` (a label per path would let clients write to /metrics and grow it without end)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], counts: dict[tuple[str, int], int]) -> None:
-        self.app, self.counts = app, counts
+    def __init__(self, app: Callable[..., Awaitable[None]], counts: dict[tuple[str, int], int],
+                 routes: frozenset[str]) -> None:
+        self.app, self.counts, self.routes = app, counts, routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        route = scope["path"] if scope["path"] in self.routes else OTHER_ROUTE
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                key = (scope["path"], int(message["status"]))
+                key = (route, int(message["status"]))
                 self.counts[key] = self.counts.get(key, 0) + 1
             await send(message)
 
@@ -179,26 +197,26 @@ def _authorize(request: Request) -> None:
 
 async def health(request: Request) -> dict[str, Any]:
     state = _state(request)
-    model = state.model
-    return {"status": "ok", "model": state.settings.model_name, "slots": model.slots,
-            "active_slots": model.active_slots, "queue_depth": model.waiting}
+    stats = state.engine.stats()
+    return {"status": "ok", "model": state.settings.model_name, "backend": stats.backend, "slots": stats.slots,
+            "active_slots": stats.active_slots, "queue_depth": stats.waiting}
 
 
 async def models(request: Request) -> dict[str, Any]:
     _authorize(request)
     state = _state(request)
-    model = state.model
+    model, stats = state.model, state.engine.stats()
     return {"object": "list", "data": [{
         "id": state.settings.model_name, "object": "model", "owned_by": "rank1-local",
-        "created": int(model.pipeline.counters.started),
-        "meta": {"file": model.model_path.name, "backend": "llama.cpp", "device": model.device, "slots": model.slots,
-                 "protocol": model.config.to_dict()}}]}
+        "created": int(stats.counters["started"]),
+        "meta": {"file": model.model_path.name, "backend": stats.backend, "device": stats.device,
+                 "slots": stats.slots, "protocol": model.config.to_dict()}}]}
 
 
 async def metrics(request: Request) -> PlainTextResponse:
     _authorize(request)
     state = _state(request)
-    return PlainTextResponse(render(state.model, state.window, state.http_counts),
+    return PlainTextResponse(render(state.engine.stats(), state.window, state.http_counts),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -225,30 +243,25 @@ async def rerank(request: Request) -> Response:
     _authorize(request)
     state = _state(request)
     req = await _parse(request, state)
-    pipeline = state.model.pipeline
     try:
         config = req.config(state.model.config)
     except Rank1Error as exc:
         raise HttpError(422, str(exc), "invalid_request") from None
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[Rank1Result | BaseException] = asyncio.Queue()
-
-    def post(item: Rank1Result | BaseException) -> None:  # called from the owner thread
-        loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-    try:
-        ticket = await run_in_threadpool(pipeline.submit, req.pairs(), config, post, post)
+    try:  # admission, then tokenizing: off the event loop
+        ticket = await run_in_threadpool(state.engine.submit, req.pairs(), config)
     except Stopped as exc:
         raise HttpError(503, str(exc), "shutting_down") from None
     except Overloaded as exc:
         raise HttpError(503, str(exc), "overloaded", {"Retry-After": f"{max(1, round(exc.retry_after))}"}) from None
+    except TooLarge as exc:
+        raise HttpError(413, str(exc), "request_too_large") from None
     except Rank1Error as exc:
         raise HttpError(422, str(exc), "invalid_request") from None
     if req.stream:
-        return StreamingResponse(_events(state, req, ticket, inbox), media_type="text/event-stream",
+        return StreamingResponse(_events(state, req, ticket), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results: list[Rank1Result] = []
-    async with aclosing(_results(state, ticket, inbox, POLL_S)) as items:
+    async with aclosing(_results(state, ticket, POLL_S)) as items:
         async for item in items:
             if item is None:
                 if await request.is_disconnected():
@@ -258,38 +271,30 @@ async def rerank(request: Request) -> Response:
     return JSONResponse(rerank_response(req, results, state.settings.model_name))
 
 
-async def _results(state: ServerState, ticket: Ticket, inbox: asyncio.Queue[Rank1Result | BaseException],
-                   wait: float) -> AsyncIterator[Rank1Result | None]:
+async def _results(state: ServerState, ticket: TicketView, wait: float) -> AsyncIterator[Rank1Result | None]:
     """The ticket's results as they arrive; None after each ``wait`` seconds without one (for heartbeats and
-    disconnect checks). A failure raises :class:`HttpError`; a ticket left unfinished is cancelled."""
-    received = 0
+    disconnect checks). A failure raises :class:`HttpError`; a ticket left unfinished is cancelled (by the ticket's
+    own iterator, when this one is closed)."""
     try:
-        while received < ticket.size:
-            try:
-                item = await asyncio.wait_for(inbox.get(), timeout=wait)
-            except asyncio.TimeoutError:
-                yield None
-                continue
-            if isinstance(item, Stopped):
-                raise HttpError(503, str(item), "shutting_down")
-            if isinstance(item, BaseException):
-                raise HttpError(500, f"scoring failed: {item}", "engine_error")
-            received += 1
-            yield item
-        state.sample_rates()
-    finally:
-        if received < ticket.size:
-            state.model.pipeline.cancel(ticket)
+        async with aclosing(ticket.aresults(wait)) as items:
+            async for item in items:
+                yield item
+    except Stopped as exc:
+        raise HttpError(503, str(exc), "shutting_down") from None
+    except Rank1Error as exc:
+        raise HttpError(500, f"scoring failed: {exc}", "engine_error") from None
+    except Exception as exc:
+        raise HttpError(500, f"scoring failed: {exc}", "engine_error") from None
+    state.sample_rates()
 
 
-async def _events(state: ServerState, req: RerankRequest, ticket: Ticket,
-                  inbox: asyncio.Queue[Rank1Result | BaseException]) -> AsyncIterator[str]:
+async def _events(state: ServerState, req: RerankRequest, ticket: TicketView) -> AsyncIterator[str]:
     """``event: result`` per document as it finishes (with its reasoning), then ``event: done`` with the whole
     answer; ``event: error`` if scoring fails or the server shuts down."""
     results: list[Rank1Result] = []
     started = time.perf_counter()
     try:
-        async with aclosing(_results(state, ticket, inbox, HEARTBEAT_S)) as items:
+        async with aclosing(_results(state, ticket, HEARTBEAT_S)) as items:
             async for item in items:
                 if item is None:
                     yield ": waiting\n\n"
@@ -314,9 +319,11 @@ async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.server
-    logger.info("serving %s (%d slots)", state.settings.model_name, state.model.slots)
+    stats = state.engine.stats()
+    logger.info("serving %s on %s, %s (%d slots)", state.settings.model_name, stats.backend, stats.device,
+                stats.slots)
     yield
-    report = await run_in_threadpool(state.model.pipeline.stop, 0.0, SHUTDOWN_REASON)
+    report = await run_in_threadpool(state.engine.stop, 0.0, SHUTDOWN_REASON)
     if report.in_flight:
         logger.info("shut down: of %d request%s in flight, %d finished and %d %s cancelled (%d pairs not scored)",
                     report.in_flight, "" if report.in_flight == 1 else "s", report.finished_requests,
@@ -326,7 +333,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("shut down: no request was in flight")
 
 
-def create_app(model: Rank1, settings: ServerSettings) -> Any:
+def create_app(model: Reranker, settings: ServerSettings) -> Any:
     """The ASGI app serving ``model`` (loaded; it is closed by its owner, after the server has stopped)."""
     app = FastAPI(title="rank1-local", version=__version__, lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.server = state = ServerState(model, settings)
@@ -336,6 +343,9 @@ def create_app(model: Rank1, settings: ServerSettings) -> Any:
     app.add_api_route("/metrics", metrics, methods=["GET"])
     for route in RERANK_ROUTES:
         app.add_api_route(route, rerank, methods=["POST"])
-    wrapped = StatusCounter(app, state.http_counts)
+    if settings.ui:
+        add_playground(app)
+    routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    wrapped = StatusCounter(app, state.http_counts, routes)
     wrapped.server = state  # type: ignore[attr-defined]
     return wrapped

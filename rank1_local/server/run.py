@@ -14,9 +14,10 @@ import ipaddress
 import logging
 from typing import Any
 
-from rank1_local.backends.llama.facade import Rank1
 from rank1_local.core.errors import Rank1Error
+from rank1_local.core.reranker import Reranker
 from rank1_local.server.app import SHUTDOWN_REASON, ServerSettings, create_app
+from rank1_local.server.auth import API_KEY_ENV
 
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"retry-after: 1\r\ncontent-length: 66\r\n\r\n"
@@ -24,7 +25,6 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "RANK1_LOCAL_API_KEY"
 
 
 def is_loopback(host: str) -> bool:
@@ -99,26 +99,27 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
     return GuardedH11Protocol
 
 
-def serve(model: Rank1, settings: ServerSettings, *, host: str, port: int) -> None:
+def serve(model: Reranker, settings: ServerSettings, *, host: str, port: int) -> None:
     """Serve ``model`` until interrupted (Ctrl-C or SIGTERM: requests in flight get ``settings.shutdown_timeout``
     seconds to finish, then are cancelled; the log says which)."""
     import uvicorn
 
     app = create_app(model, settings)
-    pipeline = model.pipeline
+    engine = model.engine
     stopping = app.server.stopping
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
-            pipeline.drain()
+            engine.drain()
             stopping.set()  # uploads still arriving are answered 503 now: nothing waits for a stalled client
-            open_requests = pipeline.open_tickets
+            stats = engine.stats()
             logger.info("shutting down: %d request%s in flight (%d pairs waiting), up to %g s to finish",
-                        open_requests, "" if open_requests == 1 else "s", model.waiting, settings.shutdown_timeout)
+                        stats.open_requests, "" if stats.open_requests == 1 else "s", stats.waiting,
+                        settings.shutdown_timeout)
 
             async def deadline() -> None:  # then each request still open is answered that it was cut short
                 await asyncio.sleep(settings.shutdown_timeout)
-                pipeline.abort(SHUTDOWN_REASON)
+                engine.stop(0.0, SHUTDOWN_REASON)
 
             task = asyncio.create_task(deadline())
             try:

@@ -14,7 +14,7 @@ import uuid
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.dataset_prompts import resolve_dataset
@@ -40,18 +40,19 @@ class RerankRequest(BaseModel):
     query: str = Field(min_length=1)
     documents: list[str | DocumentIn] | None = None
     texts: list[str] | None = None  # TEI
-    top_n: int | None = Field(default=None, ge=1)
-    return_documents: bool = False
-    return_text: bool = False  # TEI
-    truncate: bool | None = None  # TEI: cut long passages to fit (truncate_passages)
+    # numbers and flags are taken as JSON numbers and booleans only: "2" or "yes" is refused, never guessed at
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    return_documents: StrictBool = False
+    return_text: StrictBool = False  # TEI
+    truncate: StrictBool | None = None  # TEI: cut long passages to fit (truncate_passages)
     instruction: str | None = None
-    return_reasoning: bool = False
-    stream: bool = False
+    return_reasoning: StrictBool = False
+    stream: StrictBool = False
     # protocol settings a request may choose (the context length is fixed when the model is loaded)
-    max_think_tokens: int | None = Field(default=None, ge=1)
-    rethink_rounds: int | None = Field(default=None, ge=0)
+    max_think_tokens: StrictInt | None = Field(default=None, ge=1)
+    rethink_rounds: StrictInt | None = Field(default=None, ge=0)
     protocol: Literal["official", "full"] | None = None
-    truncate_passages: bool | None = None
+    truncate_passages: StrictBool | None = None
     dataset: str | None = None
     prompt: str | None = None
 

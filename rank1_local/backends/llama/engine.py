@@ -19,6 +19,8 @@ import functools
 import logging
 import os
 import threading
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,20 +28,43 @@ from typing import Any
 import numpy as np
 
 from rank1_local.backends.llama.logs import route_llama_logs
+from rank1_local.backends.llama.threads import set_openmp_waiting
+from rank1_local.core.decoder import CandidateRow, HostRow, Row
 from rank1_local.core.errors import CorruptFileError, Rank1Error
 from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
 
 logger = logging.getLogger(__name__)
 
 
+SAMPLING = ("host", "device")
+TOP_K = 20  # the candidates a device row holds: the official protocol reads the top 20 at the answer
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    n_ctx: int  # KV cells in total (all sequences together)
+    kv_cells: int  # llama.cpp's n_ctx: KV cells in total, every sequence together (not the context of one pair)
     n_seq_max: int
     n_batch: int = 512
     n_threads: int | None = None
     n_gpu_layers: int = 0
     f32_kv_cache: bool = False
+    sampling: str = "host"  # host: rows read from the full logits; device: a top-20 sampler chain in the graph
+
+
+@dataclass
+class StepTimings:
+    """Where the decode steps' time went (for benchmarks): inside ``llama_decode``, and reading the rows out."""
+
+    steps: int = 0
+    rows: int = 0
+    decode_seconds: float = 0.0
+    readout_seconds: float = 0.0
+
+    def add(self, decode: float, readout: float, rows: int) -> None:
+        self.steps += 1
+        self.rows += rows
+        self.decode_seconds += decode
+        self.readout_seconds += readout
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,7 @@ class BatchEntry:
     pos: int
     seq_id: int
     logits: bool
+    host: bool = False  # its row must come from the full logits (a row the device's candidates could not answer)
 
 
 @dataclass(frozen=True)
@@ -79,7 +105,8 @@ def set_fields(struct: ctypes.Structure, **values: Any) -> None:
 @functools.cache
 def llama_cpp_module() -> Any:
     """The llama_cpp module with llama.cpp's backend initialised and its log routed to Python logging, once per
-    process."""
+    process (its CPU threads' waiting set first: :mod:`rank1_local.backends.llama.threads`)."""
+    set_openmp_waiting()
     import llama_cpp
 
     route_llama_logs(llama_cpp)
@@ -88,6 +115,9 @@ def llama_cpp_module() -> Any:
 
 
 class LlamaEngine:
+    """One model, one context, one batch, opened in that order and freed in the reverse one (an ExitStack holds each
+    handle as soon as it exists: a failure at any step of loading frees what was made before it, and raises)."""
+
     def __init__(self, path: str | Path, config: EngineConfig) -> None:
         self.path = Path(path)
         self._owner = threading.get_ident()
@@ -98,29 +128,42 @@ class LlamaEngine:
         set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
         cparams = lc.llama_context_default_params()
         threads = config.n_threads or os.cpu_count() or 1
-        set_fields(cparams, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
+        set_fields(cparams, n_ctx=config.kv_cells, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
                    n_seq_max=config.n_seq_max, kv_unified=True, n_threads=threads, n_threads_batch=threads,
                    no_perf=True)
         if config.f32_kv_cache:
             set_fields(cparams, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-        self.model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            raise CorruptFileError(f"{self.path}: llama.cpp could not load this GGUF "
-                                   "(unsupported architecture or damaged file)")
-        self.ctx = lc.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            lc.llama_model_free(self.model)
-            self.model = None
-            raise Rank1Error(f"llama.cpp could not create a context of {config.n_ctx} tokens "
-                             f"for {config.n_seq_max} sequences (out of memory?)")
-        self.vocab = lc.llama_model_get_vocab(self.model)
-        self.memory = lc.llama_get_memory(self.ctx)
-        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self.n_batch = config.n_batch
-        self.n_ctx = lc.llama_n_ctx(self.ctx)
-        self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
-        self.device = DeviceInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
-                                   lc.llama_model_n_layer(self.model))
+        with ExitStack() as handles:
+            self.model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+            if not self.model:
+                raise CorruptFileError(f"{self.path}: llama.cpp could not load this GGUF "
+                                       "(unsupported architecture or damaged file)")
+            handles.callback(self._free, "model", lc.llama_model_free)
+            self.ctx = lc.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise Rank1Error(f"llama.cpp could not create a context of {config.kv_cells} tokens "
+                                 f"for {config.n_seq_max} sequences (out of memory?)")
+            handles.callback(self._free, "ctx", lc.llama_free)
+            self._batch = lc.llama_batch_init(config.n_batch, 0, 1)
+            handles.callback(self._free, "_batch", lc.llama_batch_free)
+            self.vocab = lc.llama_model_get_vocab(self.model)
+            self.memory = lc.llama_get_memory(self.ctx)
+            self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+            self.n_batch = config.n_batch
+            self.kv_cells = lc.llama_n_ctx(self.ctx)
+            self.device = DeviceInfo(bool(lc.llama_supports_gpu_offload()), config.n_gpu_layers,
+                                     lc.llama_model_n_layer(self.model))
+            self.sampling = config.sampling
+            self._chains: dict[int, Any] = {}  # sequence -> its attached sampler chain (device sampling)
+            self.timings = StepTimings()
+            handles.callback(self._free_samplers)  # before the context is freed
+            self._handles = handles.pop_all()
+
+    def _free(self, name: str, free: Any) -> None:
+        handle = getattr(self, name)
+        if handle is not None:
+            setattr(self, name, None)  # first: no call can reach freed memory through this object
+            free(handle)
 
     # --- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -156,9 +199,9 @@ class LlamaEngine:
         self.lc.llama_memory_clear(self.memory, True)
 
     # --- decoding -----------------------------------------------------------------------------
-    def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]:
-        """Decode one batch; returns full-vocabulary logits for every entry that asked for them,
-        keyed by the entry's index in ``entries``."""
+    def decode(self, entries: list[BatchEntry]) -> dict[int, Row]:
+        """Decode one batch; returns the output row of every entry that asked for one, keyed by the entry's index in
+        ``entries``: a view of llama.cpp's logits (nothing is copied), valid until the next call."""
         if not entries:
             return {}
         self._check()
@@ -172,16 +215,60 @@ class LlamaEngine:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = e.seq_id
             b.logits[i] = 1 if e.logits else 0
+        if self.sampling == "device":
+            for e in entries:
+                if e.logits:
+                    self._sample_on_device(e.seq_id, not e.host)
+        started = time.perf_counter()
         status = self.lc.llama_decode(self.ctx, b)
+        decoded = time.perf_counter()
         if status != 0:
             raise Rank1Error(f"llama_decode failed with status {status} "
                              "(KV cache full: lower --parallel or raise the context size)")
-        out: dict[int, np.ndarray] = {}
+        out: dict[int, Row] = {}
         for i, e in enumerate(entries):
-            if e.logits:
+            if not e.logits:
+                continue
+            if e.seq_id in self._chains:
+                n = self.lc.llama_get_sampled_candidates_count_ith(self.ctx, i)
+                ids = np.ctypeslib.as_array(self.lc.llama_get_sampled_candidates_ith(self.ctx, i), shape=(n,))
+                logits = np.ctypeslib.as_array(self.lc.llama_get_sampled_logits_ith(self.ctx, i), shape=(n,))
+                out[i] = CandidateRow(ids.tolist(), logits.tolist())
+            else:
                 ptr = self.lc.llama_get_logits_ith(self.ctx, i)
-                out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+                out[i] = HostRow(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+        self.timings.add(decoded - started, time.perf_counter() - decoded, len(out))
         return out
+
+    def _sample_on_device(self, seq: int, on: bool) -> None:
+        """Attach a top-20 → greedy sampler chain to ``seq`` (its rows then hold only their 20 best candidates,
+        computed in llama.cpp's graph, and no full-vocabulary row is copied), or detach it (the next row is read
+        from the full logits). A chain is attached once (llama.cpp initialises it when attached): detaching frees
+        it, and a later attach makes a new one. A build that cannot offload the chain samples on the host."""
+        if (seq in self._chains) == on:
+            return
+        lc = self.lc
+        if not on:
+            lc.llama_set_sampler(self.ctx, seq, None)
+            lc.llama_sampler_free(self._chains.pop(seq))
+            return
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(TOP_K))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        if not lc.llama_set_sampler(self.ctx, seq, chain):
+            lc.llama_sampler_free(chain)
+            logger.warning("this llama.cpp build cannot run the sampler in its graph: rows are read on the host")
+            self._free_samplers()
+            self.sampling = "host"
+            return
+        self._chains[seq] = chain
+
+    def _free_samplers(self) -> None:
+        for seq, chain in list(self._chains.items()):
+            if self.ctx:
+                self.lc.llama_set_sampler(self.ctx, seq, None)
+            self.lc.llama_sampler_free(chain)
+            del self._chains[seq]
 
     def _check(self) -> None:
         """Refuse a call after :meth:`close`, or from a thread other than the owner."""
@@ -194,18 +281,13 @@ class LlamaEngine:
     def close(self) -> None:
         """Free the batch, context and model (the one path that releases llama.cpp memory). Only the owner frees
         them: from another thread this is an error, and after the first call it does nothing."""
-        if self.ctx is not None or self.model is not None:
-            if threading.get_ident() != self._owner:
-                raise Rank1Error(f"{self.path.name}: only the thread that owns this llama.cpp context may free it")
-        if getattr(self, "_batch", None) is not None:
-            self.lc.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "ctx", None):
-            self.lc.llama_free(self.ctx)
-            self.ctx = None
-        if getattr(self, "model", None):
-            self.lc.llama_model_free(self.model)
-            self.model = None
+        handles = getattr(self, "_handles", None)
+        if handles is None:
+            return
+        if threading.get_ident() != self._owner:
+            raise Rank1Error(f"{self.path.name}: only the thread that owns this llama.cpp context may free it")
+        self._handles = None
+        handles.close()
 
 
 def tokenize_text(lc: Any, vocab: Any, text: str) -> list[int]:

@@ -5,34 +5,36 @@ The API follows sentence-transformers' CrossEncoder (``predict(pairs)``, ``rank(
 
 A ``Rank1`` is safe to share between threads: the llama.cpp context belongs to one owner thread
 (:class:`~rank1_local.backends.llama.owner.EngineOwner`), every call goes through the
-:class:`~rank1_local.pipeline.Pipeline` to it, and concurrent calls share one continuous batch. Each call gets
-exactly its own results. :meth:`Rank1.close` (or leaving a ``with`` block) may be called from any thread: calls in
-flight are cancelled with a :class:`Rank1Error`, and llama.cpp's memory is freed only after the owner has stopped.
+:class:`~rank1_local.pipeline.Pipeline` (its ``engine``) to it, and concurrent calls share one continuous batch.
+Each call gets exactly its own results. :meth:`Rank1.close` (or leaving a ``with`` block) may be called from any
+thread: calls in flight are cancelled with a :class:`Rank1Error`, and llama.cpp's memory is freed only after the
+owner has stopped.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rank1_local.backends.llama.engine import EngineConfig, LlamaEngine
+from rank1_local.backends.llama.engine import SAMPLING, EngineConfig, LlamaEngine, llama_cpp_module
 from rank1_local.backends.llama.owner import EngineOwner
 from rank1_local.backends.llama.scheduler import SchedulerParams
 from rank1_local.backends.llama.tokenizer import LlamaTokenizer
 from rank1_local.cache.store import JudgmentCache
+from rank1_local.core.cards import RANK1, ModelCard, card_named, recognise_card
 from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
-from rank1_local.core.pairs import Pair
 from rank1_local.core.protocol import answer_token_ids
 from rank1_local.core.reranker import Reranker
-from rank1_local.core.results import Rank1Result, RunStats
+from rank1_local.models.gguf_file import read_gguf_layout
 from rank1_local.models.model_files import resolve_gguf
 from rank1_local.pipeline import Pipeline
+from rank1_local.pipeline.admission import check_max_waiting
 from rank1_local.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ class LlamaSettings:
         f32_kv_cache: keep the KV cache in float32 instead of float16.
         max_waiting: pairs that may wait for a slot at once (None: no limit); more is refused at once
             (:class:`~rank1_local.pipeline.Overloaded`; the server answers 503 with Retry-After).
+        sampling: where each row's greedy token and top 20 are found: "host" (from the full-vocabulary logits,
+            without copying them), "device" (a top-20 sampler chain in llama.cpp's graph: 20 candidates cross to the
+            host instead of the whole vocabulary), or "auto" (device when layers are offloaded to a GPU, host on the
+            CPU, where the graph's top-k costs more than it saves: benchmarks/results/speed.md). The scores and
+            reasoning are the same either way.
     """
 
     n_gpu_layers: int = 0
@@ -61,8 +68,11 @@ class LlamaSettings:
     n_batch: int = 512
     f32_kv_cache: bool = False
     max_waiting: int | None = None
+    sampling: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.sampling not in ("auto", *SAMPLING):
+            raise Rank1Error(f"sampling must be auto, host or device, not {self.sampling!r}")
         for name in ("n_gpu_layers", "parallel", "n_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -75,8 +85,11 @@ class LlamaSettings:
             raise Rank1Error(f"n_batch must be between 1 and {UINT32_MAX}, got {self.n_batch}")
         if self.n_gpu_layers < -1:
             raise Rank1Error(f"n_gpu_layers must be -1 (all), 0 (CPU) or a layer count, got {self.n_gpu_layers}")
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise Rank1Error(f"max_waiting must be at least 1, got {self.max_waiting}")
+        check_max_waiting(self.max_waiting)
+
+    def check_config(self, config: ScoringConfig) -> None:
+        """That these settings can run ``config``: every slot's context in llama.cpp's KV cache."""
+        kv_cells(config, self)
 
 
 def kv_cells(config: ScoringConfig, settings: LlamaSettings) -> int:
@@ -89,6 +102,28 @@ def kv_cells(config: ScoringConfig, settings: LlamaSettings) -> int:
     return cells
 
 
+def gguf_card(path: Path, card: str | ModelCard | None) -> ModelCard:
+    """The model card of a GGUF: the one named, or the one its metadata and name show."""
+    if isinstance(card, ModelCard):
+        return card
+    if card is not None:
+        return card_named(card)
+    try:
+        metadata = read_gguf_layout(path).metadata
+    except Rank1Error:
+        metadata = {}  # llama.cpp refuses a damaged file with its own words when it loads
+    return recognise_card(gguf_metadata=metadata, name=path.name)
+
+
+def resolve_sampling(settings: LlamaSettings) -> str:
+    """``auto``: on the device when layers run on a GPU (its rows would otherwise cross to the host whole), on the
+    host when everything runs on the CPU."""
+    if settings.sampling != "auto":
+        return settings.sampling
+    offloaded = settings.n_gpu_layers != 0 and bool(llama_cpp_module().llama_supports_gpu_offload())
+    return "device" if offloaded else "host"
+
+
 def engine_facts(device: str, settings: LlamaSettings) -> dict[str, Any]:
     """The engine facts that can change greedy decoding's numerics: where it runs, the KV cache type, the versions of
     llama.cpp and of rank1-local."""
@@ -96,7 +131,7 @@ def engine_facts(device: str, settings: LlamaSettings) -> dict[str, Any]:
         llama_cpp_version = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         llama_cpp_version = "unknown"
-    return {"backend": device, "f32_kv_cache": settings.f32_kv_cache, "llama_cpp": llama_cpp_version,
+    return {"device": device, "f32_kv_cache": settings.f32_kv_cache, "llama_cpp": llama_cpp_version,
             "rank1_local": __version__}
 
 
@@ -115,54 +150,55 @@ class Rank1(Reranker):
             file): pairs already judged by this model file under the same settings are served from it.
     """
 
+    backend = "llama.cpp"
+
     def __init__(self, model: str | Path, config: ScoringConfig | None = None,
                  settings: LlamaSettings | None = None, *, gguf_type: str | None = None,
-                 cache: str | Path | JudgmentCache | None = None, **kwargs: object) -> None:
+                 cache: str | Path | JudgmentCache | None = None, card: str | ModelCard | None = None,
+                 **kwargs: object) -> None:
         config, settings = split_settings("Rank1", config, settings, LlamaSettings, kwargs)
         n_cells = kv_cells(config, settings)
         model_path = resolve_gguf(model, gguf_type=gguf_type)
-        tokenizer = LlamaTokenizer(model_path)
-        try:
-            true_id, false_id = answer_token_ids(tokenizer.tokenize)
-        except UnsupportedModelError as exc:
-            tokenizer.close()
-            raise UnsupportedModelError(f"{model_path.name}: {exc}") from None
-        engine_config = EngineConfig(n_ctx=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
+        self.card = gguf_card(model_path, card)
+        engine_config = EngineConfig(kv_cells=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
                                      n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers,
-                                     f32_kv_cache=settings.f32_kv_cache)
-        self._start(config, settings, model_path, tokenizer, lambda: LlamaEngine(model_path, engine_config),
-                    (true_id, false_id), cache)
+                                     f32_kv_cache=settings.f32_kv_cache, sampling=resolve_sampling(settings))
+        self._start(config, settings, model_path, lambda: LlamaTokenizer(model_path),
+                    lambda: LlamaEngine(model_path, engine_config), cache)
 
-    def _start(self, config: ScoringConfig, settings: LlamaSettings, model_path: Path, tokenizer: Any,
-               open_engine: Callable[[], Any], answer_ids: tuple[int, int],
-               cache: str | Path | JudgmentCache | None) -> None:
-        """Start the owner thread (which opens the engine) and the pipeline. ``open_engine`` must not hold this
-        object: the owner thread would keep it alive, and ``del model`` would never close it."""
-        self.config, self.settings, self.model_path, self.tokenizer = config, settings, model_path, tokenizer
-        self.true_id, self.false_id = answer_ids
-        self._closed = False
-        self._close_lock = threading.Lock()
-        try:
-            self._owner = EngineOwner(open_engine, SchedulerParams(settings.parallel, *answer_ids), tokenizer.tokenize)
-        except BaseException:
-            tokenizer.close()
-            raise
-        self.cache = cache if cache is None or isinstance(cache, JudgmentCache) else JudgmentCache(cache)
-        self._engine_facts = engine_facts(self._owner.device.description, settings)
-        facts = self._engine_facts
-        self.pipeline = Pipeline(tokenizer, self._owner, config, cache=self.cache, model_path=model_path,
-                                 cache_settings=lambda c: {**c.to_dict(), "engine": facts},
-                                 max_waiting=settings.max_waiting)
-        logger.info("loaded %s on %s", model_path.name, self._owner.device.description)
+    def _start(self, config: ScoringConfig, settings: LlamaSettings, model_path: Path, open_tokenizer: Callable[[], Any],
+               open_engine: Callable[[], Any], cache: str | Path | JudgmentCache | None) -> None:
+        """Open the cache, the tokenizer and the owner thread (which opens the engine), then the pipeline. Each is
+        registered for closing as soon as it exists, so a failure at any step frees what was made before it, in
+        reverse order, and raises. ``open_engine`` must not hold this object: the owner thread would keep it alive,
+        and ``del model`` would never close it."""
+        self.config, self.settings, self.model_path = config, settings, model_path
+        with ExitStack() as resources:
+            self.cache = cache if cache is None or isinstance(cache, JudgmentCache) else JudgmentCache(cache)
+            if self.cache is not None:
+                resources.callback(self.cache.close)
+            self.tokenizer = open_tokenizer()
+            resources.callback(self.tokenizer.close)
+            card = self.card
+            try:
+                self.true_id, self.false_id = answer_token_ids(self.tokenizer.tokenize, card.answers, card.name)
+            except UnsupportedModelError as exc:
+                raise UnsupportedModelError(f"{model_path.name}: {exc}") from None
+            params = SchedulerParams(settings.parallel, self.true_id, self.false_id, reasons=card.reasons)
+            self._owner = EngineOwner(open_engine, params, self.tokenizer.tokenize, card=card)
+            resources.callback(self._owner.close)
+            self._engine_facts = engine_facts(self._owner.device.description, settings)
+            facts, card_facts = self._engine_facts, ({} if card is RANK1 else {"card": card.name})
+            self.engine = Pipeline(self.tokenizer, self._owner, config, backend=self.backend,
+                                   device=self._owner.device.description, cache=self.cache, model_path=model_path,
+                                   cache_settings=lambda c: {**c.to_dict(), **card_facts, "engine": facts},
+                                   max_waiting=settings.max_waiting, card=card)
+            self._resources = resources.pop_all()
+        logger.info("loaded %s on %s", model_path.name, self.device)
 
     @property
     def device(self) -> str:
         return self._owner.device.description
-
-    @property
-    def last_stats(self) -> RunStats | None:
-        """The pairs decoded (not served from the cache), tokens and time of the last call to finish."""
-        return self.pipeline.last_stats
 
     def tokenize(self, text: str) -> list[int]:
         """``text`` as this model's token ids (BOS where the model adds one, special tokens parsed)."""
@@ -183,8 +219,8 @@ class Rank1(Reranker):
 
     @property
     def waiting(self) -> int:
-        """Pairs waiting for a slot."""
-        return self._owner.waiting
+        """Pairs admitted and not started."""
+        return self.engine.admission.outstanding
 
     @property
     def tokens(self) -> tuple[int, int]:
@@ -196,35 +232,7 @@ class Rank1(Reranker):
         engine facts that can change greedy decoding's numerics (:func:`engine_facts`)."""
         return {**self.score_settings(config), "engine": self._engine_facts}
 
-    def score_pairs(self, pairs: Sequence[Pair | tuple], *, config: ScoringConfig | None = None,
-                    on_result: Callable[[Rank1Result], None] | None = None) -> list[Rank1Result]:
-        """Score pairs under ``config`` (default: the model's); results come back in input order. ``on_result``
-        sees each as it finishes, in the calling thread. Pairs with the same prompt are judged once; with a
-        judgment cache, pairs already judged come from it. Thread-safe: concurrent calls share the batch."""
-        self._check_open()
-        return self.pipeline.score(pairs, config, on_result)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Rank1Error(f"{self.model_path.name}: the model was closed; load it again to keep using it")
-
-    def close(self) -> None:
-        """Stop taking calls, cancel those in flight (each gets a :class:`Rank1Error`), wait for the owner thread to
-        stop and free llama.cpp's memory, then write the judgment cache's pending rows. Safe from any thread, and
-        more than once."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        self.pipeline.drain()
-        self._owner.close()
-        self.tokenizer.close()
-        if self.cache is not None:
-            self.cache.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort, as llama-cpp-python's Llama does
-        if not getattr(self, "_closed", True) and hasattr(self, "pipeline"):
-            try:
-                self.close()
-            except Exception:
-                pass
+    def _close_backend(self) -> None:
+        """The owner thread stops (and frees llama.cpp's context and model), then the tokenizer's vocabulary is freed
+        and the judgment cache's pending rows are written."""
+        self._resources.close()

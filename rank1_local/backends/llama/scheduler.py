@@ -7,11 +7,11 @@ evaluates its passage, then reasons greedily. When the next query's prefix is lo
 with the previous one (the instruction head) stay in sequence 0's cache; when queries interleave (several callers'
 work at once), a pair copies the prefix from a running pair of its query, or evaluates the query's part in its own
 slot within the batch (no extra ``llama_decode`` call per query switch). All active slots advance together in one
-``llama_decode`` call per step, and a finished slot takes the next pair at once. What each generated token
-means (go on, read the answer, force it, rethink) is decided by :class:`rank1_local.core.protocol.ReasoningChain`.
+``llama_decode`` call per step, and a finished slot takes the next pair at once. What each output row means (feed the
+chosen token, read the answer, force it, rethink, stop with the score) is decided by the pair's
+:class:`~rank1_local.core.decoder.PairDecoder`: the scheduler only keeps slots and the KV cache.
 
-Each slot is in one :class:`Phase`; :class:`Admission` decides which job a free slot takes and how its prefix gets
-into the cache. The scheduler is driven by one thread only (the context's owner, see
+:class:`Admission` decides which job a free slot takes and how its prefix gets into the cache. The scheduler is driven by one thread only (the context's owner, see
 :mod:`rank1_local.backends.llama.owner`).
 """
 
@@ -19,27 +19,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
-import numpy as np
-
 from rank1_local.backends.llama.engine import BatchEntry
+from rank1_local.core.cards import RANK1, ModelCard
 from rank1_local.core.config import ScoringConfig
-from rank1_local.core.pairs import PreparedPair
-from rank1_local.core.prompt import prompt_prefix
-from rank1_local.core.protocol import (
-    NO_SCORE,
-    ReasoningChain,
-    Step,
-    answer_score,
-    common_prefix_len,
-    top_logprobs,
-    true_false_score,
-)
-from rank1_local.core.results import Rank1Result, RunStats, build_result, too_long_result
+from rank1_local.core.decoder import Become, Feed, PairDecoder, Row, RowUnavailable
+from rank1_local.core.pairs import PreparedPair, tokenize_spans
+from rank1_local.core.protocol import common_prefix_len
+from rank1_local.core.results import Rank1Result, RunStats, too_long_result
 from rank1_local.pipeline import Tally
 
 PREFIX_SEQ = 0
@@ -56,7 +46,9 @@ class Engine(Protocol):
     def seq_copy(self, src: int, dst: int) -> None: ...
     def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None: ...
     def clear(self) -> None: ...
-    def decode(self, entries: list[BatchEntry]) -> dict[int, np.ndarray]: ...
+    def decode(self, entries: list[BatchEntry]) -> Mapping[int, Row]:
+        """Evaluate the batch; the output row of every entry that asks for one (valid until the next call)."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,12 +86,12 @@ class ListSource:
 
 
 def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]], config: ScoringConfig, *,
-              owner: Any = None, tally: Tally | None = None) -> list[Job]:
+              owner: Any = None, tally: Tally | None = None, card: ModelCard = RANK1) -> list[Job]:
     """One job per pair, each query's passages together so that the query's prefix is evaluated once."""
     prefixes: dict[str, list[int]] = {}
     bos = len(tokenize(""))
     for query in dict.fromkeys(p.query for p in prepared):
-        ids = tokenize(prompt_prefix(query))
+        ids = tokenize_spans(card, card.shared_text(query), tokenize)
         # the prefix's last token may merge with the passage's first one: never share it
         prefixes[query] = ids[:max(bos, len(ids) - 1)]
     tally = tally or Tally()
@@ -114,31 +106,23 @@ def make_jobs(prepared: list[PreparedPair], tokenize: Callable[[str], list[int]]
 @dataclass(frozen=True)
 class SchedulerParams:
     parallel: int
-    true_id: int
+    true_id: int  # the card's positive and negative answer tokens
     false_id: int
-
-
-class Phase(Enum):
-    """Where a slot is in scoring its pair."""
-
-    FREE = "free"  # no pair
-    GENERATING = "generating"  # evaluating its prompt, or reasoning one token per step: the next token is generated
-    ANSWERING = "answering"  # the next distribution is the answer's (after </think>, or the fallback prompt)
+    reasons: bool = True  # the card reasons first (rank1); else its answer is read at the end of the prompt
 
 
 @dataclass
 class _Slot:
     seq: int
-    phase: Phase = Phase.FREE
     job: Job | None = None
-    chain: ReasoningChain | None = None
+    decoder: PairDecoder | None = None
     tokens: list[int] = field(default_factory=list)  # tokens already in this sequence's KV cache
     pending: list[int] = field(default_factory=list)  # tokens to feed next
-    started: float = 0.0
+    host_row: bool = False  # its next row must be read from the full logits (the device's candidates fell short)
 
     @property
     def busy(self) -> bool:
-        return self.phase is not Phase.FREE
+        return self.job is not None
 
     @property
     def reasoning(self) -> bool:
@@ -262,19 +246,18 @@ class Scheduler:
         self.engine.seq_remove(slot.seq)
         self.engine.seq_copy(origin, slot.seq)
         self.engine.seq_remove(slot.seq, keep, -1)
-        config = job.config
-        slot.phase, slot.job = Phase.GENERATING, job
+        slot.job = job
         self.active += 1
-        slot.chain = ReasoningChain(job.pair.prompt, config.max_think_tokens, config.rethink_rounds,
-                                    official=config.protocol == "official", n_ctx=config.n_ctx)
+        slot.decoder = PairDecoder(job.pair, job.config, job.config.n_ctx, self.engine,
+                                   (self.params.true_id, self.params.false_id), reasons=self.params.reasons)
         slot.tokens = job.pair.ids[:keep]
         slot.pending = job.pair.ids[keep:]
-        slot.started = time.perf_counter()
+        slot.host_row = slot.decoder.answering  # the answer's two logits: from the full row at once
 
     def free(self, slot: _Slot) -> None:
         self.engine.seq_remove(slot.seq)
         self.active -= 1
-        slot.phase, slot.job, slot.chain = Phase.FREE, None, None
+        slot.job, slot.decoder, slot.host_row = None, None, False
         slot.tokens, slot.pending = [], []
 
     def _continue_from_ids(self, slot: _Slot, ids: list[int]) -> None:
@@ -284,50 +267,30 @@ class Scheduler:
         slot.tokens = slot.tokens[:keep]
         slot.pending = ids[keep:]
 
-    def _finish(self, slot: _Slot, score: float) -> Rank1Result:
-        assert slot.job is not None and slot.chain is not None
-        chain = slot.chain
-        result = build_result(slot.job.pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
-                              forced=chain.forced, seconds=time.perf_counter() - slot.started)
-        self.free(slot)
-        return result
-
-    def _fallback(self, slot: _Slot) -> Rank1Result | None:
-        """Read the answer after the cut reasoning and ``\\n</think>`` (0.5 if that prompt overflows the context)."""
-        assert slot.chain is not None and slot.job is not None
-        slot.chain.forced = True
-        ids = self.engine.tokenize(slot.chain.fallback_prompt)
-        if not slot.job.config.fits(len(ids)):
-            return self._finish(slot, NO_SCORE)
-        slot.phase = Phase.ANSWERING
-        self._continue_from_ids(slot, ids)
-        return None
-
-    def _step(self, slot: _Slot, logits: np.ndarray) -> Rank1Result | None:
-        """Act on the next-token distribution of a slot whose pending tokens were all fed."""
-        true_id, false_id = self.params.true_id, self.params.false_id
-        if slot.phase is Phase.ANSWERING:
-            return self._finish(slot, true_false_score(float(logits[true_id]), float(logits[false_id])))
-        chain, job = slot.chain, slot.job
-        assert chain is not None and job is not None
-        token = int(np.argmax(logits))
-        eog = self.engine.is_eog(token)
-        step = chain.advance(token, b"" if eog else self.engine.piece(token), eog, len(slot.tokens) + 1)
-        if not eog:
-            self.generated_tokens += 1
-            job.tally.generated_tokens += 1
-        if step is Step.CONTINUE:
-            slot.pending = [token]
-        elif step is Step.ANSWER:
-            slot.phase = Phase.ANSWERING  # the answer's distribution is at the next position
-            slot.pending = [token]
-        elif step is Step.RETHINK:
-            self._continue_from_ids(slot, self.engine.tokenize(chain.continuation_prompt))
-        elif step is Step.FINISH:
-            score = answer_score(top_logprobs(logits), true_id, false_id)
-            return self._finish(slot, score) if score is not None else self._fallback(slot)
-        else:  # Step.FORCE
-            return self._fallback(slot)
+    def _step(self, slot: _Slot, row: Row) -> Rank1Result | None:
+        """Carry out what the slot's decoder makes of the row after its pending tokens were all fed."""
+        decoder, job = slot.decoder, slot.job
+        assert decoder is not None and job is not None
+        generated = decoder.generated
+        try:
+            action = decoder.step(row)
+        except RowUnavailable:  # a device row without what the decoder asks: evaluate its last token again
+            last = slot.tokens.pop()
+            self.engine.seq_remove(slot.seq, len(slot.tokens), -1)
+            slot.pending, slot.host_row = [last], True
+            return None
+        slot.host_row = False
+        new = decoder.generated - generated
+        self.generated_tokens += new
+        job.tally.generated_tokens += new
+        if isinstance(action, Feed):
+            slot.pending = [action.token]
+        elif isinstance(action, Become):
+            self._continue_from_ids(slot, action.ids)
+        else:
+            result = decoder.result(action.score)
+            self.free(slot)
+            return result
         return None
 
     def _feed(self, slot: _Slot, entries: list[BatchEntry], owners: dict[int, _Slot]) -> None:
@@ -343,10 +306,10 @@ class Scheduler:
             last = done and k == len(take) - 1
             if last:
                 owners[len(entries)] = slot
-            entries.append(BatchEntry(token, base + k, slot.seq, last))
+            entries.append(BatchEntry(token, base + k, slot.seq, last, host=last and slot.host_row))
         slot.tokens += take
         slot.pending = slot.pending[len(take):]
-        if len(take) > 1 or (slot.chain is not None and slot.chain.n_tokens == 0):
+        if len(take) > 1 or (slot.decoder is not None and slot.decoder.chain.n_tokens == 0):
             assert slot.job is not None
             self._count_prompt(slot.job.tally, len(take))
 
@@ -363,11 +326,11 @@ class Scheduler:
             entries += self._prefix_entries(self.engine.n_batch - len(entries))
         for slot in prompts:
             self._feed(slot, entries, owners)
-        logits = self.engine.decode(entries)
+        rows = self.engine.decode(entries)
         for i, slot in owners.items():
             job = slot.job
             assert job is not None
-            result = self._step(slot, logits[i])
+            result = self._step(slot, rows[i])
             if result is not None:
                 self.n_results += 1
                 on_result(job, result)
