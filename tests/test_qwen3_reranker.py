@@ -125,3 +125,81 @@ def test_llama_server_reranks_like_the_reference(source, llama_cpp_gguf, pairs, 
             rows = [i for i, p in enumerate(pairs) if p.query == query]
             got = server.rerank(query, [pairs[i].passage for i in rows])
             assert max(abs(g - want[i]) for g, i in zip(got, rows, strict=True)) <= TOLERANCE, (query, got)
+
+
+def _instructed(pairs, instruction):
+    return [(p.query, p.passage) if instruction is None else (p.query, p.passage, instruction) for p in pairs]
+
+
+def _assert_like_the_reference(got, want, pairs):
+    """Every score within 1e-3 of the reference's, and each query's passages in the same order."""
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOLERANCE
+    for query in {p.query for p in pairs}:
+        rows = [i for i, p in enumerate(pairs) if p.query == query]
+        assert sorted(rows, key=lambda i: -got[i]) == sorted(rows, key=lambda i: -want[i])
+
+
+@pytest.mark.parametrize("source", ["ours", "llama.cpp's converter"])
+@pytest.mark.parametrize("instruction", [None, OTHER_INSTRUCTION], ids=["default-instruction", "other-instruction"])
+def test_rank1_local_scores_like_the_reference(source, instruction, llama_cpp_gguf, pairs, reference_scores):
+    """Our llama.cpp backend, given the GGUF alone (no card named), recognises the qwen3-reranker card from the file
+    and scores every pair, in its continuous batch, within 1e-3 of the card's code."""
+    from rank1_local import open_reranker
+    from rank1_local.core.cards import QWEN3_RERANKER
+
+    with open_reranker("llama.cpp", llama_cpp_gguf[source](), threads=2, parallel=4) as reranker:
+        assert reranker.card is QWEN3_RERANKER
+        results = reranker.score_pairs(_instructed(pairs, instruction))
+    assert all(r.n_tokens == 0 and r.reasoning == "" and not r.forced for r in results)  # the answer, at once
+    _assert_like_the_reference([r.score for r in results], reference_scores[instruction], pairs)
+
+
+def test_a_named_card_scores_a_plain_qwen3_like_the_reference(fixture_dir, exported, pairs):
+    """``card="qwen3-reranker"`` on a Qwen3 GGUF that says nothing of reranking (the random qwen3 fixture, no rerank
+    head): scored as the card's code scores those weights."""
+    from rank1_local import open_reranker
+    from rank1_local.core.cards import QWEN3_RERANKER, RANK1
+
+    gguf = exported("qwen3", "F32")
+    with open_reranker("llama.cpp", gguf, threads=2) as plain:
+        assert plain.card is RANK1  # nothing in the file says reranker
+    some = pairs[::5]
+    want = Qwen3RerankerReference(fixture_dir("qwen3")).scores([(p.query, p.passage) for p in some], None)
+    with open_reranker("llama.cpp", gguf, threads=2, card="qwen3-reranker") as reranker:
+        assert reranker.card is QWEN3_RERANKER
+        got = [r.score for r in reranker.score_pairs([(p.query, p.passage) for p in some])]
+    _assert_like_the_reference(got, want, some)
+
+
+def test_the_cli_ranks_like_the_reference(llama_cpp_gguf, pairs, reference_scores, tmp_path, capsys):
+    """``rank1-local rerank --model <our GGUF> --query … --docs …``: the card's order and scores (within 1e-3)."""
+    import json
+
+    from rank1_local.cli.main import main
+
+    query = pairs[0].query
+    rows = [i for i, p in enumerate(pairs) if p.query == query]
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(pairs[i].passage for i in rows) + "\n")
+    assert main(["-q", "rerank", "--model", str(llama_cpp_gguf["ours"]()), "--query", query, "--docs", str(docs),
+                 "--format", "json", "--threads", "2"]) == 0
+    ranking = json.loads(capsys.readouterr().out)
+    want = [reference_scores[None][i] for i in rows]
+    assert [int(r["docid"]) for r in ranking] == sorted(range(len(rows)), key=lambda k: -want[k])
+    assert all(abs(r["score"] - want[int(r["docid"])]) <= TOLERANCE for r in ranking)
+
+
+def test_the_card_comes_from_the_gguf_metadata(llama_cpp_gguf, exported, tmp_path):
+    """A Qwen3-Reranker GGUF under a name that says nothing (``model.gguf``) gets the qwen3-reranker card from its
+    metadata (rank pooling); a rank1 GGUF under the same name still gets rank1."""
+    import shutil
+
+    from rank1_local.backends.llama.facade import gguf_card
+    from rank1_local.core.cards import QWEN3_RERANKER, RANK1
+
+    for source, gguf in [("ours", llama_cpp_gguf["ours"]()), ("theirs", llama_cpp_gguf["llama.cpp's converter"]()),
+                         ("rank1", exported("behaving", "Q8_0"))]:
+        anonymous = tmp_path / source / "model.gguf"
+        anonymous.parent.mkdir()
+        shutil.copyfile(gguf, anonymous)
+        assert gguf_card(anonymous, None) is (RANK1 if source == "rank1" else QWEN3_RERANKER), source
