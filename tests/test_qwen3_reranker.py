@@ -192,15 +192,22 @@ def test_the_cli_ranks_like_the_reference(llama_cpp_gguf, pairs, reference_score
 
 def test_the_card_comes_from_the_gguf_metadata(llama_cpp_gguf, exported, tmp_path):
     """A Qwen3-Reranker GGUF under a name that says nothing (``model.gguf``) gets the qwen3-reranker card from its
-    metadata (rank pooling); a rank1 GGUF under the same name still gets rank1."""
+    metadata (rank pooling, also with the naming keys taken out); a rank1 GGUF under the same name still gets
+    rank1."""
     import shutil
 
     from rank1_local.backends.llama.facade import gguf_card
-    from rank1_local.core.cards import QWEN3_RERANKER, RANK1
+    from rank1_local.core.cards import QWEN3_RERANKER, RANK1, recognise_card
+    from rank1_local.models.gguf_file import read_gguf_layout
 
     for source, gguf in [("ours", llama_cpp_gguf["ours"]()), ("theirs", llama_cpp_gguf["llama.cpp's converter"]()),
                          ("rank1", exported("behaving", "Q8_0"))]:
         anonymous = tmp_path / source / "model.gguf"
         anonymous.parent.mkdir()
         shutil.copyfile(gguf, anonymous)
-        assert gguf_card(anonymous, None) is (RANK1 if source == "rank1" else QWEN3_RERANKER), source
+        want = RANK1 if source == "rank1" else QWEN3_RERANKER
+        assert gguf_card(anonymous, None) is want, source
+        # the file's metadata alone, without the names (which say "reranker" here): its rank pooling decides
+        metadata = {k: v for k, v in read_gguf_layout(anonymous).metadata.items()
+                    if k not in ("general.name", "general.basename", "general.finetune")}
+        assert recognise_card(gguf_metadata=metadata, name="model.gguf") is want, source
