@@ -21,8 +21,13 @@ class ArchSpec:
     hf_architecture: str
     gguf_arch: gguf.MODEL_ARCH
     # HF Llama/Mistral store q/k rows in the rotate-half order; llama.cpp's llama arch wants the
-    # interleaved (original Meta) order. Qwen2 runs NEOX rope in llama.cpp and needs no permutation.
+    # interleaved (original Meta) order. Qwen2 and Qwen3 run NEOX rope in llama.cpp and need no permutation.
     permute_qk: bool
+    # Qwen3: an RMS norm over each head's queries and keys (q_norm/k_norm, one weight of head_dim per layer)
+    qk_norm: bool = False
+    # write the key/value lengths whenever config.json states head_dim, as llama.cpp's converter does (Qwen3 configs
+    # always state it); the other architectures write them only where head_dim differs from hidden/heads
+    stated_head_dim: bool = False
 
     @property
     def gguf_name(self) -> str:
@@ -31,19 +36,26 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3, permute_qk=False, qk_norm=True,
+                                 stated_head_dim=True),
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "MistralForCausalLM": ArchSpec("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
 }
 
 
-def arch_spec(config: dict[str, Any]) -> ArchSpec:
+# GPTQ/AWQ exports (quantize.weight_quant) are made and tested for rank1's architectures only
+WEIGHT_QUANT_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+
+
+def arch_spec(config: dict[str, Any], supported: tuple[str, ...] | None = None) -> ArchSpec:
+    """The architecture of ``config`` among ``supported`` (default: every one the GGUF exporter knows)."""
+    known = supported or tuple(ARCHITECTURES)
     archs = config.get("architectures") or []
     for name in archs:
-        if name in ARCHITECTURES:
+        if name in known:
             return ARCHITECTURES[name]
     found = ", ".join(archs) if archs else "none listed in config.json"
-    raise UnsupportedModelError(
-        f"unsupported architecture ({found}); rank1-local exports {', '.join(ARCHITECTURES)}")
+    raise UnsupportedModelError(f"unsupported architecture ({found}); rank1-local exports {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class HParams:
     rms_norm_eps: float
     vocab_size: int
     tie_word_embeddings: bool
+    head_dim_stated: bool = False  # config.json names head_dim (rather than implying hidden/heads)
 
 
 def _require(config: dict[str, Any], key: str) -> Any:
@@ -92,6 +105,7 @@ def read_hparams(config: dict[str, Any]) -> HParams:
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         vocab_size=int(_require(config, "vocab_size")),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        head_dim_stated=config.get("head_dim") is not None,
     )
 
 
@@ -107,7 +121,7 @@ def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
     writer.add_vocab_size(hp.vocab_size)
     if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA:
         writer.add_rope_dimension_count(hp.head_dim)
-    if hp.head_dim != hp.hidden_size // hp.n_heads:
+    if hp.head_dim != hp.hidden_size // hp.n_heads or (spec.stated_head_dim and hp.head_dim_stated):
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     scaling = hp.rope_scaling

@@ -38,7 +38,7 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
     elif args.calibration:
         raise Rank1Error("--calibration is used to compute an importance matrix: add --imatrix auto")
     results = export_gguf(args.model, args.out, args.types, threads=args.threads, progress=not args.quiet,
-                          imatrix=imatrix, allow_no_imatrix=args.allow_no_imatrix)
+                          imatrix=imatrix, allow_no_imatrix=args.allow_no_imatrix, rerank=args.rerank)
     for r in results:
         print(f"{r.type:8s} {r.n_bytes / 1e6:10.1f} MB {r.seconds:7.1f} s  {r.path}")
     reports = {}
@@ -114,8 +114,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _fixture_epilog() -> str:
     from quantize.fixtures import FIXTURES
 
-    rows = "\n".join(f"  {name:22s} {spec.description}" for name, spec in FIXTURES.items())
-    return (f"fixtures:\n{rows}\n\nA fixture is a tiny model with a real rank1 architecture and tokenizer, for trying the "
+    rows = "\n".join(f"  {name:24s} {spec.description}" for name, spec in FIXTURES.items())
+    return (f"fixtures:\n{rows}\n\nA fixture is a tiny model with a real architecture and tokenizer (rank1's, or "
+            "Qwen3-Reranker's), for trying the "
             "tools and for tests; it is not a rank1 model and its scores mean nothing about real passages. Building "
             "one needs torch and transformers (pip install torch --index-url https://download.pytorch.org/whl/cpu, "
             "then pip install -e '.[reference]') and takes about 30 s to a few minutes on 2 CPU cores (the trained "
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-imatrix", action="store_true",
                    help="quantize IQ3_XS/IQ3_S/IQ3_M/IQ4_NL/IQ4_XS without an importance matrix (lower quality)")
     _add_calibration_args(p)
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the classifier head, rank pooling and rerank prompt llama-server --reranking needs "
+                        "(default: for a Qwen3-Reranker, recognised by its name or its model card's heading)")
     p.add_argument("--verify", action="store_true", help="verify every export against the source afterwards")
     p.add_argument("--verify-prompts", type=int, default=8, help="calibration prompts --verify compares on")
     p.add_argument("--bundle", type=Path, default=None, metavar="DIR",

@@ -33,6 +33,7 @@ from quantize.checkpoint import Checkpoint, open_checkpoint
 from quantize.gguf_types import DIRECT_TYPES, OutputType, parse_types
 from quantize.imatrix import Imatrix, read_imatrix
 from quantize.llama_quantize import quantize_gguf
+from quantize.rerank_head import CLS_OUT, RerankHead, plan_rerank_head, write_rerank_metadata
 from quantize.safetensors_io import FLOAT_DTYPES, TensorEntry, load_raw, to_float32
 from quantize.tokenizer_export import write_vocab
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
@@ -71,6 +72,7 @@ class ExportPlan:
     spec: ArchSpec
     hparams: HParams
     jobs: list[TensorJob]
+    rerank: RerankHead | None = None  # the classifier llama-server --reranking needs (Qwen3-Reranker)
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,11 @@ class ExportResult:
     checkpoint: Path | None = None  # the checkpoint folder exported (a hub-cache snapshot for a hub id)
 
 
-def _expected_names(hp: HParams) -> list[str]:
+def _expected_names(spec: ArchSpec, hp: HParams) -> list[str]:
     per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                  "ffn_down"]
+    if spec.qk_norm:
+        per_layer += ["attn_q_norm", "attn_k_norm"]
     names = ["token_embd.weight", "output_norm.weight"]
     names += [f"blk.{i}.{t}.weight" for i in range(hp.n_layers) for t in per_layer]
     if not hp.tie_word_embeddings:
@@ -92,22 +96,28 @@ def _expected_names(hp: HParams) -> list[str]:
     return names
 
 
-def _expected_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(spec: ArchSpec, hp: HParams) -> dict[str, tuple[int, ...]]:
     shapes = {"token_embd.weight": (hp.vocab_size, hp.hidden_size)}
     for i in range(hp.n_layers):
         shapes[f"blk.{i}.attn_q.weight"] = (hp.n_heads * hp.head_dim, hp.hidden_size)
         shapes[f"blk.{i}.attn_k.weight"] = (hp.n_kv_heads * hp.head_dim, hp.hidden_size)
         shapes[f"blk.{i}.attn_v.weight"] = (hp.n_kv_heads * hp.head_dim, hp.hidden_size)
         shapes[f"blk.{i}.ffn_up.weight"] = (hp.ffn_size, hp.hidden_size)
+        if spec.qk_norm:
+            shapes[f"blk.{i}.attn_q_norm.weight"] = (hp.head_dim,)
+            shapes[f"blk.{i}.attn_k_norm.weight"] = (hp.head_dim,)
     if not hp.tie_word_embeddings:
         shapes["output.weight"] = (hp.vocab_size, hp.hidden_size)
     return shapes
 
 
-def plan_export(checkpoint: Checkpoint) -> ExportPlan:
-    """Map every checkpoint tensor to its GGUF tensor, checking names and shapes against config.json."""
+def plan_export(checkpoint: Checkpoint, rerank: bool | None = None) -> ExportPlan:
+    """Map every checkpoint tensor to its GGUF tensor, checking names and shapes against config.json; with the rerank
+    head of a Qwen3-Reranker when ``rerank`` is True, or None and the checkpoint is recognised as one
+    (:mod:`quantize.rerank_head`)."""
     spec = arch_spec(checkpoint.config)
     hp = read_hparams(checkpoint.config)
+    head = plan_rerank_head(checkpoint, spec, hp, rerank)
     name_map = gguf.TensorNameMap(spec.gguf_arch, hp.n_layers)
     jobs: dict[str, TensorJob] = {}
     for hf_name, entry in sorted(checkpoint.tensors.items()):
@@ -130,18 +140,21 @@ def plan_export(checkpoint: Checkpoint) -> ExportPlan:
         jobs[gguf_name] = TensorJob(gguf_name, entry.shape, entry=entry, row_order=row_order)
     for gguf_name, data in extra_tensors(spec, hp).items():
         jobs[gguf_name] = TensorJob(gguf_name, data.shape, constant=data)
+    if head is not None and head.source in checkpoint.tensors:
+        jobs[CLS_OUT] = TensorJob(CLS_OUT, (len(head.rows), hp.hidden_size), entry=checkpoint.tensors[head.source],
+                                  row_order=head.rows)
 
-    missing = [n for n in _expected_names(hp) if n not in jobs]
+    missing = [n for n in _expected_names(spec, hp) if n not in jobs]
     if missing:
         raise UnsupportedModelError(f"{checkpoint.path}: checkpoint lacks tensor(s) {', '.join(missing[:5])}"
                                     f"{' …' if len(missing) > 5 else ''} (incomplete or not a {spec.hf_architecture})")
-    for name, want in _expected_shapes(hp).items():
+    for name, want in _expected_shapes(spec, hp).items():
         if jobs[name].shape != want:
             raise UnsupportedModelError(
                 f"{checkpoint.path}: tensor {name} has shape {jobs[name].shape}, config.json implies {want}")
     order = sorted(jobs, key=lambda n: (0, n) if not n.startswith("blk.") else
                    (1, f"{int(n.split('.')[1]):06d}.{n}"))
-    return ExportPlan(checkpoint, spec, hp, [jobs[n] for n in order])
+    return ExportPlan(checkpoint, spec, hp, [jobs[n] for n in order], rerank=head)
 
 
 def tensor_type(job: TensorJob, out: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -175,7 +188,7 @@ def encode_tensor(job: TensorJob, qtype: gguf.GGMLQuantizationType) -> np.ndarra
     if job.constant is not None:
         return _encode_rows(job.constant.reshape(job.n_rows, job.n_cols), qtype)
     assert job.entry is not None
-    raw = load_raw(job.entry).reshape(job.n_rows, job.n_cols)
+    raw = load_raw(job.entry).reshape(-1, job.n_cols)  # a row selection (rerank head) reads more rows than it writes
     out = np.empty((job.n_rows, _row_bytes(job.n_cols, qtype)), dtype=np.uint8)
     if job.row_order is None and qtype.name == job.entry.dtype:
         out[...] = raw.view(np.uint8).reshape(out.shape)  # same type: copy bytes, no rounding at all
@@ -198,6 +211,8 @@ def write_gguf(plan: ExportPlan, out_type: str, path: Path, *, progress: bool = 
         writer.add_name(plan.checkpoint.name)
         write_hparams(writer, plan.spec, hp)
         write_vocab(writer, plan.checkpoint.path, hp.vocab_size)
+        if plan.rerank is not None:
+            write_rerank_metadata(writer)
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         types = [tensor_type(job, qtype) for job in plan.jobs]
@@ -264,7 +279,8 @@ def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
         calibration = rank1_calibration(plan.checkpoint.path, path=options.calibration, size=options.size,
                                         seed=options.seed, max_think_tokens=options.max_think_tokens,
                                         progress=progress)
-        names = {job.entry.name: job.gguf_name for job in plan.jobs if job.entry is not None}
+        names = {job.entry.name: job.gguf_name for job in plan.jobs
+                 if job.entry is not None and job.gguf_name != CLS_OUT}
         imatrix = compute_imatrix(plan.checkpoint.path, calibration.texts, gguf_names=names,
                                   dataset=calibration.description, progress=progress)
         path = out_dir / f"{plan.checkpoint.name}.imatrix.gguf"
@@ -289,15 +305,17 @@ def remove_export_leftovers(out_dir: Path) -> None:
 
 def export_gguf(model: str | Path, out_dir: str | Path, types: str | list[str], *,
                 threads: int | None = None, progress: bool = True,
-                imatrix: ImatrixOptions | None = None, allow_no_imatrix: bool = False) -> list[ExportResult]:
+                imatrix: ImatrixOptions | None = None, allow_no_imatrix: bool = False,
+                rerank: bool | None = None) -> list[ExportResult]:
     """Export ``model`` (local folder or hub id) to one GGUF file per requested type in ``out_dir``; types
     quantized by llama.cpp use the importance matrix when ``imatrix`` is given (i-quants such as IQ4_XS are
-    refused without one unless ``allow_no_imatrix``)."""
+    refused without one unless ``allow_no_imatrix``). A Qwen3-Reranker gets the rerank head llama-server needs
+    (``rerank``: None recognises one by name or model card, True and False decide; :mod:`quantize.rerank_head`)."""
     out_types: list[OutputType] = parse_types(types, have_imatrix=imatrix is not None,
                                               allow_no_imatrix=allow_no_imatrix)
     out_dir = Path(out_dir).expanduser()
     checkpoint = load_checkpoint(model)
-    plan = plan_export(checkpoint)
+    plan = plan_export(checkpoint, rerank)
     _check_writable(out_dir)
     matrix, matrix_file = None, ""
     if imatrix is not None and any(not t.direct for t in out_types):

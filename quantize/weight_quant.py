@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantize.architectures import arch_spec
+from quantize.architectures import WEIGHT_QUANT_ARCHITECTURES, arch_spec
 from quantize.gguf_export import load_checkpoint
 from rank1_local.backends.hf import prepare_gptqmodel_env
 from rank1_local.core.errors import Rank1Error
@@ -211,7 +211,7 @@ def export_weight_quant(model: str | Path, out_dir: str | Path, options: WeightQ
     out_dir = Path(out_dir).expanduser()
     checkpoint = load_checkpoint(model)
     path = checkpoint.path
-    arch_spec(checkpoint.config)  # the rank1 architectures only
+    arch_spec(checkpoint.config, supported=WEIGHT_QUANT_ARCHITECTURES)  # the rank1 architectures only
     check_options(options, checkpoint.config)
     _check_output(out_dir)
     chatter = io.StringIO()  # GPTQModel prints its banner, tables and configs to stdout: never on our stdout

@@ -142,6 +142,31 @@ def exported(tmp_path_factory, fixture_dir):
 
 
 @pytest.fixture(scope="session")
+def converted_by_llama_cpp(tmp_path_factory):
+    """converted_by_llama_cpp(folder, outtype) -> the GGUF llama.cpp's own converter (``convert_hf_to_gguf.py`` from
+    the llama-cpp-python sdist) makes of a checkpoint folder, made once per session. Skips without sentencepiece,
+    which the converter imports."""
+    if not HAVE_REFERENCE:
+        pytest.skip("llama.cpp's converter needs torch and transformers: pip install 'rank1-local[reference]'")
+    if importlib.util.find_spec("sentencepiece") is None:
+        pytest.skip("llama.cpp's converter imports sentencepiece: pip install sentencepiece")
+    from quantize.fixtures import fixture_cache_dir
+    from quantize.fixtures.llama_cpp_sdist import convert_with_llama_cpp
+
+    out = tmp_path_factory.mktemp("llama-cpp-converted")
+    made: dict[tuple[Path, str], Path] = {}
+
+    def get(folder: Path, outtype: str) -> Path:
+        key = (Path(folder), outtype)
+        if key not in made:
+            made[key] = convert_with_llama_cpp(Path(folder), out / f"{Path(folder).name}-{outtype}.gguf", outtype,
+                                               cache_dir=fixture_cache_dir())
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def vocab_test_file(fixture_dir):
     from quantize.fixtures import fixture_cache_dir
     from quantize.fixtures.vocab_files import vocab_gguf_path

@@ -7,15 +7,16 @@ import json
 import pytest
 
 from quantize.checkpoint import open_checkpoint
-from quantize.fixtures.hf_tokenizer import LLAMA3, QWEN2
+from quantize.fixtures.hf_tokenizer import LLAMA3, QWEN2, QWEN3
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("flavor", [QWEN2, LLAMA3], ids=lambda f: f.name)
+@pytest.mark.parametrize("flavor", [QWEN2, QWEN3, LLAMA3], ids=lambda f: f.name)
 def test_tokenizer_reproduces_llama_cpp_reference_ids(flavor, fixture_dir, vocab_test_file):
-    """llama.cpp's .inp/.out files hold texts and the ids the original HF tokenizer gave them."""
-    name = "qwen2-tied" if flavor is QWEN2 else "llama3"
+    """llama.cpp's .inp/.out files hold texts and the ids the original HF tokenizer gave them (Qwen3's tokenizer is
+    Qwen2's vocabulary and merges)."""
+    name = {"qwen2": "qwen2-tied", "qwen3": "qwen3", "llama3": "llama3"}[flavor.name]
     tok = transformers.AutoTokenizer.from_pretrained(fixture_dir(name))
     texts = vocab_test_file(flavor.vocab_gguf, ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     expected = vocab_test_file(flavor.vocab_gguf, ".out").read_text(encoding="utf-8").split("\n")
@@ -31,6 +32,18 @@ def test_rank1_answer_token_ids(fixture_dir):
     assert tok.encode("</think>") == tok.encode("</") + tok.encode("think") + tok.encode(">")
     assert tok.convert_ids_to_tokens(151643) == "<|endoftext|>"
     assert tok.convert_ids_to_tokens(151664) == "<|file_sep|>"
+
+
+def test_qwen3_tokens(fixture_dir):
+    """Qwen3's added tokens after Qwen2.5's, none of them special (Qwen3's tokenizer_config.json), its end of turn,
+    and the Qwen3-Reranker's answer tokens and empty think block."""
+    tok = transformers.AutoTokenizer.from_pretrained(fixture_dir("qwen3"))
+    added = {text: i for text, i in tok.get_added_vocab().items() if i >= 151665}
+    assert added == {"<tool_response>": 151665, "</tool_response>": 151666, "<think>": 151667, "</think>": 151668}
+    assert not {"<think>", "</think>"} & set(tok.all_special_tokens)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    assert tok.convert_tokens_to_ids(["yes", "no"]) == [9693, 2152]
+    assert tok.encode("<think>\n\n</think>\n\n") == [151667, 271, 151668, 271]
 
 
 def test_family_structure(fixture_dir):
@@ -50,6 +63,15 @@ def test_family_structure(fixture_dir):
     assert llama.config["rope_scaling"]["rope_type"] == "llama3"
     mistral = open_checkpoint(fixture_dir("mistral"))
     assert mistral.config["head_dim"] * mistral.config["num_attention_heads"] != mistral.config["hidden_size"]
+
+    qwen3 = open_checkpoint(fixture_dir("qwen3"))
+    assert qwen3.config["head_dim"] * qwen3.config["num_attention_heads"] == 2 * qwen3.config["hidden_size"]
+    assert qwen3.tensors["model.layers.1.self_attn.q_norm.weight"].shape == (qwen3.config["head_dim"],)
+    assert "model.layers.0.self_attn.k_norm.weight" in qwen3.tensors and "lm_head.weight" in qwen3.tensors
+    assert not any(name.endswith(".bias") for name in qwen3.tensors)
+    reranker = open_checkpoint(fixture_dir("qwen3-reranker-behaving"))
+    assert reranker.architecture == "Qwen3ForCausalLM" and reranker.config["tie_word_embeddings"]
+    assert "lm_head.weight" not in reranker.tensors
 
 
 def test_fixture_build_is_deterministic(tmp_path, fixture_dir, monkeypatch):
@@ -105,7 +127,7 @@ def test_trained_fixtures_are_rebuilt_from_the_shipped_weights(fixture_dir):
     from quantize.fixtures.registry import expected_weights
     from quantize.fixtures.trained import trained_metadata
 
-    for name in ("behaving", "behaving-think"):
+    for name in ("behaving", "behaving-think", "qwen3-reranker-behaving"):
         folder = fixture_dir(name)
         recorded = json.loads((folder / "fixture.json").read_text())
         assert weights_digest(folder) == recorded["weights_sha256"] == expected_weights()[name]
