@@ -6,6 +6,9 @@ The work folder holds everything the study makes, and every step resumes from it
     WORK/inputs/pairs.jsonl, qrels.txt       the pairs to score (rewritten only if they would change: they must not)
     WORK/exports/gguf[-imatrix]/…, weight-quant/…   one export per type, made once (atomic writes)
     WORK/runs/reference-<backend>-<dtype>.jsonl, runs/<TYPE>.jsonl   run files: rows appended as pairs finish
+    WORK/runs/<TYPE>@<BUDGET>.jsonl          with --budgets or --prefilter: each type's calibration run (its one
+                                             operating point scored directly, and timed)
+    WORK/runs/prefilter.jsonl                with --prefilter: the prefilter's scores of every pair
     WORK/study-state.json                    the inputs, source model and settings this folder belongs to
 
 A study killed at any point and started again exports nothing twice and scores only the pairs its run files lack.
@@ -195,8 +198,10 @@ def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Pa
 def prefilter_job(settings: StudySettings, pairs_file: Path, runs: Path) -> ScoringJob:
     """The prefilter scores every pair (its results are the cascade points' documents below the cut, and its ranking
     decides which documents rank1's results are kept for)."""
+    from rank1_local.pipeline.cascade import prefilter_config
+
     sweep = settings.sweep
-    config = ScoringConfig(max_think_tokens=settings.config.max_think_tokens, n_ctx=settings.config.n_ctx).to_dict()
+    config = prefilter_config(settings.config.without_derived()).to_dict()
     engine: dict[str, Any] = {"parallel": settings.parallel, "threads": settings.threads,
                               "n_gpu_layers": settings.n_gpu_layers} if sweep.prefilter_backend == "llama.cpp" \
         else {"dtype": "auto", "device": "auto"}

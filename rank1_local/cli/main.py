@@ -130,9 +130,9 @@ def backend_choice(args: argparse.Namespace, config: ScoringConfig | None = None
 
 def prefilter_choice(args: argparse.Namespace, config: ScoringConfig) -> tuple[BackendChoice, ScoringConfig] | None:
     """``--prefilter MODEL --keep N``: the prefilter's backend and settings (the engine flags the main model was given,
-    where its backend has them) and its protocol settings (the main model's context), checked before anything loads;
-    None without ``--prefilter``."""
-    from rank1_local.pipeline.cascade import check_keep
+    where its backend has them) and its protocol settings (:func:`~rank1_local.pipeline.cascade.prefilter_config`),
+    checked before anything loads; None without ``--prefilter``."""
+    from rank1_local.pipeline.cascade import check_keep, prefilter_config
 
     prefilter, keep = getattr(args, "prefilter", None), getattr(args, "keep", None)
     if prefilter is None:
@@ -151,15 +151,14 @@ def prefilter_choice(args: argparse.Namespace, config: ScoringConfig) -> tuple[B
     if values.get("enable_prefix_caching") is False:
         values["enable_prefix_caching"] = None
     settings = spec.settings(**values)
-    prefilter_config = ScoringConfig(max_think_tokens=config.max_think_tokens, n_ctx=config.n_ctx,
-                                     protocol=config.protocol, truncate_passages=config.truncate_passages)
+    first_config = prefilter_config(config)
     check = getattr(settings, "check_config", None)
     if check is not None:
-        check(prefilter_config)
+        check(first_config)
     card = getattr(args, "prefilter_card", None)
     if card is not None:
         card_named(card)
-    return BackendChoice(spec, settings, card=card), prefilter_config
+    return BackendChoice(spec, settings, card=card), first_config
 
 
 def open_model(args: argparse.Namespace, config: ScoringConfig, choice: BackendChoice | None = None) -> Reranker:
@@ -344,7 +343,8 @@ def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help
                    help="with --prefilter: documents per query rank1 reasons over")
     p.add_argument("--prefilter-backend", choices=BACKENDS, default="llama.cpp",
                    help="the library that runs the prefilter (default llama.cpp; it takes the engine flags above "
-                        "that its backend has)")
+                        "that its backend has, and the context rank1's prompt has beside its budget: n-ctx minus "
+                        "max-think-tokens)")
     p.add_argument("--prefilter-card", default=None, metavar="|".join(CARDS),
                    help="the prefilter's card (default: recognised from its metadata and name)")
     p.add_argument("--verify", choices=VERIFY_MODES, default=None,

@@ -43,6 +43,14 @@ from rank1_local.core.results import Rank1Result, RunStats
 logger = logging.getLogger(__name__)
 
 
+def prefilter_config(config: ScoringConfig) -> ScoringConfig:
+    """The settings a prefilter gets beside a reranker with ``config`` (the command line's and the study's choice):
+    the context rank1's prompt has beside its budget (``n_ctx - max_think_tokens``: a prefill reranker needs no more,
+    and its KV cache stays small), and a budget of 1 (it answers at once)."""
+    return ScoringConfig(max_think_tokens=1, n_ctx=config.n_ctx - config.max_think_tokens, protocol=config.protocol,
+                         truncate_passages=config.truncate_passages)
+
+
 def check_keep(keep: Any) -> int:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise Rank1Error(f"keep must be at least 1 (the documents per query the reranker reasons over), got {keep!r}")
