@@ -13,6 +13,7 @@ from benchmarks.runfile import Run, RunRow
 from benchmarks.study import statistics as st
 from benchmarks.study.operating_points import (
     OperatingPoint,
+    TypeRuns,
     Work,
     analyse_points,
     choose,
@@ -75,11 +76,10 @@ def test_points_from_runs_derive_budgets_cut_the_cascade_and_time_each():
                                               (("d1", 0.65), ("d2", 0.9), ("d3", 0.7), ("d4", 0.1))}, None)
     ref = Run(Path("ref.jsonl"), {k: row(*k, 0.9 if k[1] == "d1" else 0.1) for k in rows}, None)
     qrels = {"q": {"d1": 1, "d2": 0, "d3": 0, "d4": 0}}
-    out = analyse_points(ref, {"T": sweep}, {"T": direct}, [8, 64], qrels=qrels,
-                         order={("q", f"d{i}"): i for i in range(1, 5)}, peaks={"T": 1000},
-                         seconds={"T.jsonl": 10.0, "T@8.jsonl": 4.0, "prefilter.jsonl": 2.0}, prefilter=prefilter,
-                         prefilter_name="p.gguf", prefilter_seconds=2.0, prefilter_peak=500, keeps=[2],
-                         target_latency=100.0)
+    t = TypeRuns("T", sweep, direct, {"T.jsonl": 10.0, "T@8.jsonl": 4.0}, 1000)
+    out = analyse_points(ref, [t], [8, 64], qrels=qrels, order={("q", f"d{i}"): i for i in range(1, 5)},
+                         prefilter=prefilter, prefilter_name="p.gguf", prefilter_seconds=2.0, prefilter_peak=500,
+                         keeps=[2], target_latency=100.0)
     by = {(p.budget, p.keep): p for p in out.points}
     assert by[(64, None)].ndcg10.value == 1.0  # d1 first
     assert by[(8, None)].ndcg10.value == pytest.approx(1 / np.log2(5))  # d1 (0.1) last of four
@@ -94,3 +94,18 @@ def test_points_from_runs_derive_budgets_cut_the_cascade_and_time_each():
     assert (check.same_text, check.pairs, check.max_abs_diff) == (4, 4, 0.0)
     assert by[(8, None)].flip_count == 2 and by[(64, None)].flip_count == 1  # d2 (0.6) at both, d1 at 8
     assert out.target.best == by[(64, None)].name
+
+
+def test_with_one_budget_the_runs_own_time_is_the_measured_point():
+    """A prefilter without --budgets: the calibration run (1 token) only calibrates; the one budget's point is measured
+    by the run itself, the cascade point derived."""
+    rows = {("q", d): row("q", d, s, 10) for d, s in (("d1", 0.9), ("d2", 0.2))}
+    calibration = Run(Path("T@1.jsonl"), {k: row(*k, 0.5, 1, forced=True) for k in rows}, None)
+    prefilter = Run(Path("prefilter.jsonl"), {k: row(*k, 0.5, 1) for k in rows}, None)
+    t = TypeRuns("T", Run(Path("T.jsonl"), rows, None), calibration, {"T.jsonl": 3.0, "T@1.jsonl": 1.0}, None)
+    out = analyse_points(Run(Path("ref.jsonl"), rows, None), [t], [64], qrels={"q": {"d1": 1}}, order={},
+                         prefilter=prefilter, prefilter_seconds=0.5, keeps=[1])
+    plain, cascade = out.points
+    assert (plain.timing, plain.seconds_per_query) == ("measured", 3.0) and not out.checks
+    assert cascade.timing == "derived" and cascade.seconds_per_query == pytest.approx(
+        out.time_models["T"].seconds(Work(1, 100, 10, 0)) + 0.5)

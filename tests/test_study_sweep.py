@@ -91,6 +91,9 @@ def test_the_sweep_reports_each_budget_the_frontier_and_the_target(swept):
     markdown = (tmp / "out" / "study.md").read_text()
     assert "## Operating points" in markdown and f"**Target {TARGET} s per query**: the best point is" in markdown
     assert (tmp / "out" / "study.png").stat().st_size > 30_000
+    from benchmarks.study.report import render_markdown, report_from_json
+
+    assert render_markdown(report_from_json(report)) == markdown  # study.json holds all of it (--html-only)
 
 
 QWEN3 = "qwen3-reranker-behaving"

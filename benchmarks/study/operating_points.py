@@ -11,9 +11,10 @@ Where each number comes from:
 - A cascade point (rank1 on the prefilter's best N per query) takes rank1's results on the kept documents from the
   type's run over every document (a cascade gives rank1's own scores on them: tests/test_cascade.py) and the
   prefilter's results below the cut, in the prefilter's order (ties: input order), as ``rerank --prefilter`` does.
-- Time: each type's calibration run is *measured* (its wall time for scoring, from its run header). The others are
-  *derived* from token counts: seconds = a × prompt tokens + b × (generated tokens + forced answers), where a and b
-  are the type's costs per prompt token and per generated token on this machine, solved from its two runs (the
+- Time: one point per type is *measured* (its scoring time, from its run header): the calibration run's, or with one
+  budget (a prefilter alone: its calibration run has 1 token, a budget of its own), the type's run itself. The others
+  are *derived* from token counts: seconds = a × prompt tokens + b × (generated tokens + forced answers), where a and
+  b are the type's costs per prompt token and per generated token on this machine, solved from its two runs (the
   calibration run and the budget sweep's own run, whose cuts' forced answers it counts); a forced answer costs about
   one step. A cascade point adds the prefilter's measured time over every document.
 - Peak memory: the peak resident memory of the type's scoring processes (and, for a cascade point, the prefilter's
@@ -22,7 +23,6 @@ Where each number comes from:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +136,11 @@ def prompt_tokens(run: Run) -> dict[Key, int]:
     return out
 
 
+def budget_of(calibration: Run) -> int:
+    """A calibration run's budget, from its name (``TYPE@BUDGET.jsonl``)."""
+    return int(calibration.path.name.removesuffix(".jsonl").rsplit("@", 1)[1])
+
+
 def solve_time_model(runs: Sequence[tuple[str, float, Work]]) -> TimeModel:
     """The two costs that fit the measured runs best, neither negative (least squares; exact through two runs)."""
     from scipy.optimize import nnls
@@ -212,82 +217,96 @@ def _ndcg(scores: Mapping[Key, float], qrels: Qrels | None, drop_without_relevan
     return out
 
 
-def analyse_points(ref: Run, runs: Mapping[str, Run], calibration: Mapping[str, Run], budgets: Sequence[int], *,
-                   qrels: Qrels | None, order: Mapping[Key, int], peaks: Mapping[str, int | None],
-                   seconds: Mapping[str, float | None], prefilter: Run | None = None, prefilter_name: str | None = None,
+@dataclass
+class TypeRuns:
+    """One type's runs and what they cost: its budget sweep, its calibration run (None: one budget, nothing derived),
+    each run's measured scoring time by file name, its peak memory."""
+
+    label: str
+    sweep: Run
+    calibration: Run | None
+    seconds: Mapping[str, float | None]
+    peak: int | None
+
+
+def calibrate(t: TypeRuns, budgets: Sequence[int], tokens: Mapping[Key, int]) -> tuple[
+        TimeModel | None, DerivationCheck | None, tuple[int, str] | None]:
+    """A type's time model (from its sweep run, whose cuts' forced answers it counts, and its calibration run), the
+    derivation against the calibration run, and the point whose time is measured with the run that measured it: the
+    calibration run's, or with one budget and nothing derived, the sweep run's own (None when it has no time)."""
+    sweep_work = Work()
+    for key, row in t.sweep.rows.items():
+        sweep_work.add(row, tokens[key])
+        sweep_work.forced += sum(c.forced for c in row.cuts or ())
+    runs = [(t.sweep.path.name, sweep_work)]
+    check, measured = None, None
+    if t.calibration is not None:
+        direct, budget = t.calibration, budget_of(t.calibration)
+        work = Work()
+        for key, row in direct.rows.items():
+            work.add(row, tokens.get(key, 0))
+        runs.append((direct.path.name, work))
+        if budget in budgets:
+            measured = (budget, direct.path.name)
+            derived = {k: r.at_budget(budget) for k, r in t.sweep.rows.items()}
+            common = sorted(set(derived) & set(direct.rows))
+            check = DerivationCheck(t.label, budget, len(common), sum(
+                (derived[k].reasoning, derived[k].n_tokens, derived[k].forced) ==
+                (direct.rows[k].reasoning, direct.rows[k].n_tokens, direct.rows[k].forced) for k in common),
+                max((abs(derived[k].score - direct.rows[k].score) for k in common), default=0.0))
+    if measured is None and len(budgets) == 1:
+        measured = (budgets[0], t.sweep.path.name)
+    times = [t.seconds.get(name) for name, _ in runs]
+    if any(s is None for s in times):
+        return None, check, None
+    return solve_time_model([(name, float(s), w) for (name, w), s in zip(runs, times)]), check, measured
+
+
+def analyse_points(ref: Run, types: Sequence[TypeRuns], budgets: Sequence[int], *, qrels: Qrels | None,
+                   order: Mapping[Key, int], prefilter: Run | None = None, prefilter_name: str | None = None,
                    prefilter_seconds: float | None = None, prefilter_peak: int | None = None,
                    keeps: Sequence[int] = (), target_latency: float | None = None,
                    drop_without_relevant: bool = False) -> OperatingPoints:
-    """Every operating point of the study from its run files (``runs``: each type's budget sweep; ``calibration``:
-    each type's direct run at the smallest budget; ``seconds``: each run file's measured scoring time, by its path's
-    name; ``peaks``: each type's peak memory; ``order``: each pair's position in the pairs file)."""
+    """Every operating point of the study from its run files: per type, budget and cut (None: every document) its
+    rows (derived from the sweep's cuts; a cascade's kept rows, the prefilter's below them), its quality, flips,
+    time and memory (``order``: each pair's position in the pairs file, which breaks the prefilter's ties)."""
     budgets = sorted(budgets)
     ranking = cascade_order(prefilter, order) if prefilter is not None else {}
-    queries = sorted({q for q, _ in ref.rows})
+    queries = len({q for q, _ in ref.rows})
     points, models, checks = [], {}, []
-    for label, run in runs.items():
-        tokens = prompt_tokens(run)
-        # the type's cost per token: from its sweep run (its cuts' forced answers counted) and its calibration run
-        sweep_work = Work()
-        for key, row in run.rows.items():
-            sweep_work.add(row, tokens[key])
-            sweep_work.forced += sum(c.forced for c in row.cuts or ())
-        measured = [(run.path.name, seconds[run.path.name], sweep_work)]
-        if label in calibration:
-            direct = calibration[label]
-            budget = int(direct.path.name.removesuffix(".jsonl").rsplit("@", 1)[1])
-            work = Work()
-            for key, row in direct.rows.items():
-                work.add(row, tokens.get(key, 0))
-            measured.append((direct.path.name, seconds[direct.path.name], work))
-            if budget in budgets:
-                derived = {k: r.at_budget(budget) for k, r in run.rows.items()}
-                common = sorted(set(derived) & set(direct.rows))
-                checks.append(DerivationCheck(label, budget, len(common), sum(
-                    (derived[k].reasoning, derived[k].n_tokens, derived[k].forced) ==
-                    (direct.rows[k].reasoning, direct.rows[k].n_tokens, direct.rows[k].forced) for k in common),
-                    max((abs(derived[k].score - direct.rows[k].score) for k in common), default=0.0)))
-        if any(s is None for _, s, _ in measured):
-            model = None
-        else:
-            model = models[label] = solve_time_model([(n, float(s), w) for n, s, w in measured])  # type: ignore
-        measured_budget = (int(calibration[label].path.name.removesuffix(".jsonl").rsplit("@", 1)[1])
-                           if label in calibration else budgets[-1])
+    for t in types:
+        tokens = prompt_tokens(t.sweep)
+        model, check, measured = calibrate(t, budgets, tokens)
+        if model is not None:
+            models[t.label] = model
+        if check is not None:
+            checks.append(check)
         for budget in budgets:
-            rows = {k: r.at_budget(budget) for k, r in run.rows.items()} if budget != budgets[-1] else run.rows
+            rows = t.sweep.rows if budget == budgets[-1] else {k: r.at_budget(budget) for k, r in t.sweep.rows.items()}
             for keep in (None, *keeps):
                 if keep is None:
-                    judged = dict(rows)
-                    scores = {k: r.score for k, r in rows.items()}
+                    judged, scores = rows, {k: r.score for k, r in rows.items()}
                 else:
                     assert prefilter is not None
                     kept = {(q, d) for q, docs in ranking.items() for d in docs[:keep]}
                     judged = {k: r for k, r in rows.items() if k in kept}
-                    scores = {k: (r.score + TIER if k in kept else prefilter.rows[k].score)
-                              for k, r in ((k, rows[k]) for k in prefilter.rows if k in rows)}
+                    scores = {k: rows[k].score + TIER if k in kept else prefilter.rows[k].score
+                              for k in prefilter.rows if k in rows}
                 work = Work()
                 for key, row in judged.items():
                     work.add(row, tokens.get(key, 0))
-                timing, per_query = "derived", None
-                if keep is None and budget == measured_budget and model is not None:
-                    name = calibration[label].path.name if label in calibration else run.path.name
-                    timing, total = "measured", model.measured[name]
-                elif model is not None:
+                timing, total = "derived", None
+                if model is not None and keep is None and measured is not None and budget == measured[0]:
+                    timing, total = "measured", model.measured[measured[1]]
+                elif model is not None and (keep is None or prefilter_seconds is not None):
                     total = model.seconds(work) + (prefilter_seconds or 0.0 if keep is not None else 0.0)
-                    if keep is not None and prefilter_seconds is None:
-                        total = math.nan
-                else:
-                    total = math.nan
-                per_query = None if math.isnan(total) else total / len(queries)
                 ndcg = _ndcg(scores, qrels, drop_without_relevant) if qrels is not None else {}
                 flips, flip_count = _flips(ref, judged)
-                peak = peaks.get(label)
-                if keep is not None and peak is not None and prefilter_peak is not None:
-                    peak += prefilter_peak
+                peak = t.peak + prefilter_peak if keep is not None and t.peak and prefilter_peak else t.peak
                 points.append(OperatingPoint(
-                    label, budget, keep, len(queries), len(judged),
+                    t.label, budget, keep, queries, len(judged),
                     st.mean_interval(np.array(list(ndcg.values()))) if ndcg else None, flips, flip_count,
-                    per_query, timing, peak, work, per_query_ndcg10=ndcg))
+                    None if total is None else total / queries, timing, peak, work, per_query_ndcg10=ndcg))
     pareto(points)
     result = OperatingPoints(points, models, checks, prefilter_name, prefilter_seconds, prefilter_peak)
     if target_latency is not None:

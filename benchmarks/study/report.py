@@ -27,7 +27,14 @@ from benchmarks.study.analysis import (
 )
 from benchmarks.study.exports import IMATRIX_SUFFIX
 from benchmarks.study.inputs import StudyInputs, read_qrels
-from benchmarks.study.operating_points import ALPHA, OperatingPoints, analyse_points, choose, points_from_json
+from benchmarks.study.operating_points import (
+    ALPHA,
+    OperatingPoints,
+    TypeRuns,
+    analyse_points,
+    choose,
+    points_from_json,
+)
 from benchmarks.study.study import StudyRuns, StudySettings, machine, run_cost
 from rank1_local.core.pairs import passage_text
 from rank1_local.runs.atomic import atomic_path, write_text_atomic
@@ -157,16 +164,17 @@ def operating_points(runs: StudyRuns, settings: StudySettings, ref: Any, loaded:
         values = [read_job_record(p).get("peak_rss_bytes") for p in paths]
         return max((v for v in values if v), default=None)
 
-    calibration = {label: read_run(path) for label, path in runs.calibration.items()}
-    files = [*runs.runs.values(), *runs.calibration.values()]
+    types = []
+    for label, path in runs.runs.items():
+        calibration = runs.calibration.get(label)
+        files = [path, *([calibration] if calibration else [])]
+        types.append(TypeRuns(label, loaded[label], read_run(calibration) if calibration else None,
+                              {p.name: seconds(p) for p in files}, peak(*files)))
     prefilter = read_run(runs.prefilter) if runs.prefilter is not None else None
     order = {(r.qid, r.docid): i for i, r in enumerate(read_pairs(runs.pairs_file))}
     sweep = settings.sweep
     return analyse_points(
-        ref, loaded, calibration, settings.budgets, qrels=qrels, order=order,
-        peaks={label: peak(path, *([runs.calibration[label]] if label in runs.calibration else []))
-               for label, path in runs.runs.items()},
-        seconds={p.name: seconds(p) for p in files}, prefilter=prefilter, prefilter_name=sweep.prefilter,
+        ref, types, settings.budgets, qrels=qrels, order=order, prefilter=prefilter, prefilter_name=sweep.prefilter,
         prefilter_seconds=seconds(runs.prefilter) if runs.prefilter is not None else None,
         prefilter_peak=peak(runs.prefilter) if runs.prefilter is not None else None, keeps=sweep.keeps,
         target_latency=sweep.target_latency, drop_without_relevant=settings.drop_queries_without_relevant)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -39,8 +38,6 @@ from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, normalize_pairs
 from rank1_local.core.reranker import PREFILTER_STAGE, Reranker
 from rank1_local.core.results import Rank1Result, RunStats
-
-logger = logging.getLogger(__name__)
 
 
 def prefilter_config(config: ScoringConfig) -> ScoringConfig:
