@@ -107,7 +107,7 @@ def test_derived_budgets_equal_direct_runs_on_the_behaving_fixture(backend, fixt
     from rank1_local import open_reranker
 
     model = exported("behaving", "F16") if backend == "llama.cpp" else fixture_dir("behaving")
-    pairs = [Pair(p.query, p.passage) for p in study_pairs()[:24]]
+    pairs = [Pair(p.query, p.passage) for p in study_pairs()[:16]]
     budgets = (8, 16, 32)
     config = ScoringConfig(max_think_tokens=48, n_ctx=256, derive_budgets=budgets)
     settings = {"parallel": 4, "threads": 2} if backend == "llama.cpp" else {"dtype": "float32", "device": "cpu"}
