@@ -37,9 +37,10 @@ def point(name, seconds, ndcg, per_query=None):
 
 def test_the_frontier_keeps_the_points_nothing_beats_on_both():
     points = [point("a", 1.0, 0.5), point("b", 2.0, 0.7), point("c", 2.5, 0.6), point("d", 3.0, 0.7),
-              point("e", 0.5, 0.4), point("f", 2.0, 0.7)]
+              point("e", 0.5, 0.4), point("f", 2.0, 0.7), point("g", 2.0, 0.65), point("h", 0.5, 0.3)]
     pareto(points)
-    assert [p.type for p in points if p.frontier] == ["a", "b", "e", "f"]  # c and d are beaten by b; b and f tie
+    # c and d are beaten by b; b and f tie; g is as fast as b and worse, h as fast as e and worse
+    assert [p.type for p in points if p.frontier] == ["a", "b", "e", "f"]
 
 
 def test_a_target_names_the_best_point_within_it_and_the_ones_a_test_cannot_tell_apart():
