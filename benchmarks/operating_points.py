@@ -9,7 +9,7 @@ query word the same word, its five same-category words and two others (42 querie
 reference is transformers fp32 at 64 tokens. The numbers test the machinery (does the derivation, the cascade, the time
 model and the frontier work end to end); they say nothing of rank1's quality or speed on real data. Usage:
 
-    python benchmarks/operating_points.py [--work DIR] [--out benchmarks/results] [--target-latency 0.05]
+    python benchmarks/operating_points.py [--work DIR] [--out benchmarks/results] [--target-latency 1]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parallel", type=int, default=8)
-    parser.add_argument("--target-latency", type=float, default=0.05, help="seconds per query (default 0.05)")
+    parser.add_argument("--target-latency", type=float, default=1.0, help="seconds per query (default 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
