@@ -20,7 +20,8 @@ from rank1_local.core.pairs import Pair
 from rank1_local.core.prompt import build_prompt, format_passage, format_query
 from rank1_local.core.reranker import Reranker
 from rank1_local.core.results import Rank1Result, RunStats
+from rank1_local.pipeline.cascade import Cascade
 from rank1_local.version import __version__
 
-__all__ = ["CARDS", "LlamaSettings", "ModelCard", "Pair", "Rank1", "Rank1Error", "Rank1Result", "Reranker", "RunStats",
-           "ScoringConfig", "__version__", "build_prompt", "format_passage", "format_query", "open_reranker"]
+__all__ = ["CARDS", "Cascade", "LlamaSettings", "ModelCard", "Pair", "Rank1", "Rank1Error", "Rank1Result", "Reranker",
+           "RunStats", "ScoringConfig", "__version__", "build_prompt", "format_passage", "format_query", "open_reranker"]

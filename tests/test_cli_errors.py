@@ -310,7 +310,7 @@ def test_ctrl_c_on_docs_prints_the_partial_ranking_marked_partial(tmp_path, monk
 
     docs = tmp_path / "docs.txt"
     docs.write_text("apple passage\ntiger passage\ncherry passage\n")
-    monkeypatch.setattr(cli, "_model", lambda args, config: _InterruptedModel({2: 0.4, 0: 0.9}))
+    monkeypatch.setattr(cli, "open_model", lambda args, config, choice=None: _InterruptedModel({2: 0.4, 0: 0.9}))
     assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs), "--format", fmt]) == 130
     out, err = capsys.readouterr()
     assert "resume" not in err and "rows already written" not in err
@@ -321,7 +321,7 @@ def test_ctrl_c_on_docs_prints_the_partial_ranking_marked_partial(tmp_path, monk
         assert "apple passage" in lines[2] and "cherry passage" in lines[3] and len(lines) == 4
     else:
         assert [json.loads(line)["docid"] for line in out.splitlines()] == ["0", "2"]
-    monkeypatch.setattr(cli, "_model", lambda args, config: _InterruptedModel({}))
+    monkeypatch.setattr(cli, "open_model", lambda args, config, choice=None: _InterruptedModel({}))
     assert rerank(["-q", "rerank", "--model", "m.gguf", "--query", "q", "--docs", str(docs)]) == 130
     out, err = capsys.readouterr()
     assert out == "" and "none of the 3 passages was judged; nothing to show" in err and "resume" not in err

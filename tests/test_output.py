@@ -13,7 +13,7 @@ from rank1_local.core.results import Rank1Result, build_result, judgment_fields,
 
 pytestmark = pytest.mark.quick
 
-FIELDS = {"score", "relevant", "reasoning", "n_tokens", "forced", "truncated", "too_long", "cached"}
+FIELDS = {"score", "relevant", "reasoning", "n_tokens", "forced", "truncated", "too_long", "cached", "n_prompt_tokens"}
 
 
 def result(index: int, score: float, **kw) -> Rank1Result:

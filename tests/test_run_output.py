@@ -114,6 +114,17 @@ def test_a_killed_run_leaves_a_header_and_the_next_run_is_checked_against_it(tmp
     assert len(rows(out)) == 6 and read_header(header_path(out)).pairs == 6
 
 
+
+def test_a_finished_run_run_again_keeps_its_header_s_time_and_tokens(tmp_path):
+    """Running a finished file again scores nothing, and leaves its header's record of the runs that made it (the
+    study times its points from it) as it was, not the time of a run that did nothing."""
+    pairs, out = pairs_file(tmp_path), tmp_path / "done.jsonl"
+    assert run_scripted(pairs, out) == 6
+    before = header_path(out).read_bytes()
+    assert read_header(header_path(out)).generated_tokens > 0
+    assert run_scripted(pairs, out) == 0
+    assert header_path(out).read_bytes() == before
+
 def test_rows_without_a_header_are_refused_unless_forced(tmp_path, capsys):
     pairs, out = pairs_file(tmp_path), tmp_path / "k.jsonl"
     out.write_text("".join(json.dumps({"qid": "q", "docid": f"d{i}", "score": 0.5}) + "\n" for i in range(2)))

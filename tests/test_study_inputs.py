@@ -169,6 +169,16 @@ def test_study_types():
     (["--pairs", "{tmp}/missing.jsonl"], "no such file"),
     (["--pairs", "{tmp}/pairs.jsonl", "--run", "{tmp}/r.trec"], "--run goes with"),
     (["--pairs", "{tmp}/pairs.jsonl", "--reference", "vllm", "--vllm-python", "{tmp}/nopython"], "no such Python"),
+    (["--budgets", "8,4096", "--n-ctx", "2048"], r"n_ctx (2048) leaves no room"),
+    (["--budgets", "8,0"], "values must be at least 1"),
+    (["--budgets", "8,64", "--rethink-rounds", "1"], "cannot go with rethink_rounds"),
+    (["--keep", "4"], "--keep goes with --prefilter"),
+    (["--prefilter", "{tmp}/p.gguf"], "--prefilter needs --keep"),
+    (["--prefilter", "{tmp}/p.gguf", "--keep", "0"], "values must be at least 1"),
+    (["--target-latency", "0"], "--target-latency must be more than 0"),
+    (["--target-latency", "2"], "--target-latency picks the point with the best nDCG@10, which needs qrels"),
+    (["--budgets", "8,64", "--ray", "local"], "--budgets and --prefilter do not run on Ray"),
+    (["--budgets", "8,64", "--types", "gptq-4bit", "--weight-quant-backend", "vllm"], "GPTQ/AWQ types with --budgets"),
 ])
 def test_study_errors_are_one_line_and_early(tmp_path, capsys, args, message):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "y"}) + "\n")

@@ -28,6 +28,32 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def counts(text: str | None, flag: str, *, all_word: bool = False) -> tuple[int, ...]:
+    """``--budgets 8,16,64`` / ``--keep all,4``: whole numbers of at least 1 ("all" skipped where it means every
+    document), or an error naming the flag."""
+    if text is None:
+        return ()
+    words = [x.strip() for x in text.split(",") if x.strip() and not (all_word and x.strip().lower() == "all")]
+    try:
+        values = tuple(int(x) for x in words)
+    except ValueError:
+        raise Rank1Error(f"{flag}: expected comma-separated whole numbers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise Rank1Error(f"{flag}: values must be at least 1, got {text!r}")
+    return values
+
+
+def sweep_config(args: argparse.Namespace):  # -> ScoringConfig
+    """The protocol settings, with ``--budgets``: the largest is generated, the others derived from it."""
+    import dataclasses
+
+    budgets = sorted(set(counts(args.budgets, "--budgets")))
+    if not budgets:
+        return scoring_config(args)
+    args.max_think_tokens = budgets[-1]
+    return dataclasses.replace(scoring_config(args), derive_budgets=tuple(budgets[:-1]))
+
+
 def read_study_inputs(args: argparse.Namespace):  # -> StudyInputs
     from benchmarks.study import inputs
 
@@ -55,18 +81,26 @@ def cmd_study(args: argparse.Namespace) -> int:
     from benchmarks.study.scoring import RayOptions, make_scorer
     from benchmarks.study.study import (
         StudySettings,
+        Sweep,
         check_engines,
+        check_sweep,
         check_vllm_python,
         default_reference,
         run_study,
     )
 
+    config = sweep_config(args)  # a bad budget is refused before anything else
+    sweep = Sweep(args.prefilter, args.prefilter_backend, counts(args.keep, "--keep", all_word=True),
+                  args.target_latency)
     ray = None
+    if uses_ray(args) and (config.derive_budgets or sweep.prefilter):
+        raise Rank1Error("--budgets and --prefilter do not run on Ray yet: leave out --ray")
     if uses_ray(args):  # a Ray-only flag without --ray is refused here, before anything runs
         ray = RayOptions(args.ray, workers=args.workers or 1, threads_per_worker=args.threads_per_worker or args.threads or 1,
                          gpus_per_worker=args.gpus_per_worker or 0.0, pairs_per_block=args.pairs_per_block)
     scorer = make_scorer(ray)
     types = parse_study_types(args.types)
+    check_sweep(config, types, args.weight_quant_backend)
     check_vllm_python(args.vllm_python)
     if args.reference is None:
         args.reference = "vllm" if ray is not None else default_reference(args.vllm_python)
@@ -76,19 +110,22 @@ def cmd_study(args: argparse.Namespace) -> int:
     for flag, folder in (("--work", args.work), ("--out", args.out)):
         check_output_folder(folder, flag)
     study_inputs = read_study_inputs(args)
+    if sweep.target_latency is not None and study_inputs.qrels is None:
+        raise Rank1Error("--target-latency picks the point with the best nDCG@10, which needs qrels (--qrels, or a "
+                         "BEIR folder, ir_datasets or MTEB task with judgments)")
     if args.prompt is None and args.dataset is None and study_inputs.dataset:
         args.dataset = study_inputs.dataset
         logger.info("dataset prompt: %s's, as the official evaluation picks it (--dataset none for no prompt)",
                     study_inputs.dataset)
     settings = StudySettings(
-        model=args.model, types=types, config=scoring_config(args), work=args.work, out=args.out,
+        model=args.model, types=types, config=config, work=args.work, out=args.out,
         reference=args.reference, reference_dtype=args.reference_dtype, vllm_python=args.vllm_python,
         weight_quant_backend=args.weight_quant_backend, parallel=args.parallel, threads=args.threads,
         n_gpu_layers=args.n_gpu_layers,
         calibration=Calibration(args.calibration, args.calibration_size, args.calibration_seed,
                                 args.calibration_budget),
         recall_k=args.recall_k, drop_queries_without_relevant=args.drop_queries_without_relevant, title=args.title,
-        note=args.note, progress=not args.quiet)
+        note=args.note, progress=not args.quiet, sweep=sweep)
     runs = run_study(study_inputs, settings, scorer)
     report = analyse_study(runs, study_inputs, settings)
     files = write_report(report, args.out)
@@ -129,6 +166,21 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-quant-backend", choices=["transformers", "vllm"], default="transformers",
                    help="where GPTQ/AWQ checkpoints run (default transformers)")
     add_scoring_args(p, budget=OFFICIAL_BUDGET, n_ctx=OFFICIAL_CONTEXT)
+    p.add_argument("--budgets", default=None, metavar="B1,B2,…",
+                   help="reasoning budgets to map, e.g. 128,512,2048,8192: the largest is generated (it replaces "
+                        "--max-think-tokens) and each smaller one derived from that one generation; every budget is "
+                        "an operating point")
+    p.add_argument("--prefilter", default=None, metavar="MODEL",
+                   help="a fast reranker (a Qwen3-Reranker GGUF) scored on every pair: with --keep, the cascade "
+                        "points (rank1 on its best N per query, its order below them)")
+    p.add_argument("--prefilter-backend", choices=("llama.cpp", "transformers"), default="llama.cpp",
+                   help="the library that runs the prefilter (default llama.cpp)")
+    p.add_argument("--keep", default=None, metavar="N[,N…]",
+                   help="with --prefilter: the cuts to map (documents per query rank1 reasons over); every "
+                        "document (all) is always a point")
+    p.add_argument("--target-latency", type=float, default=None, metavar="SECONDS",
+                   help="name the point with the best nDCG@10 within SECONDS per query on this machine, and the "
+                        "points a paired test cannot tell apart from it (needs qrels)")
     p.add_argument("--parallel", type=int, default=8, help="llama.cpp: pairs decoded together (default 8)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp: layers offloaded to the GPU (-1: all)")

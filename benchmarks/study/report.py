@@ -27,6 +27,14 @@ from benchmarks.study.analysis import (
 )
 from benchmarks.study.exports import IMATRIX_SUFFIX
 from benchmarks.study.inputs import StudyInputs, read_qrels
+from benchmarks.study.operating_points import (
+    ALPHA,
+    OperatingPoints,
+    TypeRuns,
+    analyse_points,
+    choose,
+    points_from_json,
+)
 from benchmarks.study.study import StudyRuns, StudySettings, machine, run_cost
 from rank1_local.core.pairs import passage_text
 from rank1_local.runs.atomic import atomic_path, write_text_atomic
@@ -77,6 +85,7 @@ class StudyReport:
     imatrix: list[TypeComparison] = field(default_factory=list)
     seconds: float | None = None
     pair_set: PairSet | None = field(default=None, repr=False)  # each run's pairs, for study.html (not study.json)
+    points: OperatingPoints | None = None  # --budgets, --prefilter, --target-latency: the operating points
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(replace(self, pair_set=None)) | {"methods": METHODS}
@@ -124,12 +133,51 @@ def analyse_study(runs: StudyRuns, inputs: StudyInputs, settings: StudySettings,
     for family in (order, imatrix):
         adjust_family(family)
     judged = reference.quality.queries if reference.quality else None
+    points = operating_points(runs, settings, ref, loaded, qrels) if sweeps(settings) else None
     pair_set = PairSet(reference.name, {label: pair_views(ref, run, tokenize) for label, run in loaded.items()},
                        "tokens" if tokenize else "characters", {p.qid: p.query for p in inputs.pairs},
                        {(p.qid, p.docid): passage_text(p.passage) for p in inputs.pairs})
     return StudyReport(settings.title, settings.note, inputs.source, str(settings.model), len(ref.rows),
                        len(set(groups)), judged, inputs.dataset, settings.config.to_dict(), machine(), reference,
-                       results, order, imatrix, runs.seconds, pair_set)
+                       results, order, imatrix, runs.seconds, pair_set, points)
+
+
+def sweeps(settings: StudySettings) -> bool:
+    """Whether the study maps operating points (several budgets, a prefilter, or a latency target)."""
+    sweep = settings.sweep
+    return len(settings.budgets) > 1 or sweep.prefilter is not None or sweep.target_latency is not None
+
+
+def operating_points(runs: StudyRuns, settings: StudySettings, ref: Any, loaded: dict[str, Any],
+                     qrels: Any) -> OperatingPoints:
+    """Every (type, budget, prefilter cut) point from the run files (:mod:`benchmarks.study.operating_points`)."""
+    from benchmarks.runfile import read_run
+    from benchmarks.study.scoring import read_job_record
+    from rank1_local.runs.inputs import read_pairs
+    from rank1_local.runs.run_header import header_path, read_header
+
+    def seconds(path: Path) -> float | None:
+        header = read_header(header_path(path))
+        return header.seconds if header is not None and header.seconds else None
+
+    def peak(*paths: Path) -> int | None:
+        values = [read_job_record(p).get("peak_rss_bytes") for p in paths]
+        return max((v for v in values if v), default=None)
+
+    types = []
+    for label, path in runs.runs.items():
+        calibration = runs.calibration.get(label)
+        files = [path, *([calibration] if calibration else [])]
+        types.append(TypeRuns(label, loaded[label], read_run(calibration) if calibration else None,
+                              {p.name: seconds(p) for p in files}, peak(*files)))
+    prefilter = read_run(runs.prefilter) if runs.prefilter is not None else None
+    order = {(r.qid, r.docid): i for i, r in enumerate(read_pairs(runs.pairs_file))}
+    sweep = settings.sweep
+    return analyse_points(
+        ref, types, settings.budgets, qrels=qrels, order=order, prefilter=prefilter, prefilter_name=sweep.prefilter,
+        prefilter_seconds=seconds(runs.prefilter) if runs.prefilter is not None else None,
+        prefilter_peak=peak(runs.prefilter) if runs.prefilter is not None else None, keeps=sweep.keeps,
+        target_latency=sweep.target_latency, drop_without_relevant=settings.drop_queries_without_relevant)
 
 
 def report_from_json(data: dict[str, Any]) -> StudyReport:
@@ -160,8 +208,12 @@ def report_from_json(data: dict[str, Any]) -> StudyReport:
     ref = data["reference"]
     reference = built(ReferenceSummary, ref, cost=RunCost(**ref["cost"]), quality=quality(ref["quality"]),
                       forced=estimate(ref["forced"]))
+    points = points_from_json(data["points"]) if data.get("points") else None
+    if points is not None and points.target is not None:  # the target's tests follow from the per-query values
+        points.target = choose(points.points, points.target.seconds)
     report = built(StudyReport, data, reference=reference, types=[type_result(t) for t in data["types"]],
-                   order=[comparison(c) for c in data["order"]], imatrix=[comparison(c) for c in data["imatrix"]])
+                   order=[comparison(c) for c in data["order"]], imatrix=[comparison(c) for c in data["imatrix"]],
+                   points=points)
     adjust_types(report.types)  # the adjusted p-values follow from the raw ones the JSON keeps
     for family in (report.order, report.imatrix):
         adjust_family(family)
@@ -264,6 +316,8 @@ def summary_tables(report: StudyReport) -> list[Table]:
     tables.append(Table("Reasoning and cost", [
         "run", "size MB", "identical chains % [95% CI]", "median divergence", "tokens/pair",
         "tokens vs reference [95% CI]", "forced % [95% CI]", "pairs/s", "peak RSS MB"], rows))
+    if report.points is not None:
+        tables.append(points_table(report))
     for title, comparisons, intro in (
             ("Order of damage", report.order, "Each GGUF type (without an importance matrix) against the next larger "
              "one: per-query differences (smaller − larger) of the flip rate, the mean KL and the mean |Δscore| "
@@ -281,6 +335,74 @@ def summary_tables(report: StudyReport) -> list[Table]:
     return tables
 
 
+POINTS_INTRO = (
+    "Every (type, reasoning budget, prefilter cut) on these pairs and this machine. Budgets below the largest are "
+    "derived from the type's one generation (a chain that closed within the budget gives the same result; one that "
+    "did not is cut there and answered as a run with that budget would: tests/test_budgets.py checks this against "
+    "direct runs). A cascade point takes rank1's results on the prefilter's best N per query and the prefilter's "
+    "below them, in its order (what rerank --prefilter gives: tests/test_cascade.py). nDCG@10 with its 95% bootstrap "
+    "interval over queries; flips against the reference among the pairs rank1 judged at that point. Seconds per "
+    "query: *measured* for each type's one point scored directly (its scoring time over the queries), *derived* for "
+    "the others from their token counts as a × prompt tokens + b × (generated tokens + forced answers), a and b this "
+    "type's costs solved from its two runs on this machine (below), plus the prefilter's measured time for a cascade "
+    "point. Peak memory: the peak resident memory of the type's scoring processes (a cascade: plus the "
+    "prefilter's, as both are loaded). ★ marks the Pareto frontier (no other point is as fast and as good with one "
+    "of them better).")
+
+
+def points_table(report: StudyReport) -> Table:
+    points = report.points
+    assert points is not None
+    rows = []
+    for p in sorted(points.points, key=lambda p: (p.type, p.keep or 0, p.budget)):
+        rows.append([p.type, str(p.budget), "all" if p.keep is None else str(p.keep), _est(p.ndcg10, ".4f"),
+                     _est(p.flips, ".1f", 100) + f" ({p.flip_count}/{p.judged})",
+                     _num(p.seconds_per_query, ".3f"), p.timing, _mb(p.peak_rss_bytes), "★" if p.frontier else ""])
+    return Table("Operating points", ["type", "budget", "prefilter keeps", "nDCG@10 [95% CI]",
+                                      "flips % [95% CI] (count/judged)", "s/query", "time", "peak RSS MB",
+                                      "frontier"], rows, POINTS_INTRO)
+
+
+def points_notes(report: StudyReport) -> list[str]:
+    """What the operating points rest on (the time model, the derivation check) and the target's answer."""
+    points = report.points
+    if points is None:
+        return []
+    notes = []
+    for label, model in points.time_models.items():
+        runs = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in model.measured.items())
+        notes.append(f"Time model of {label}: a = {model.prompt * 1e3:.3f} ms per prompt token, b = "
+                     f"{model.step * 1e3:.3f} ms per generated token (from {runs}).")
+    if points.prefilter is not None:
+        notes.append(f"Prefilter {points.prefilter}: {_num(points.prefilter_seconds, '.1f')} s over every pair, peak "
+                     f"RSS {_mb(points.prefilter_peak_rss_bytes)} MB.")
+    for c in points.checks:
+        notes.append(f"Derived against direct at budget {c.budget} ({c.type}): the same chain, token count and forced "
+                     f"flag for {c.same_text} of {c.pairs} pairs, largest |Δscore| {c.max_abs_diff:.2e}.")
+    target = points.target
+    if target is not None:
+        if target.best is None:
+            notes.append(f"**Target {target.seconds:g} s per query**: no point is that fast here"
+                         + (f"; the fastest is {target.fastest}." if target.fastest else "."))
+        else:
+            best = next(p for p in points.points if p.name == target.best)
+            tied = "; ".join(f"{name} (ΔnDCG@10 {target.tests[name]['delta']:+.4f}, p = {_p(target.tests[name]['p'])})"
+                             for name in target.tied) or "none"
+            notes.append(f"**Target {target.seconds:g} s per query**: the best point is **{target.best}** (nDCG@10 "
+                         f"{_est(best.ndcg10, '.4f')}, {_num(best.seconds_per_query, '.3f')} s per query, "
+                         f"{best.timing}). Within the target, a paired randomization test over queries "
+                         f"(p ≥ {ALPHA:g}, each test on its own) cannot tell these apart from it: {tied}.")
+    return notes
+
+
+def _budget_words(settings: dict[str, Any]) -> str:
+    derived = settings.get("derive_budgets") or []
+    if not derived:
+        return f"{settings['max_think_tokens']} tokens"
+    return (f"{settings['max_think_tokens']} tokens (the tables of types; the operating points also at "
+            f"{', '.join(map(str, derived))}, derived from it)")
+
+
 def _prompt_words(report: StudyReport) -> str:
     s = report.settings
     return f"the official dataset prompt of {report.dataset}" if s.get("prompt_template") and report.dataset \
@@ -288,7 +410,7 @@ def _prompt_words(report: StudyReport) -> str:
 
 
 def _closing_notes(report: StudyReport) -> list[str]:
-    notes = []
+    notes = points_notes(report)
     missing = [r for r in report.types if r.missing]
     if missing:
         notes.append("Rows missing from a run (statistics use the pairs both hold): "
@@ -308,7 +430,7 @@ def render_markdown(report: StudyReport, plot_name: str | None = "study.png") ->
         ", no qrels" if report.judged_queries is None else ""
     lines += [
         f"Model `{report.model}`; {report.pairs} pairs over {report.queries} queries{judged} ({report.source}). "
-        f"Protocol {s['protocol']}, reasoning budget {s['max_think_tokens']} tokens, context {s['n_ctx']}, "
+        f"Protocol {s['protocol']}, reasoning budget {_budget_words(s)}, context {s['n_ctx']}, "
         f"{_prompt_words(report)}. Reference: {ref.backend} ({ref.device}). Machine: {report.machine}.", "",
         METHODS, ""]
     if plot_name:
@@ -335,7 +457,7 @@ def html_section(report: StudyReport, plot_png: bytes | None) -> Section:
         "no qrels" if report.judged_queries is None else "none with a relevant document"
     facts = [("Model", report.model), ("Types", ", ".join(r.label for r in report.types)),
              ("Reference", f"{ref.name}: {ref.backend} ({ref.device})"),
-             ("Protocol", f"{s['protocol']}, reasoning budget {s['max_think_tokens']} tokens, context {s['n_ctx']}, "
+             ("Protocol", f"{s['protocol']}, reasoning budget {_budget_words(s)}, context {s['n_ctx']}, "
                           f"{s.get('rethink_rounds', 0)} rethink rounds, {_prompt_words(report)}"),
              ("Pairs", f"{report.pairs} over {report.queries} queries, {judged} ({report.source})"),
              ("Machine", report.machine)]
@@ -343,8 +465,9 @@ def html_section(report: StudyReport, plot_png: bytes | None) -> Section:
     if report.pair_set is None:
         notes.append("No pairs here: this page was made from the study's JSON, which keeps the statistics but not "
                      "the runs' pairs; the study writes its study.html with every run's pairs.")
-    plots = [Plot("Export size against ΔnDCG@10 and against the flip rate, with 95% intervals", plot_png)] \
-        if plot_png else []
+    caption = "Export size against ΔnDCG@10 and against the flip rate, with 95% intervals" + (
+        "; below, the operating points' time against nDCG@10 and their Pareto frontier" if report.points else "")
+    plots = [Plot(caption, plot_png)] if plot_png else []
     return Section(report.title, facts, notes, summary_tables(report), plots, report.pair_set,
                    fixture=fixture_name(report.model) is not None)
 
@@ -360,7 +483,12 @@ def plot(report: StudyReport, path: Path) -> None:
 
     has_ndcg = any(r.ndcg10_delta is not None for r in report.types)
     panels = 2 if has_ndcg else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 1.8, 4.5), squeeze=False)
+    frontier = report.points is not None and any(p.ndcg10 is not None and p.seconds_per_query is not None
+                                                 for p in report.points.points)
+    width = 5.5 * panels + 1.8
+    fig = plt.figure(figsize=(width, 4.5 + (5.0 if frontier else 0.0)))
+    grid = fig.add_gridspec(2 if frontier else 1, panels, height_ratios=(4.5, 5.0) if frontier else None)
+    axes = [[fig.add_subplot(grid[0, i]) for i in range(panels)]]
     xs = [(r.cost.model_bytes or 0) / 1e6 for r in report.types]
     colours = plt.get_cmap("tab20")
 
@@ -386,11 +514,68 @@ def plot(report: StudyReport, path: Path) -> None:
     draw(axes[0][column], [r.flips for r in report.types], 100.0, "flip rate against the reference (%)",
          "Decision flips with 95% CI")
     handles, labels = axes[0][column].get_legend_handles_labels()  # every type has a flip rate
-    fig.legend(handles, labels, loc="center right", fontsize=8, title="type (■ with imatrix)", title_fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (5.5 * panels + 1.8), 1))
+    top = 4.5 / 9.5 if frontier else 1.0  # the share of the figure's height the top row takes
+    fig.legend(handles, labels, loc="center right", fontsize=8, title="type (■ with imatrix)", title_fontsize=8,
+               bbox_to_anchor=(1.0, 1 - top / 2))
+    if frontier:
+        draw_frontier(fig.add_subplot(grid[1, :]), report)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / width, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def draw_frontier(ax: Any, report: StudyReport) -> None:
+    """Seconds per query against nDCG@10 (with its interval) for every operating point: the Pareto frontier in colour,
+    joined; the points it drops in grey; the latency target and its best point marked."""
+    points = report.points
+    assert points is not None
+    rated = [p for p in points.points if p.ndcg10 is not None and p.seconds_per_query is not None]
+    markers = {label: m for label, m in zip(dict.fromkeys(p.type for p in points.points), "osD^v<>ph*")}
+    colours = {None: "tab:blue", **{k: c for k, c in zip(sorted({p.keep for p in rated if p.keep}),
+                                                          ("tab:orange", "tab:green", "tab:red", "tab:purple"))}}
+    names: dict[tuple[float, float], list[str]] = {}  # frontier points at the same place share one label
+    for p in sorted(rated, key=lambda p: p.frontier):
+        e = p.ndcg10
+        assert e is not None and p.seconds_per_query is not None
+        low = max(0.0, e.value - e.low) if e.low is not None else 0.0
+        high = max(0.0, e.high - e.value) if e.high is not None else 0.0
+        colour = colours[p.keep] if p.frontier else "0.75"
+        ax.errorbar([p.seconds_per_query], [e.value], yerr=[[low], [high]], fmt=markers[p.type], capsize=2,
+                    color=colour, alpha=0.95 if p.frontier else 0.6, markersize=6 if p.frontier else 4,
+                    markerfacecolor=colour if p.timing == "derived" else "white")
+        if p.frontier:
+            names.setdefault((p.seconds_per_query, e.value), []).append(
+                f"{p.type}·{p.budget}" + ("" if p.keep is None else f"·N{p.keep}"))
+    for (x, y), labels in names.items():
+        ax.annotate(", ".join(labels), (x, y), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    line = sorted((p for p in rated if p.frontier), key=lambda p: p.seconds_per_query)  # type: ignore[arg-type]
+    ax.step([p.seconds_per_query for p in line], [p.ndcg10.value for p in line], where="post",  # type: ignore
+            color="tab:blue", linewidth=0.8, alpha=0.6)
+    target = points.target
+    if target is not None:
+        ax.axvline(target.seconds, color="tab:red", linestyle="--", linewidth=0.8)
+        best = next((p for p in rated if p.name == target.best), None)
+        if best is not None:
+            ax.scatter([best.seconds_per_query], [best.ndcg10.value], s=180, facecolors="none",  # type: ignore
+                       edgecolors="tab:red", linewidths=1.2, zorder=5)
+    xs = [p.seconds_per_query for p in rated]
+    if xs and max(xs) / max(min(xs), 1e-9) > 20:  # type: ignore[type-var,operator]
+        ax.set_xscale("log")
+    from matplotlib.lines import Line2D
+
+    legend = [Line2D([], [], marker=m, linestyle="", color="black", label=label) for label, m in markers.items()]
+    legend += [Line2D([], [], marker="o", linestyle="", color=c, label="all documents" if k is None else
+                      f"prefilter top {k}") for k, c in colours.items() if any(p.keep == k for p in rated)]
+    legend += [Line2D([], [], marker="o", linestyle="", color="0.75", label="off the frontier"),
+               Line2D([], [], marker="o", linestyle="", color="tab:blue", markerfacecolor="white",
+                      label="time measured (filled: derived)")]
+    if target is not None:
+        legend.append(Line2D([], [], color="tab:red", linestyle="--", label=f"target {target.seconds:g} s (○ best)"))
+    ax.legend(handles=legend, fontsize=7, loc="lower right")
+    ax.set_xlabel("seconds per query on this machine")
+    ax.set_ylabel("nDCG@10")
+    ax.set_title("Operating points: time against nDCG@10 (95% CI); the Pareto frontier in colour", fontsize=10)
 
 
 def write_report(report: StudyReport, out: Path, *, stem: str = "study") -> list[Path]:

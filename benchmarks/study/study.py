@@ -6,6 +6,9 @@ The work folder holds everything the study makes, and every step resumes from it
     WORK/inputs/pairs.jsonl, qrels.txt       the pairs to score (rewritten only if they would change: they must not)
     WORK/exports/gguf[-imatrix]/…, weight-quant/…   one export per type, made once (atomic writes)
     WORK/runs/reference-<backend>-<dtype>.jsonl, runs/<TYPE>.jsonl   run files: rows appended as pairs finish
+    WORK/runs/<TYPE>@<BUDGET>.jsonl          with --budgets or --prefilter: each type's calibration run (its one
+                                             operating point scored directly, and timed)
+    WORK/runs/prefilter.jsonl                with --prefilter: the prefilter's scores of every pair
     WORK/study-state.json                    the inputs, source model and settings this folder belongs to
 
 A study killed at any point and started again exports nothing twice and scores only the pairs its run files lack.
@@ -36,6 +39,47 @@ logger = logging.getLogger(__name__)
 REFERENCES = ("vllm", "transformers")
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """What a study maps besides the types (``--budgets``, ``--prefilter``, ``--keep``, ``--target-latency``): the
+    budgets are the scoring config's (``max_think_tokens`` and its ``derive_budgets``); ``prefilter``, a fast reranker
+    scored on every pair, and ``keeps``, the cuts of the cascade points (rank1 on the prefilter's best N per query)."""
+
+    prefilter: str | None = None
+    prefilter_backend: str = "llama.cpp"
+    keeps: tuple[int, ...] = ()
+    target_latency: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.keeps and self.prefilter is None:
+            raise Rank1Error("--keep goes with --prefilter MODEL (the cascade points: rank1 on the prefilter's best N)")
+        if self.prefilter is not None and not self.keeps:
+            raise Rank1Error("--prefilter needs --keep N[,N…]: the documents per query rank1 reasons over in each "
+                             "cascade point")
+        if any(k < 1 for k in self.keeps):
+            raise Rank1Error(f"--keep values must be at least 1, got {', '.join(map(str, self.keeps))}")
+        if self.prefilter_backend not in ("llama.cpp", "transformers"):
+            raise Rank1Error("--prefilter-backend must be llama.cpp or transformers")
+        if self.target_latency is not None and not self.target_latency > 0:
+            raise Rank1Error(f"--target-latency must be more than 0 seconds, got {self.target_latency:g}")
+
+
+def check_sweep(config: ScoringConfig, types: list[StudyType], weight_quant_backend: str) -> None:
+    """Budgets are derived row by row, which the vLLM backend does not do."""
+    if config.derive_budgets and weight_quant_backend == "vllm" and any(not t.is_gguf for t in types):
+        raise Rank1Error("--budgets derives each budget row by row, which the vLLM backend does not do: GPTQ/AWQ "
+                         "types with --budgets run on --weight-quant-backend transformers")
+
+
+def calibration_budget(config: ScoringConfig, sweep: Sweep) -> int | None:
+    """The budget of each type's one measured point, scored directly: the smallest of several budgets, or 1 token
+    when a prefilter is the only sweep (None: one point per type, its own run measured). With the budget sweep's own
+    run it gives the type's cost per prompt and per generated token, from which every other point's time follows."""
+    if config.derive_budgets:
+        return min(config.derive_budgets)
+    return 1 if sweep.prefilter is not None else None
+
+
 @dataclass
 class StudySettings:
     """What to study and how. ``reference_dtype`` None: float16 for vLLM (the official setting), ``auto`` for
@@ -59,13 +103,20 @@ class StudySettings:
     title: str = "Quantization study"
     note: str | None = None  # a paragraph for the top of study.md
     progress: bool = True
+    sweep: Sweep = field(default_factory=Sweep)
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
             raise Rank1Error(f"--reference must be one of {', '.join(REFERENCES)}, not {self.reference!r}")
         if self.weight_quant_backend not in ("transformers", "vllm"):
             raise Rank1Error("--weight-quant-backend must be transformers or vllm")
+        check_sweep(self.config, self.types, self.weight_quant_backend)
         check_vllm_python(self.vllm_python)
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Every reasoning budget of the study, smallest first (the largest is the one generated)."""
+        return (*self.config.derive_budgets, self.config.max_think_tokens)
 
     @property
     def reference_dtype_resolved(self) -> str:
@@ -83,6 +134,8 @@ class StudyRuns:
     exports: dict[str, Path]  # label -> export
     source: Path
     seconds: float
+    calibration: dict[str, Path] = field(default_factory=dict)  # label -> its run at the calibration budget
+    prefilter: Path | None = None  # the prefilter's run file (every pair)
 
 
 def source_fingerprint(source: Path) -> str:
@@ -111,18 +164,25 @@ def check_state(work: Path, state: dict[str, Any]) -> None:
 def reference_job(settings: StudySettings, source: Path, pairs_file: Path, runs: Path) -> ScoringJob:
     dtype = settings.reference_dtype_resolved
     run_file = runs / f"reference-{settings.reference}-{dtype}.jsonl"
+    config = settings.config.without_derived().to_dict()  # the reference runs at the study's (largest) budget
     if settings.reference == "vllm":
         engine: dict[str, Any] = {"dtype": dtype}
-        return ScoringJob("reference", "vllm", str(source), engine, settings.config.to_dict(), str(pairs_file),
+        return ScoringJob("reference", "vllm", str(source), engine, config, str(pairs_file),
                           str(run_file), python=settings.vllm_python, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
                           progress=settings.progress)
     return ScoringJob("reference", "transformers", str(source), {"dtype": dtype, "device": "auto"},
-                      settings.config.to_dict(), str(pairs_file), str(run_file), progress=settings.progress)
+                      config, str(pairs_file), str(run_file), progress=settings.progress)
 
 
-def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Path, runs: Path) -> ScoringJob:
-    run_file = str(runs / f"{t.label}.jsonl")
-    config = settings.config.to_dict()
+def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Path, runs: Path,
+             budget: int | None = None) -> ScoringJob:
+    """The type's run: at the largest budget, deriving the others (``budget`` None), or its calibration run, scored
+    directly at ``budget`` (``runs/TYPE@BUDGET.jsonl``)."""
+    config_obj = settings.config
+    if budget is not None:
+        config_obj = ScoringConfig(**(config_obj.without_derived().to_dict() | {"max_think_tokens": budget}))
+    run_file = str(runs / (f"{t.label}.jsonl" if budget is None else f"{t.label}@{budget}.jsonl"))
+    config = config_obj.to_dict()
     if t.is_gguf:
         engine = {"parallel": settings.parallel, "threads": settings.threads, "n_gpu_layers": settings.n_gpu_layers}
         return ScoringJob(t.label, "llama.cpp", str(export), engine, config, str(pairs_file), run_file,
@@ -133,6 +193,20 @@ def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Pa
                           progress=settings.progress)
     return ScoringJob(t.label, "transformers", str(export), {"dtype": "auto", "device": "auto"}, config,
                       str(pairs_file), run_file, progress=settings.progress)
+
+
+def prefilter_job(settings: StudySettings, pairs_file: Path, runs: Path) -> ScoringJob:
+    """The prefilter scores every pair (its results are the cascade points' documents below the cut, and its ranking
+    decides which documents rank1's results are kept for)."""
+    from rank1_local.pipeline.cascade import prefilter_config
+
+    sweep = settings.sweep
+    config = prefilter_config(settings.config.without_derived()).to_dict()
+    engine: dict[str, Any] = {"parallel": settings.parallel, "threads": settings.threads,
+                              "n_gpu_layers": settings.n_gpu_layers} if sweep.prefilter_backend == "llama.cpp" \
+        else {"dtype": "auto", "device": "auto"}
+    return ScoringJob("prefilter", sweep.prefilter_backend, str(sweep.prefilter), engine, config, str(pairs_file),
+                      str(runs / "prefilter.jsonl"), progress=settings.progress)
 
 
 def check_vllm_python(python: str | None) -> None:
@@ -204,13 +278,23 @@ def run_study(inputs: StudyInputs, settings: StudySettings, scorer: Scorer = sub
     runs.mkdir(parents=True, exist_ok=True)
     ref = reference_job(settings, source, written.pairs_file, runs)
     scorer(ref)
-    run_files = {}
+    run_files, calibration = {}, {}
+    budget = calibration_budget(settings.config, settings.sweep)
     for t in settings.types:
         job = type_job(settings, t, exports[t.label], written.pairs_file, runs)
         scorer(job)
         run_files[t.label] = Path(job.run_file)
+        if budget is not None:
+            job = type_job(settings, t, exports[t.label], written.pairs_file, runs, budget)
+            scorer(job)
+            calibration[t.label] = Path(job.run_file)
+    prefilter = None
+    if settings.sweep.prefilter is not None:
+        job = prefilter_job(settings, written.pairs_file, runs)
+        scorer(job)
+        prefilter = Path(job.run_file)
     return StudyRuns(written.pairs_file, written.qrels_file, Path(ref.run_file), run_files, exports, source,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, calibration, prefilter)
 
 
 def machine() -> str:

@@ -270,6 +270,9 @@ class VllmRank1(Reranker):
             raise Rank1Error("the vLLM backend runs the official protocol only (protocol='official')")
         if config.truncate_passages:
             raise Rank1Error("the vLLM backend runs the official protocol, which does not truncate passages")
+        if config.derive_budgets:
+            raise Rank1Error("derive_budgets needs a backend that decides each row itself (llama.cpp or transformers); "
+                             "the vLLM backend generates each chain in one call")
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -128,15 +128,62 @@ def backend_choice(args: argparse.Namespace, config: ScoringConfig | None = None
     return BackendChoice(spec, settings, cache, gguf_type, card)
 
 
+def prefilter_choice(args: argparse.Namespace, config: ScoringConfig) -> tuple[BackendChoice, ScoringConfig] | None:
+    """``--prefilter MODEL --keep N``: the prefilter's backend and settings (the engine flags the main model was given,
+    where its backend has them) and its protocol settings (:func:`~rank1_local.pipeline.cascade.prefilter_config`),
+    checked before anything loads; None without ``--prefilter``."""
+    from rank1_local.pipeline.cascade import check_keep, prefilter_config
+
+    prefilter, keep = getattr(args, "prefilter", None), getattr(args, "keep", None)
+    if prefilter is None:
+        if keep is not None:
+            raise Rank1Error("--keep goes with --prefilter MODEL (a fast reranker that scores every document first)")
+        return None
+    if keep is None:
+        raise Rank1Error("--prefilter needs --keep N: how many of the prefilter's best documents per query rank1 "
+                         "reasons over")
+    check_keep(keep)
+    if getattr(args, "ray", None) is not None:
+        raise Rank1Error("--prefilter does not run on Ray yet: leave out --ray, or rerank on Ray without a prefilter")
+    spec = backend_spec(args.prefilter_backend)
+    known = {f.name for f in fields(spec.settings_type)}
+    values = {name: getattr(args, attr, None) for name, attr in SETTING_FLAGS.items() if name in known}
+    if values.get("enable_prefix_caching") is False:
+        values["enable_prefix_caching"] = None
+    settings = spec.settings(**values)
+    first_config = prefilter_config(config)
+    check = getattr(settings, "check_config", None)
+    if check is not None:
+        check(first_config)
+    card = getattr(args, "prefilter_card", None)
+    if card is not None:
+        card_named(card)
+    return BackendChoice(spec, settings, card=card), first_config
+
+
+def open_model(args: argparse.Namespace, config: ScoringConfig, choice: BackendChoice | None = None) -> Reranker:
+    """The model the command line names: ``--model`` on its backend, or with ``--prefilter`` the cascade of the
+    prefilter and it (:class:`~rank1_local.pipeline.cascade.Cascade`)."""
+    choice = choice or backend_choice(args, config)
+    prefilter = prefilter_choice(args, config)
+    if prefilter is None:
+        return choice.open(args.model, config)
+    from rank1_local.pipeline.cascade import Cascade
+
+    first = prefilter[0].open(args.prefilter, prefilter[1])
+    try:
+        model = choice.open(args.model, config)
+    except BaseException:
+        first.close()
+        raise
+    return Cascade(first, model, args.keep, prefilter_name=str(args.prefilter))
+
+
 def apply_verify(args: argparse.Namespace) -> None:
     """``--verify always``: this process hashes model files on every use (as ``RANK1_LOCAL_VERIFY=always``)."""
     if getattr(args, "verify", None) is not None:
         os.environ[VERIFY_ENV] = args.verify
     verify_mode()  # a bad value in the environment is an error now, before anything loads
-
-
-def _model(args: argparse.Namespace, config: ScoringConfig) -> Reranker:
-    return backend_choice(args, config).open(args.model, config)
 
 
 def _rerank_query(args: argparse.Namespace) -> int:
@@ -146,7 +193,8 @@ def _rerank_query(args: argparse.Namespace) -> int:
     from rank1_local.runs.inputs import read_documents
 
     config = scoring_config(args)
-    backend_choice(args, config)
+    choice = backend_choice(args, config)
+    prefilter_choice(args, config)
     ids, docs = read_documents(args.docs)
     judged: list[Rank1Result] = []
 
@@ -154,7 +202,7 @@ def _rerank_query(args: argparse.Namespace) -> int:
         judged.append(result)
         bar.update(1)
 
-    with _model(args, config) as model:
+    with open_model(args, config, choice) as model:
         with tqdm(total=len(docs), unit="doc", disable=args.quiet, file=sys.stderr) as bar:
             try:
                 results = model.score_pairs([Pair(args.query, d, args.instruction) for d in docs],
@@ -190,9 +238,11 @@ def _rerank_pairs(args: argparse.Namespace) -> int:
     if args.output is None:
         raise Rank1Error("--pairs needs --output OUT.jsonl")
     config = scoring_config(args)
-    backend_choice(args, config)
-    score_pairs_file(args.pairs, args.output, lambda: _model(args, config), model_arg=str(args.model),
-                     backend=args.backend, settings=config.to_dict(), progress=not args.quiet,
+    choice = backend_choice(args, config)
+    cascade = prefilter_choice(args, config) is not None
+    settings = config.to_dict() | ({"prefilter": str(args.prefilter), "keep": args.keep} if cascade else {})
+    score_pairs_file(args.pairs, args.output, lambda: open_model(args, config, choice), model_arg=str(args.model),
+                     backend=args.backend, settings=settings, progress=not args.quiet,
                      force_resume=args.force_resume)
     return 0
 
@@ -208,6 +258,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
         from rank1_local.cli.ray_commands import rerank_on_ray
 
         config = scoring_config(args)
+        prefilter_choice(args, config)  # refused on Ray
         return rerank_on_ray(args, config, backend_choice(args, config))
     if args.pairs is not None:
         if args.query is not None or args.docs is not None:
@@ -234,6 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     check_binding(args.host, api_key, args.insecure_no_auth)
     config = scoring_config(args)
     choice = backend_choice(args, config, parallel=SERVE_PARALLEL)
+    prefilter_choice(args, config)
     server = dict(api_key=api_key, max_documents=args.max_documents, max_total_chars=args.max_chars,
                   max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                   read_timeout=args.read_timeout, max_connections=args.max_connections, ui=not args.no_ui)
@@ -245,7 +297,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from rank1_local.cli.ray_commands import serve_on_ray
 
         return serve_on_ray(args, config, choice, {"model_name": args.name, **server})
-    with choice.open(args.model, config) as model:
+    with open_model(args, config, choice) as model:
         serve(model, ServerSettings(model_name=args.name or model.model_path.stem, **server), host=args.host,
               port=args.port)
     return 0
@@ -283,6 +335,18 @@ def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help
                    help="llama.cpp: where each row's greedy token and top 20 are found: host (from the full logits), "
                         "device (a top-20 sampler in llama.cpp's graph, no full row copied), auto (device with GPU "
                         "layers, host on the CPU; default); the scores are the same")
+    p.add_argument("--prefilter", default=None, metavar="MODEL",
+                   help="a fast reranker (e.g. a Qwen3-Reranker GGUF) that scores every document first; rank1 then "
+                        "reasons only over its best --keep per query, and the rest keep the prefilter's order below "
+                        "them (each row says which stage scored it)")
+    p.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="with --prefilter: documents per query rank1 reasons over")
+    p.add_argument("--prefilter-backend", choices=BACKENDS, default="llama.cpp",
+                   help="the library that runs the prefilter (default llama.cpp; it takes the engine flags above "
+                        "that its backend has, and the context rank1's prompt has beside its budget: n-ctx minus "
+                        "max-think-tokens)")
+    p.add_argument("--prefilter-card", default=None, metavar="|".join(CARDS),
+                   help="the prefilter's card (default: recognised from its metadata and name)")
     p.add_argument("--verify", choices=VERIFY_MODES, default=None,
                    help="how a model file's SHA-256 (bundle check, judgment cache key) is known: memo "
                    "(hashed once, then remembered while the file stays the same file: same path, size, times, inode) "

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 
 from rank1_local.core.pairs import Passage, passage_text
+from rank1_local.core.reranker import PREFILTER_STAGE
 from rank1_local.core.results import Rank1Result, result_dict
 
 TEXT_WIDTH = 70
@@ -34,13 +35,22 @@ def flags(result: Rank1Result) -> str:
 
 
 def table(results: Sequence[Rank1Result], ids: Sequence[str], docs: Sequence[Passage]) -> list[str]:
+    """One line per result; a cascade's table says which stage scored each (STAGE)."""
     digits = score_digits([r.score for r in results])
-    rows = [("RANK", "SCORE", "DOCID", "TEXT", "FLAGS")]
-    rows += [(str(rank), f"{r.score:.{digits}f}", ids[r.index], shorten(passage_text(docs[r.index])), flags(r))
-             for rank, r in enumerate(results, 1)]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    align = (str.rjust, str.ljust, str.ljust, str.ljust)
-    return ["  ".join([*(align[i](row[i], widths[i]) for i in range(4)), row[4]]).rstrip() for row in rows]
+    staged = any(r.stage is not None for r in results)
+    rows = [("RANK", "SCORE", *(("STAGE",) if staged else ()), "DOCID", "TEXT", "FLAGS")]
+    rows += [(str(rank), f"{r.score:.{digits}f}", *((r.stage or "",) if staged else ()), ids[r.index],
+              shorten(passage_text(docs[r.index])), flags(r)) for rank, r in enumerate(results, 1)]
+    n = len(rows[0]) - 1
+    widths = [max(len(row[i]) for row in rows) for i in range(n)]
+    align = (str.rjust, *(str.ljust,) * (n - 1))
+    return ["  ".join([*(align[i](row[i], widths[i]) for i in range(n)), row[n]]).rstrip() for row in rows]
+
+
+def trec_score(result: Rank1Result) -> float:
+    """The score a TREC run line carries: the result's own, except below a cascade's cut, where it is the prefilter's
+    minus 2, so that tools ranking by score (trec_eval) keep the cascade's order (every score is in [0, 1])."""
+    return result.score - 2.0 if result.stage == PREFILTER_STAGE else result.score
 
 
 def print_results(results: Sequence[Rank1Result], ids: Sequence[str], docs: Sequence[Passage], fmt: str, *,
@@ -56,8 +66,9 @@ def print_results(results: Sequence[Rank1Result], ids: Sequence[str], docs: Sequ
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
     elif fmt == "trec":  # trec_eval orders by score: as many digits as ranking needs
-        digits = max(6, score_digits([r.score for r in results]))
-        for row in rows:
-            print(f"{qid} Q0 {row['docid']} {row['rank']} {row['score']:.{digits}f} rank1-local")
+        scores = [trec_score(r) for r in results]
+        digits = max(6, score_digits(scores))
+        for row, score in zip(rows, scores):
+            print(f"{qid} Q0 {row['docid']} {row['rank']} {score:.{digits}f} rank1-local")
     else:
         raise ValueError(f"unknown format {fmt!r}")

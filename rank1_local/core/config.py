@@ -7,7 +7,7 @@ scores, and live with each backend.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TypeVar
 
 from rank1_local.core.errors import Rank1Error
@@ -36,6 +36,11 @@ class ScoringConfig:
             see :mod:`rank1_local.core.protocol`.
         truncate_passages: cut passages (never the query) so that prompt + budget fit ``n_ctx``. Off by default,
             as in the official code: there a prompt longer than the context is not run and scores 0.5.
+        derive_budgets: smaller reasoning budgets whose results are derived from this one generation (each between
+            1 and ``max_think_tokens`` - 1): greedy decoding does not depend on the budget, so at a budget B a chain
+            that closed within B tokens gives this run's result, and one that did not is cut at B and answered as a
+            run with budget B would (:class:`~rank1_local.core.decoder.PairDecoder`; ``result.cuts``). They do not
+            change this run's scores. Not with ``rethink_rounds`` (a rethink depends on the budget).
     """
 
     max_think_tokens: int = 1024
@@ -44,6 +49,7 @@ class ScoringConfig:
     rethink_rounds: int = 0
     protocol: str = "official"
     truncate_passages: bool = False
+    derive_budgets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_think_tokens", "n_ctx", "rethink_rounds"):
@@ -69,6 +75,24 @@ class ScoringConfig:
             if QUERY_PLACEHOLDER not in self.prompt_template:
                 raise Rank1Error(f"prompt_template must contain {QUERY_PLACEHOLDER!r} where the query goes, "
                                  f"got {self.prompt_template[:60]!r}")
+        self._check_derive_budgets()
+
+    def _check_derive_budgets(self) -> None:
+        budgets = self.derive_budgets
+        if isinstance(budgets, (str, bytes)) or not isinstance(budgets, (tuple, list)):
+            raise Rank1Error(f"derive_budgets must be a list of budgets, got {budgets!r}")
+        if any(isinstance(b, bool) or not isinstance(b, int) for b in budgets):
+            raise Rank1Error(f"derive_budgets must be integers, got {list(budgets)!r}")
+        outside = [b for b in budgets if not 1 <= b < self.max_think_tokens]
+        if outside:
+            raise Rank1Error(f"derive_budgets must lie between 1 and max_think_tokens - 1 "
+                             f"({self.max_think_tokens - 1}): the generation runs at the largest budget and the others "
+                             f"are derived from it; got {', '.join(map(str, outside))}")
+        if budgets and self.rethink_rounds:
+            raise Rank1Error("derive_budgets cannot go with rethink_rounds: whether a rethink happens depends on the "
+                             "budget, so a smaller budget's chain is not a prefix of this one")
+        # one order, one type: equal configs compare (and hash) equal
+        object.__setattr__(self, "derive_budgets", tuple(sorted(set(budgets))))
 
     def fits(self, n_prompt_tokens: int) -> bool:
         """Whether a prompt of this many tokens can run: vLLM 0.7.2, the official code's pin, ran a prompt of up to
@@ -76,8 +100,18 @@ class ScoringConfig:
         return n_prompt_tokens <= self.n_ctx
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as written in run headers (resuming a run with other settings is refused)."""
-        return asdict(self)
+        """The settings as written in run headers (resuming a run with other settings is refused); ``derive_budgets``
+        only when there are some (headers without them read as they always have)."""
+        out = asdict(self)
+        if out["derive_budgets"]:
+            out["derive_budgets"] = list(out["derive_budgets"])
+        else:
+            del out["derive_budgets"]
+        return out
+
+    def without_derived(self) -> ScoringConfig:
+        """These settings without ``derive_budgets`` (what decides the scores of this run's own results)."""
+        return replace(self, derive_budgets=()) if self.derive_budgets else self
 
 
 S = TypeVar("S")

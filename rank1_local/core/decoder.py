@@ -25,8 +25,16 @@ import numpy as np
 
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.pairs import PreparedPair
-from rank1_local.core.protocol import NO_SCORE, TOP_LOGPROBS, ReasoningChain, Step, answer_score, true_false_score
-from rank1_local.core.results import Rank1Result, build_result
+from rank1_local.core.protocol import (
+    NO_SCORE,
+    TOP_LOGPROBS,
+    ReasoningChain,
+    Step,
+    answer_score,
+    fallback_prompt,
+    true_false_score,
+)
+from rank1_local.core.results import BudgetCut, Rank1Result, build_result
 
 
 class RowUnavailable(Exception):
@@ -124,6 +132,7 @@ Action = Feed | Become | Done
 class Phase(Enum):
     GENERATING = "generating"  # the next row is a reasoning position: its greedy token goes on
     ANSWERING = "answering"  # the next row is the answer's distribution (after ``</think>``, or the fallback prompt)
+    CUT_ANSWERING = "cut answering"  # the next row is the answer of a smaller budget's cut chain (derive_budgets)
 
 
 class PairDecoder:
@@ -149,22 +158,42 @@ class PairDecoder:
         self.seq_len = len(pair.ids)  # tokens in the sequence once the last action is carried out
         self.generated = 0  # tokens chosen that are not the end of generation
         self.started = time.perf_counter()
+        # ScoringConfig.derive_budgets: the smaller budgets still ahead, the cuts found, and the cut chains whose
+        # answer needs the fallback's prompt (each is evaluated once this chain's own score is known)
+        self.budgets_ahead = list(config.derive_budgets) if reasons else []
+        self.cuts: dict[int, BudgetCut] = {}
+        self.cut_fallbacks: list[tuple[int, str, str]] = []  # (budget, reasoning, fallback prompt)
+        self.own_score: float | None = None
 
     @property
     def answering(self) -> bool:
         """The next row is an answer's distribution (two logits are read from it)."""
-        return self.phase is Phase.ANSWERING
+        return self.phase in (Phase.ANSWERING, Phase.CUT_ANSWERING)
 
     def step(self, row: Row) -> Action:
         """What to do with the row computed after the sequence's last token."""
         if self.phase is Phase.ANSWERING:
             logit_true, logit_false = row.logits((self.true_id, self.false_id))
-            return Done(true_false_score(logit_true, logit_false))
+            return self._done(true_false_score(logit_true, logit_false))
+        if self.phase is Phase.CUT_ANSWERING:
+            logit_true, logit_false = row.logits((self.true_id, self.false_id))
+            budget, reasoning, _ = self.cut_fallbacks.pop(0)
+            self.cuts[budget] = BudgetCut(budget, true_false_score(logit_true, logit_false), reasoning, True)
+            return self._next_cut()
         chain = self.chain
+        # a run with a budget ending at this row would read its answer here: the top 20 are taken before anything
+        # changes (a device row that cannot give them is evaluated again on the host, with nothing advanced)
+        at_cut = bool(self.budgets_ahead) and chain.n_tokens + 1 == self.budgets_ahead[0] and self.config.protocol \
+            == "official"
+        top = row.top(TOP_LOGPROBS) if at_cut else None
         token = row.best()
         eog = self.vocab.is_eog(token)
         step = chain.advance(token, b"" if eog else self.vocab.piece(token), eog, self.seq_len + 1)
         self.generated += not eog
+        if self.budgets_ahead and chain.n_tokens >= self.budgets_ahead[0]:
+            budget = self.budgets_ahead.pop(0)
+            if step is Step.CONTINUE:  # this chain goes on; one whose budget ends here stops here
+                self._cut(budget, top)
         if step is Step.CONTINUE:
             self.seq_len += 1
             return Feed(token)
@@ -179,7 +208,7 @@ class PairDecoder:
         if step is Step.FINISH:
             score = answer_score(row.top(TOP_LOGPROBS), self.true_id, self.false_id)
             if score is not None:
-                return Done(score)
+                return self._done(score)
         return self._fallback()  # FINISH without both answers in the top 20, or FORCE
 
     def _fallback(self) -> Action:
@@ -187,15 +216,46 @@ class PairDecoder:
         self.chain.forced = True
         ids = self.vocab.tokenize(self.chain.fallback_prompt)
         if not self.config.fits(len(ids)):
-            return Done(NO_SCORE)
+            return self._done(NO_SCORE)
         self.phase = Phase.ANSWERING
         self.seq_len = len(ids)
         return Become(ids)
 
+    def _cut(self, budget: int, top: dict[int, float] | None) -> None:
+        """The chain did not close within ``budget`` tokens: what a run with that budget gives, as :meth:`step` and
+        :meth:`_fallback` would have given it at this row (the fallback's answer is read later, see
+        :meth:`_next_cut`)."""
+        chain = self.chain
+        if top is not None:  # official: the top 20 of the budget's last position, when both answers are there
+            score = answer_score(top, self.true_id, self.false_id)
+            if score is not None:
+                self.cuts[budget] = BudgetCut(budget, score, chain.reasoning, False)
+                return
+        self.cut_fallbacks.append((budget, chain.reasoning, fallback_prompt(chain.prompt, chain.output_text)))
+
+    def _done(self, score: float) -> Action:
+        """This chain's own score is known: the cut chains' fallback answers are read next, then it is done."""
+        self.own_score = score
+        return self._next_cut()
+
+    def _next_cut(self) -> Action:
+        while self.cut_fallbacks:
+            budget, reasoning, prompt = self.cut_fallbacks[0]
+            ids = self.vocab.tokenize(prompt)
+            if self.config.fits(len(ids)):
+                self.phase = Phase.CUT_ANSWERING
+                self.seq_len = len(ids)
+                return Become(ids)
+            self.cut_fallbacks.pop(0)
+            self.cuts[budget] = BudgetCut(budget, NO_SCORE, reasoning, True)
+        assert self.own_score is not None
+        return Done(self.own_score)
+
     def result(self, score: float) -> Rank1Result:
         chain = self.chain
+        cuts = tuple(self.cuts[b] for b in sorted(self.cuts)) if self.config.derive_budgets else None
         return build_result(self.pair, score=score, reasoning=chain.reasoning, n_tokens=chain.n_tokens,
-                            forced=chain.forced, seconds=time.perf_counter() - self.started)
+                            forced=chain.forced, seconds=time.perf_counter() - self.started, cuts=cuts)
 
 
 def decode_pair(pair: PreparedPair, decoder: PairDecoder, first_row: Row,

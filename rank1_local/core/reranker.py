@@ -42,9 +42,13 @@ def check_documents(documents: Any) -> Sequence[Passage]:
     return documents
 
 
+PREFILTER_STAGE = "prefilter"  # a cascade's result scored by its prefilter only (rank1_local.pipeline.cascade)
+
+
 def ranked(results: Sequence[Rank1Result], top_k: int | None = None) -> list[Rank1Result]:
-    """Best first (ties: input order), cut to ``top_k``."""
-    order = sorted(results, key=lambda r: (-r.score, r.index))
+    """Best first (ties: input order), cut to ``top_k``. In a cascade's results, those its reranker scored come
+    first, then those below the cut in the prefilter's order."""
+    order = sorted(results, key=lambda r: (r.stage == PREFILTER_STAGE, -r.score, r.index))
     return order[:top_k] if top_k is not None else order
 
 
@@ -167,7 +171,7 @@ class Reranker(ABC):
             raise Rank1Error(f"batch_size must be a positive integer, got {batch_size}")
         results = self._score_with_progress([Pair(query, d) for d in documents], config, bool(show_progress_bar))
         out = []
-        for r in sorted(results, key=lambda r: (-r.score, r.index))[:top_k]:
+        for r in ranked(results, top_k):
             row: dict[str, Any] = {"corpus_id": r.index, "score": r.score}
             if return_documents:
                 row["text"] = documents[r.index]

@@ -124,6 +124,9 @@ class Pipeline:
         if config.n_ctx != self.default_config.n_ctx:
             raise Rank1Error(f"n_ctx is fixed when the model is loaded ({self.default_config.n_ctx}); load it again "
                              f"for {config.n_ctx}")
+        if config.derive_budgets and not self.card.reasons:
+            raise Rank1Error(f"a {self.card.name} model does not reason: it has no reasoning budgets to derive "
+                             "(derive_budgets / --budgets)")
         if config.prompt_template is not None and not self.card.dataset_prompts:
             raise Rank1Error(f"a {self.card.name} model takes no dataset prompt (prompt_template / --dataset / "
                              "--prompt); give each query an instruction instead")
@@ -145,6 +148,8 @@ class Pipeline:
     def scope(self, config: ScoringConfig) -> CacheScope | None:
         """The judgment cache's scope for these settings (None without a cache); the most recent few are kept."""
         if self.cache is None or self.model_path is None or self._cache_settings is None:
+            return None
+        if config.derive_budgets:  # the cache keeps judgments, not the cuts of other budgets: such calls go past it
             return None
         with self._lock:
             scope = self._scopes.get(config)

@@ -108,6 +108,7 @@ class RunOutput:
             self._lock.release()
             raise
         self._file: Any = None
+        self._begun = False  # begin() was called: this run has something to add to the header's record
         self._added = 0
         self._seconds_before = 0.0
         self._tokens_before = 0
@@ -132,6 +133,7 @@ class RunOutput:
             self._seconds_before, self._tokens_before = old.seconds, old.generated_tokens
             header = old
         self.header = header
+        self._begun = True
         self._started = self._saved = time.perf_counter()
         self._write_header()
         return header
@@ -170,7 +172,8 @@ class RunOutput:
 
     def close(self) -> None:
         """Write the header's final counts, close the file and release the lock. A run that wrote no row into a file
-        that did not exist leaves neither the file nor a header behind."""
+        that did not exist leaves neither the file nor a header behind; one that never began (nothing left to score)
+        leaves the header as the runs before it wrote it."""
         try:
             if self._file is not None:
                 self._file.close()
@@ -178,7 +181,7 @@ class RunOutput:
             if self._added == 0 and not self.existed:
                 self.path.unlink(missing_ok=True)
                 header_path(self.path).unlink(missing_ok=True)
-            else:
+            elif self._begun:
                 self._write_header()
         finally:
             self._lock.release()

@@ -210,7 +210,16 @@ async def models(request: Request) -> dict[str, Any]:
         "id": state.settings.model_name, "object": "model", "owned_by": "rank1-local",
         "created": int(stats.counters["started"]),
         "meta": {"file": model.model_path.name, "backend": stats.backend, "device": stats.device,
-                 "slots": stats.slots, "protocol": model.config.to_dict()}}]}
+                 "slots": stats.slots, "protocol": model.config.to_dict(), **_cascade_meta(model)}}]}
+
+
+def _cascade_meta(model: Reranker) -> dict[str, Any]:
+    """A cascade's prefilter and cut, as /v1/models shows them."""
+    prefilter = getattr(model, "prefilter", None)
+    if prefilter is None:
+        return {}
+    return {"prefilter": {"file": prefilter.model_path.name, "card": prefilter.card.name,
+                          "backend": prefilter.backend, "device": prefilter.device}, "keep": getattr(model, "keep")}
 
 
 async def metrics(request: Request) -> PlainTextResponse:

@@ -117,6 +117,8 @@ def result_row(request: RerankRequest, result: Rank1Result, *, reasoning: bool) 
         row = {"index": result.index, "relevance_score": result.score}
         if request.return_documents:
             row["document"] = {"text": text} if isinstance(passage, str) else dict(passage)
+    if result.stage is not None:  # a cascade: which stage scored it
+        row["stage"] = result.stage
     if reasoning:
         row |= judgment_fields(result)
     return row
