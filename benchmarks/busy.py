@@ -4,9 +4,11 @@ beside the run (which this benchmark starts itself: pure-Python loops that never
 Each (load, setting) scores the same pairs in a fresh process (OpenMP reads its settings once, when it loads); the
 settings take turns, best of ``--repeat``. Settings: GNU OpenMP's default waiting (spin 300,000 times, then sleep),
 OMP_WAIT_POLICY=ACTIVE (spin), OMP_WAIT_POLICY=PASSIVE (sleep at once), and a short spin (GOMP_SPINCOUNT), each with
-1 thread and with every core.
+1 thread, with every core, and with ``auto`` (no thread count given: the runtime's default, which follows the cores
+the other processes leave free, ``rank1_local.backends.llama.threads.CoreShare``).
 
-    python -m benchmarks.busy [--pairs 32] [--parallel 8] [--budget 48]
+    python -m benchmarks.busy [--pairs 32] [--parallel 8] [--budget 48] [--waiting "GNU default (spin 300k),spin 10k"]
+        [--threads 1,all,auto]
 """
 
 from __future__ import annotations
@@ -32,18 +34,18 @@ def worker(args: argparse.Namespace) -> None:
     from rank1_local import Rank1
 
     pairs = [(p.query, p.passage) for p in eval_pairs()][:args.pairs]
-    with Rank1(args.model, parallel=args.parallel, max_think_tokens=args.budget, n_ctx=512,
-               threads=args.threads_one) as m:
+    threads = None if args.threads_one == "auto" else int(args.threads_one)
+    with Rank1(args.model, parallel=args.parallel, max_think_tokens=args.budget, n_ctx=512, threads=threads) as m:
         m.score_pairs(pairs[:2])
         start = time.perf_counter()
         m.score_pairs(pairs)
         print(json.dumps({"seconds": time.perf_counter() - start, "pairs": len(pairs)}))
 
 
-def run(args: argparse.Namespace, model: Path, threads: int, waiting: dict[str, str]) -> float:
+def run(args: argparse.Namespace, model: Path, threads: str, waiting: dict[str, str]) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | waiting
     cmd = [sys.executable, "-m", "benchmarks.busy", "--worker", "--model", str(model), "--pairs", str(args.pairs),
-           "--parallel", str(args.parallel), "--budget", str(args.budget), "--threads-one", str(threads)]
+           "--parallel", str(args.parallel), "--budget", str(args.budget), "--threads-one", threads]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, cwd=HERE.parent)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     return row["pairs"] / row["seconds"]
@@ -51,15 +53,17 @@ def run(args: argparse.Namespace, model: Path, threads: int, waiting: dict[str, 
 
 def measure(args: argparse.Namespace, model: Path) -> list[dict]:
     rows = []
-    cores = os.cpu_count() or 1
+    cores = str(os.cpu_count() or 1)
+    threads_each = list(dict.fromkeys(cores if t == "all" else t for t in args.threads))
     for load in args.loads:
         hogs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
         try:
             time.sleep(1.0)
-            results: dict[tuple[str, int], list[float]] = {}
+            results: dict[tuple[str, str], list[float]] = {}
             for _ in range(args.repeat):
-                for name, waiting in WAITING.items():
-                    for threads in sorted({1, cores}):
+                for name in args.waiting:
+                    waiting = WAITING[name]
+                    for threads in threads_each:
                         results.setdefault((name, threads), []).append(run(args, model, threads, waiting))
         finally:
             for hog in hogs:
@@ -103,10 +107,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--loads", default="0,1,2")
+    parser.add_argument("--waiting", default=",".join(WAITING), help=f"of: {', '.join(WAITING)}")
+    parser.add_argument("--threads", default="1,all,auto", help="thread counts: numbers, all (every core), auto")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "busy.md")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--threads-one", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads-one", default="1", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -115,6 +121,10 @@ def main() -> None:
     from rank1_local.runs.atomic import write_text_atomic
 
     args.loads = [int(n) for n in args.loads.split(",")]
+    args.waiting, args.threads = args.waiting.split(","), args.threads.split(",")
+    unknown = [w for w in args.waiting if w not in WAITING]
+    if unknown:
+        parser.error(f"unknown --waiting {', '.join(unknown)}; choose from {', '.join(WAITING)}")
     args.load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = measure(args, fixture_gguf("behaving"))
     write_text_atomic(args.out, render(rows, args))

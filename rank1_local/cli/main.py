@@ -330,7 +330,7 @@ def add_backend_args(p: argparse.ArgumentParser, *, parallel: int, parallel_help
                                                       "3B, else Q4_K_M)")
     p.add_argument("--parallel", type=int, default=None, help=f"llama.cpp: {parallel_help} (default: {parallel})")
     p.add_argument("--n-gpu-layers", type=int, default=None, help="llama.cpp: 0 = CPU, -1 = all layers (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp: CPU threads (default: the cores other processes leave free, re-read every second)")
     p.add_argument("--sampling", choices=("auto", "host", "device"), default=None,
                    help="llama.cpp: where each row's greedy token and top 20 are found: host (from the full logits), "
                         "device (a top-20 sampler in llama.cpp's graph, no full row copied), auto (device with GPU "

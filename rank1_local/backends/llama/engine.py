@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rank1_local.backends.llama.logs import route_llama_logs
-from rank1_local.backends.llama.threads import set_openmp_waiting
+from rank1_local.backends.llama.threads import CoreShare, set_openmp_waiting
 from rank1_local.core.decoder import CandidateRow, HostRow, Row
 from rank1_local.core.errors import CorruptFileError, Rank1Error
 from rank1_local.models.gguf_file import GGML_TYPE_F32, check_gguf_file
@@ -45,7 +45,7 @@ class EngineConfig:
     kv_cells: int  # llama.cpp's n_ctx: KV cells in total, every sequence together (not the context of one pair)
     n_seq_max: int
     n_batch: int = 512
-    n_threads: int | None = None
+    n_threads: int | None = None  # None: every core the rest of the machine leaves free, re-read between steps
     n_gpu_layers: int = 0
     f32_kv_cache: bool = False
     sampling: str = "host"  # host: rows read from the full logits; device: a top-20 sampler chain in the graph
@@ -127,7 +127,9 @@ class LlamaEngine:
         mparams = lc.llama_model_default_params()
         set_fields(mparams, n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF)
         cparams = lc.llama_context_default_params()
-        threads = config.n_threads or os.cpu_count() or 1
+        # threads the user did not fix follow the cores other processes leave free (threads.CoreShare)
+        self._share = CoreShare(os.cpu_count() or 1) if config.n_threads is None else None
+        threads = self.threads = config.n_threads or os.cpu_count() or 1
         set_fields(cparams, n_ctx=config.kv_cells, n_batch=config.n_batch, n_ubatch=min(config.n_batch, 512),
                    n_seq_max=config.n_seq_max, kv_unified=True, n_threads=threads, n_threads_batch=threads,
                    no_perf=True)
@@ -219,6 +221,9 @@ class LlamaEngine:
             for e in entries:
                 if e.logits:
                     self._sample_on_device(e.seq_id, not e.host)
+        if self._share is not None and (threads := self._share.threads()) != self.threads:
+            self.lc.llama_set_n_threads(self.ctx, threads, threads)
+            self.threads = threads
         started = time.perf_counter()
         status = self.lc.llama_decode(self.ctx, b)
         decoded = time.perf_counter()

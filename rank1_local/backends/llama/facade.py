@@ -50,7 +50,7 @@ class LlamaSettings:
     Args:
         n_gpu_layers: layers to offload (0 = CPU only, -1 = all).
         parallel: pairs decoded together (continuous batching), across all callers.
-        threads: CPU threads (default: all cores).
+        threads: CPU threads (default: the cores other processes leave free, re-read between steps).
         n_batch: tokens per ``llama_decode`` call.
         f32_kv_cache: keep the KV cache in float32 instead of float16.
         max_waiting: pairs that may wait for a slot at once (None: no limit); more is refused at once
