@@ -308,9 +308,11 @@ def test_every_backend_agrees_with_the_official_code(case, checkpoints, ggufs, e
     for dtype in ("float32", "float16"):
         ours = engines.ours(checkpoints, name, dtype).score_pairs(pairs, config=config)
         deltas[f"VllmRank1 {dtype}"] = compare(f"VllmRank1 {dtype} vs the judge", ours, official[dtype])
-    with Rank1(ggufs[name], config, parallel=4, threads=2, f32_kv_cache=True) as model:
-        deltas["llama.cpp (float32)"] = compare("llama.cpp vs the judge in float32", model.score_pairs(pairs),
-                                                official["float32"])
+    for sampling in ("host", "device"):  # the greedy token and the top 20 from the full rows, or from llama.cpp's graph
+        with Rank1(ggufs[name], config, parallel=4, threads=2, f32_kv_cache=True, sampling=sampling) as model:
+            assert model._owner.sampling == sampling, "this llama.cpp build did not run the sampler chain in its graph"
+            deltas[f"llama.cpp {sampling} (float32)"] = compare(f"llama.cpp, {sampling} sampling, vs the judge in "
+                                                                "float32", model.score_pairs(pairs), official["float32"])
     hf = {}
     for dtype in ("float32", "float16"):
         with TransformersRank1(checkpoints[name], config, device="cpu", dtype=dtype) as model:
