@@ -173,10 +173,13 @@ def test_a_study_killed_mid_type_resumes_without_scoring_anything_twice(studied,
         proc.wait()
     before = len(done_keys(run_file))  # complete rows (a row torn by the kill is dropped on resume)
     assert 5 <= before < 48
+    kept = run_file.read_text().splitlines()[:before]
     subprocess.run(cmd, check=True, env=env(), cwd=ROOT, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in run_file.read_text().splitlines()]
+    lines = run_file.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert len(rows) == len({(r["qid"], r["docid"]) for r in rows}) == 48
-    assert read_header(header_path(run_file)).pairs == 48 - before  # the second session scored only the rest
+    assert lines[:before] == kept  # the second session kept the first one's rows and scored only the rest
+    assert read_header(header_path(run_file)).pairs == 48  # a header's pairs is the file's row count
     assert finished == {p: p.read_bytes() for p in finished if p.suffix == ".jsonl"} | {
         p: p.stat().st_mtime_ns for p in finished if p.suffix == ".gguf"}  # reference and exports untouched
     assert json.loads((tmp_path / "out" / "study.json").read_text())["types"][0]["common"] == 48
