@@ -39,3 +39,12 @@ def test_cache_and_gguf_type_only_where_the_backend_takes_them():
     with pytest.raises(Rank1Error, match="path of the judgment cache"):
         worker_spec("llama.cpp", "m.gguf", CONFIG, {"cache": object()}, threads_per_worker=1)
     assert isinstance(worker_spec("transformers", "ckpt", CONFIG, {}, threads_per_worker=1), WorkerSpec)
+
+
+def test_ray_rows_have_every_field_of_a_run_files_row():
+    from rank1_local.core.results import Rank1Result, result_dict
+    from rank1_local.integrations.ray_batch import RESULT_COLUMNS
+
+    result = Rank1Result(index=0, score=0.9, reasoning="r", n_tokens=3, forced=False, truncated=False,
+                         passage_tokens_dropped=0, n_prompt_tokens=40, seconds=0.1)
+    assert RESULT_COLUMNS == tuple(result_dict(result, qid="q", docid="d"))

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 PAIR_COLUMNS = ("qid", "query", "docid", "text", "title", "instruction")  # title and instruction may be absent/null
 # the run file's row (rank1_local.core.results.result_dict), in its order
 RESULT_COLUMNS = ("qid", "docid", "score", "relevant", "reasoning", "n_tokens", "forced", "truncated", "too_long",
-                  "cached")
+                  "cached", "n_prompt_tokens")
 # besides: the worker that scored a pair, where its model ran and the settings it scored with (Reranker.score_settings,
 # as JSON)
 EXTRA_COLUMNS = ("worker", "device", "settings")
@@ -195,7 +195,7 @@ def result_schema() -> Any:
     return pa.schema([("qid", pa.string()), ("docid", pa.string()), ("score", pa.float64()),
                       ("relevant", pa.bool_()), ("reasoning", pa.string()), ("n_tokens", pa.int64()),
                       ("forced", pa.bool_()), ("truncated", pa.bool_()), ("too_long", pa.bool_()),
-                      ("cached", pa.bool_()), ("worker", pa.string())])
+                      ("cached", pa.bool_()), ("n_prompt_tokens", pa.int64()), ("worker", pa.string())])
 
 
 def worker_spec(backend: str, model: str | Path, config: ScoringConfig, engine: dict[str, Any],
