@@ -6,9 +6,8 @@ wait at a barrier. By default GNU OpenMP spins there for a while before sleeping
 wake-up, but when anything else runs (a browser, a second job, Ray workers) the spinning threads take the cores the
 working ones need, and a team with more threads than free cores stalls at every barrier. The defaults here: spin
 briefly, then sleep (a user's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is left as it is), and, where the user
-gave no thread count, run as many threads as the other processes leave cores free (:class:`CoreShare`). On the
-2-core machine of ``benchmarks/results/busy.md`` that keeps 1.00x of the best setting's throughput idle, 0.89x beside
-one busy process and 0.79x beside two (every core with GNU's default waiting: 0.99x, 0.42x, 0.54x).
+gave no thread count, run as many threads as the other processes leave cores free, and every thread when they leave
+none (:class:`CoreShare`); the measured shares of the best setting are in ``benchmarks/results/busy.md``.
 """
 
 from __future__ import annotations
@@ -29,57 +28,81 @@ def set_openmp_waiting() -> None:
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds every process on the machine has run since boot (``/proc/stat``'s first line, idle and I/O wait
-    left out); None where there is no ``/proc/stat``."""
+def runnable_threads() -> int | None:
+    """Threads on the machine that are running or waiting for a core now (``/proc/loadavg``'s fourth field, the
+    kernel's ``nr_running``); None where there is no ``/proc/loadavg``."""
     try:
-        with open("/proc/stat", "rb") as stat:
-            fields = stat.readline().split()
+        with open("/proc/loadavg", "rb") as loadavg:
+            return int(loadavg.read().split()[3].split(b"/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def own_runnable_threads() -> int:
+    """This process's threads that are running or waiting for a core now (state R in ``/proc/self/task/*/stat``)."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
     except OSError:
-        return None
-    if len(fields) < 8 or fields[0] != b"cpu":
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, *rest = (int(f) for f in fields[1:])
-    steal = rest[0] if rest else 0
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat", "rb") as stat:
+                line = stat.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        end = line.rfind(b")")  # the command name, in brackets, may hold spaces and brackets itself
+        count += line[end + 2:end + 3] == b"R"
+    return max(1, count)  # the thread reading this runs
 
 
 class CoreShare:
-    """How many threads llama.cpp should run now: every core the other processes on the machine leave free, between
-    1 and ``most``.
+    """How many threads llama.cpp should run now, between 1 and ``most``.
 
-    Measured, at most once per ``interval`` seconds, as the machine's busy CPU time less this process's own (its
-    spinning OpenMP threads count as its own), per second of wall time. With every core free the answer is ``most``;
-    with one core's worth of work elsewhere, one fewer. A team with more threads than free cores is what collapses
-    throughput: its threads wait for each other at every barrier while another process holds a core
-    (``benchmarks/results/busy.md``). Where the machine's load cannot be read (no ``/proc/stat``), or this process
+    What the other processes want is sampled between decode steps, at most once per ``sample_every`` seconds: the
+    machine's runnable threads (running, or waiting for a core) less this process's own. Once per ``interval``
+    seconds, their mean over the samples decides:
+
+    - while cores are left free, run on every one of them (at most ``most``): a team with more threads than free
+      cores is what collapses throughput, its threads waiting for each other at every barrier while another process
+      holds a core;
+    - when the other processes want every core, run ``most``: nothing gets a core to itself, and the kernel shares
+      the time slices per runnable thread, so one thread would get a third of two cores beside two busy processes,
+      and two get half.
+
+    Runnable threads, not CPU time: a starved process shows how much it wants, where its CPU time shows only what it
+    got (``benchmarks/results/busy.md``). Where the machine's threads cannot be read (no ``/proc``), or this process
     may run on fewer cores than the machine has, the answer is always ``most``."""
 
-    def __init__(self, most: int, *, interval: float = 1.0, cores: int | None = None,
-                 machine_busy: Callable[[], float | None] = busy_cpu_seconds,
-                 own_busy: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, most: int, *, interval: float = 1.0, sample_every: float = 0.05, cores: int | None = None,
+                 runnable: Callable[[], int | None] = runnable_threads,
+                 own_runnable: Callable[[], int] = own_runnable_threads,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.most = most
-        self.interval = interval
+        self.interval, self.sample_every = interval, sample_every
         self.cores = cores if cores is not None else (os.cpu_count() or 1)
-        self._machine_busy, self._own_busy, self._clock = machine_busy, own_busy, clock
+        self._runnable, self._own_runnable, self._clock = runnable, own_runnable, clock
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else self.cores
-        first = machine_busy()
-        self.enabled = most > 1 and first is not None and (cores is not None or affinity == self.cores)
+        self.enabled = most > 1 and runnable() is not None and (cores is not None or affinity == self.cores)
         self.current = most
-        self._last = (clock(), first or 0.0, own_busy())
+        self._decided = self._sampled = clock()
+        self._samples: list[int] = []
 
     def threads(self) -> int:
         """The thread count for the next step (the last answer until ``interval`` has passed)."""
         if not self.enabled:
             return self.most
         now = self._clock()
-        then, machine_then, own_then = self._last
-        if now - then < self.interval:
+        if now - self._sampled >= self.sample_every or not self._samples:
+            machine = self._runnable()
+            if machine is not None:
+                self._samples.append(max(0, machine - self._own_runnable()))
+            self._sampled = now
+        if now - self._decided < self.interval or not self._samples:
             return self.current
-        machine, own = self._machine_busy(), self._own_busy()
-        if machine is None:
-            return self.current
-        self._last = (now, machine, own)
-        others = max(0.0, (machine - machine_then) - (own - own_then)) / (now - then)
-        self.current = max(1, min(self.most, self.cores - round(others)))
+        others = round(sum(self._samples) / len(self._samples))
+        self._samples.clear()
+        self._decided = now
+        free = self.cores - others
+        self.current = self.most if free < 1 else min(self.most, free)
         return self.current
