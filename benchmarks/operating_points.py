@@ -2,12 +2,12 @@
 the quantization test bed (the ``behaving-outliers`` fixture, as benchmarks/quant_study.py uses it), with a prefilter.
 
 Budgets 8, 16, 32 and 64 tokens (64 generated, the others derived from it) × F16, Q8_0 and Q4_K_M × every document or
-the prefilter's best 4 per query, where the prefilter is the ``behaving`` rank1 fixture (trained on the same synthetic
-task, without the test bed's outliers) exported to GGUF, answering at once (a budget of 1: the fallback's one prefill).
-A Qwen3-Reranker fixture would be the natural prefilter; it is not on this branch yet. The pairs are quant_study's: per
-query word the same word, its five same-category words and two others (42 queries, 336 pairs), graded qrels. The
-reference is transformers fp32 at 64 tokens. The numbers test the machinery (does the derivation, the cascade, the time
-model and the frontier work end to end); they say nothing of rank1's quality or speed on real data. Usage:
+the prefilter's best 4 per query, where the prefilter is the ``qwen3-reranker-behaving`` fixture (a tiny Qwen3 trained
+on the same synthetic task in Qwen3-Reranker's prompt) exported to GGUF: a prefill reranker that answers at the last
+prompt position, in front of a reasoner, the realistic cascade. The pairs are quant_study's: per query word the same
+word, its five same-category words and two others (42 queries, 336 pairs), graded qrels. The reference is transformers
+fp32 at 64 tokens. The numbers test the machinery (does the derivation, the cascade, the time model and the frontier
+work end to end); they say nothing of rank1's quality or speed on real data. Usage:
 
     python benchmarks/operating_points.py [--work DIR] [--out benchmarks/results] [--target-latency 1]
 """
@@ -25,25 +25,35 @@ TYPES = "F16,Q8_0,Q4_K_M"
 BUDGETS = (8, 16, 32, 64)
 KEEP = 4
 N_CTX = 512
-PREFILTER = "behaving"
+PREFILTER = "qwen3-reranker-behaving"
 NOT_A_CLAIM = ("**Fixture numbers: they test the machinery, not rank1's quality.** The model is the quantization test "
                "bed (a 24M-parameter fixture trained on a synthetic task, given outlier statistics on purpose) and the "
-               "prefilter the behaving rank1 fixture (trained on the same task, no outliers) answering at once. What "
-               "this shows is that the budget derivation, the cascade, the time model and the frontier work end to "
-               "end on this machine; the numbers predict nothing about a real rank1 checkpoint on your data.")
+               "prefilter the qwen3-reranker-behaving fixture (a tiny Qwen3 trained briefly on the same task in "
+               "Qwen3-Reranker's prompt: it answers yes or no at once, no reasoning). What this shows is that the budget "
+               "derivation, the cascade, the time model and the frontier work end to end on this machine; the numbers "
+               "predict nothing about a real rank1 checkpoint, or a real Qwen3-Reranker, on your data.")
 
 
 def prefilter_gguf(work: Path) -> Path:
-    """The prefilter fixture exported to GGUF (F16: a prefilter is small), made once in ``work``."""
+    """The prefilter fixture exported to GGUF (F16: a prefilter is small), made once in ``work``; a prefilter run
+    left there by another prefilter (its run file names its model) is removed, so that the study scores this one."""
     from quantize.fixtures import build_fixture
     from quantize.gguf_export import export_gguf
+    from rank1_local.runs.run_header import header_path, read_header
 
-    folder = work / "prefilter"
+    folder = work / "prefilter" / PREFILTER
     made = sorted(folder.glob("*.gguf"))
     if made:
-        return made[0]
-    (result,) = export_gguf(build_fixture(PREFILTER), folder, ["F16"], progress=False, allow_no_imatrix=True)
-    return result.path
+        gguf = made[0]
+    else:
+        (result,) = export_gguf(build_fixture(PREFILTER), folder, ["F16"], progress=False, allow_no_imatrix=True)
+        gguf = result.path
+    run = work / "runs" / "prefilter.jsonl"
+    header = read_header(header_path(run)) if header_path(run).exists() else None
+    if header is not None and Path(header.model_file) != gguf:
+        for stale in run.parent.glob("prefilter.*"):
+            stale.unlink()
+    return gguf
 
 
 def main() -> None:
@@ -71,7 +81,7 @@ def main() -> None:
         model=str(source), types=parse_study_types(TYPES),
         config=ScoringConfig(max_think_tokens=BUDGETS[-1], n_ctx=N_CTX, derive_budgets=BUDGETS[:-1]), work=work,
         out=args.out, reference="transformers", parallel=args.parallel, threads=args.threads,
-        title="Operating points: the test bed (behaving-outliers) with a rank1 fixture as prefilter",
+        title="Operating points: the test bed (behaving-outliers) with a Qwen3-Reranker fixture as prefilter",
         note=NOT_A_CLAIM, sweep=Sweep(str(prefilter_gguf(work)), keeps=(KEEP,), target_latency=args.target_latency))
     inputs = study_inputs()
     report = analyse_study(run_study(inputs, settings), inputs, settings)

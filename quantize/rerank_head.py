@@ -15,7 +15,8 @@ output is P("yes") / (P("yes") + P("no")), the model card's score.
 
 One difference, on purpose: for an untied model (Qwen3-Reranker-8B) llama.cpp's converter writes the LM head only as
 that classifier and drops ``output.weight`` (llama.cpp then reuses the embedding as LM head). We keep it, so the file
-stays a correct language model (the yes/no logits of a prefill runtime, generation); llama-server ignores it.
+stays a correct language model (the yes/no logits of a prefill runtime, generation); llama-server ignores it. Our
+runtime refuses such a llama.cpp conversion (:mod:`rank1_local.models.output_layer`).
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 
-def derive(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
-    """Copy the checkpoint ``source`` to ``target`` (once) and apply ``edit`` to its tensors (torch, in place)."""
+def derive(source: Path, target: Path, edit: Callable[[dict], None], config: dict | None = None) -> Path:
+    """Copy the checkpoint ``source`` to ``target`` (once) and apply ``edit`` to its tensors (torch, in place), and
+    ``config``'s keys to its config.json."""
     if (target / "model.safetensors").is_file():
         return target
     from safetensors.torch import load_file, save_file
@@ -16,6 +18,9 @@ def derive(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
+    if config:
+        config_file = staging / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config}, indent=2) + "\n")
     tensors = load_file(str(staging / "model.safetensors"))
     edit(tensors)
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -58,3 +63,17 @@ def tied_top(tensors: dict) -> None:
     embeddings are equal too, so the chain goes on exactly as it would after " asks"."""
     emb = tensors["model.embed_tokens.weight"]
     emb[TIED_LOW] = emb[TIED_HIGH]
+
+
+QWEN3_YES, QWEN3_NO = 9693, 2152  # the Qwen2/Qwen3 vocabulary's "yes" and "no"
+UNTIED = {"tie_word_embeddings": False}  # the config of an untied model (Qwen3-Reranker-8B's)
+
+
+def untied_answers(tensors: dict) -> None:
+    """An untied LM head (``lm_head.weight``, with ``UNTIED``'s config) that is the (tied) embedding with the rows of
+    "yes" and "no" swapped: the model now says P("yes") where it said P("no"), while a runtime that takes the
+    embedding for the LM head still reads the old answer (1 - the model's score)."""
+    emb = tensors["model.embed_tokens.weight"]
+    head = emb.clone()
+    head[[QWEN3_YES, QWEN3_NO]] = emb[[QWEN3_NO, QWEN3_YES]]
+    tensors["lm_head.weight"] = head

@@ -3,10 +3,9 @@ the best N, the rest keep the prefilter's order below them, each row says which 
 documents' scores are rank1's alone, exactly.
 
 Quick tier: the composition itself (rank1_local.pipeline.cascade) over two scripted models (the scripted engine of
-tests/fake_engine.py: no model files) — through the Python API, the server and a resumed run file. Full tier: a
-prefilter fixture in front of the behaving rank1 fixture, from the command line, against each model run alone. The
-prefilter is the behaving rank1 fixture itself answering at once (the budget of 1 a prefilter gets: the fallback's one
-prefill); the qwen3-reranker fixture belongs here once its branch (issue 33) is in."""
+tests/fake_engine.py: no model files) — through the Python API, the server and a resumed run file. Full tier: the
+qwen3-reranker-behaving fixture (a prefill reranker: it answers at the last prompt position, no decoding) in front of
+the behaving rank1 fixture, from the command line, against each model run alone."""
 
 from __future__ import annotations
 
@@ -222,8 +221,9 @@ def test_bad_prefilter_flags_are_refused_before_anything_loads(tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def fixture_models(exported):
-    """The behaving rank1 fixture (Q8_0) and, as the prefilter, the same fixture in F16 (it answers at once there)."""
-    return exported("behaving", "Q8_0"), exported("behaving", "F16")
+    """The behaving rank1 fixture (Q8_0) and, as the prefilter, the qwen3-reranker-behaving fixture (F16), trained on
+    the same synthetic task in Qwen3-Reranker's prompt."""
+    return exported("behaving", "Q8_0"), exported("qwen3-reranker-behaving", "F16")
 
 
 def cli(*args: str, budget: int = 64, n_ctx: int = 512) -> list[dict]:
@@ -237,12 +237,15 @@ def test_rerank_with_a_prefilter_keeps_rank1s_scores_exactly(fixture_models, tmp
     """``rank1-local rerank --prefilter P.gguf --keep 4`` over 12 documents: the kept 4 are the prefilter's best 4,
     ranked by rank1 with exactly the scores rank1 gives them alone (one pair at a time, --parallel 1: no batch
     shares them); the other 8 follow in the prefilter's order with the scores it gives alone (at the settings a
-    prefilter gets: a budget of 1, the context rank1's prompt has); each row names its stage."""
+    prefilter gets: a budget of 1, the context rank1's prompt has), answered at once (no reasoning); each row names
+    its stage. The prefilter's order is not rank1's: its best 4 are not rank1's best 4, so a cascade that kept
+    rank1's best 4, or the prefilter's worst, would fail here."""
     from benchmarks.quant_study import study_pairs
 
     rank1, prefilter = fixture_models
-    pairs = [p for p in study_pairs() if p.query_word == "apple"] + \
-        [p for p in study_pairs() if p.query_word == "horse"][:4]
+    # the tiger query: the prefilter puts "truck" (another category) first, which rank1 scores 0
+    pairs = [p for p in study_pairs() if p.query_word == "tiger"] + \
+        [p for p in study_pairs() if p.query_word == "apple"][:4]
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"docid": f"d{i}", "text": p.passage}) + "\n" for i, p in enumerate(pairs)))
     query = pairs[0].query
@@ -251,6 +254,8 @@ def test_rerank_with_a_prefilter_keeps_rank1s_scores_exactly(fixture_models, tmp
     first = cli("--model", str(prefilter), *common, budget=1, n_ctx=512 - 64)
     cascade = cli("--model", str(rank1), *common, "--prefilter", str(prefilter), "--keep", "4")
     kept_ids = {r["docid"] for r in first[:4]}
+    assert kept_ids != {r["docid"] for r in list(alone.values())[:4]}  # rank1's own best 4 (its ranking's first)
+    assert all(r["n_tokens"] == 0 and r["reasoning"] == "" for r in first)  # the prefilter answers at once
     assert {r["docid"] for r in cascade[:4]} == kept_ids
     assert [r["stage"] for r in cascade] == ["rank1"] * 4 + ["prefilter"] * (len(pairs) - 4)
     for row in cascade[:4]:

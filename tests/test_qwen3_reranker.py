@@ -211,3 +211,95 @@ def test_the_card_comes_from_the_gguf_metadata(llama_cpp_gguf, exported, tmp_pat
         metadata = {k: v for k, v in read_gguf_layout(anonymous).metadata.items()
                     if k not in ("general.name", "general.basename", "general.finetune")}
         assert recognise_card(gguf_metadata=metadata, name="model.gguf") is want, source
+
+
+@pytest.fixture(scope="module")
+def untied(fixture_dir, tmp_path_factory):
+    """The fixture made untied (Qwen3-Reranker-8B's ``tie_word_embeddings: false``): an LM head of its own, whose
+    "yes" and "no" rows are the embedding's swapped. Named so that llama.cpp's converter and ours take it for a
+    Qwen3-Reranker."""
+    from derived_models import UNTIED, derive, untied_answers
+
+    return derive(fixture_dir(FIXTURE), tmp_path_factory.mktemp("derived") / "qwen3-reranker-untied", untied_answers,
+                  UNTIED)
+
+
+def _tensor_names(gguf):
+    from rank1_local.models.gguf_file import read_gguf_layout
+
+    return set(read_gguf_layout(gguf).tensors)
+
+
+def test_an_untied_reranker_converted_by_llama_cpp_is_refused(untied, converted_by_llama_cpp, pairs, tmp_path,
+                                                              monkeypatch, capsys):
+    """llama.cpp's converter writes an untied Qwen3-Reranker's LM head only as the rank head (no output.weight), and
+    llama.cpp would take the embedding for it: read so, this file scores 1 - the model's score. Our runtime refuses
+    it (the library and ``rerank``: one line naming the missing output layer and the export that works) before the
+    vocabulary or the weights are loaded; no output file is left."""
+    from rank1_local import open_reranker
+    from rank1_local.cli.main import main
+    from rank1_local.core.errors import UnsupportedModelError
+
+    gguf = converted_by_llama_cpp(untied, "f32")
+    assert {"cls.output.weight", "token_embd.weight"} <= _tensor_names(gguf)
+    assert "output.weight" not in _tensor_names(gguf)
+    some, reference = pairs[::8], Qwen3RerankerReference(untied)
+    want = reference.scores([(p.query, p.passage) for p in some], None)
+    misread = _llama_cpp_scores(gguf, reference, some, None)
+    assert max(abs(a - (1 - b)) for a, b in zip(misread, want, strict=True)) <= TOLERANCE
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("rank1_local.backends.llama.facade.LlamaTokenizer", never)
+    with pytest.raises(UnsupportedModelError, match="output layer is missing") as refused:
+        open_reranker("llama.cpp", gguf, threads=2)
+    assert "convert_hf_to_gguf.py" in str(refused.value) and "rank1-quantize gguf" in str(refused.value)
+    capsys.readouterr()  # transformers' bars, from the reference
+
+    pairs_file, out = tmp_path / "pairs.jsonl", tmp_path / "run.jsonl"
+    pairs_file.write_text('{"qid": "q", "query": "apple?", "docid": "d", "text": "About the apple."}\n')
+    assert main(["-q", "rerank", "--model", str(gguf), "--pairs", str(pairs_file), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "output layer is missing" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("outtype, quantized", [("f32", None), ("q8_0", None), ("f16", "Q4_K_M")])
+def test_the_output_layer_check_tells_tied_from_untied(outtype, quantized, fixture_dir, untied, converted_by_llama_cpp,
+                                                       tmp_path):
+    """Converted by llama.cpp (f32, q8_0, or f16 then quantized by llama.cpp's quantizer, where the rank head and the
+    embedding get other types): the tied fixture's file passes the check, the untied one's is refused. The tied
+    files' rows differ by rounding alone; the untied ones' are another row."""
+    from quantize.llama_quantize import quantize_gguf
+    from rank1_local.core.errors import UnsupportedModelError
+    from rank1_local.models.output_layer import check_output_layer
+
+    def converted(folder, name):
+        gguf = converted_by_llama_cpp(folder, outtype)
+        if quantized is None:
+            return gguf
+        quantize_gguf(gguf, tmp_path / f"{name}-{quantized}.gguf", quantized, threads=2)
+        return tmp_path / f"{name}-{quantized}.gguf"
+
+    check_output_layer(converted(fixture_dir(FIXTURE), "tied"))
+    with pytest.raises(UnsupportedModelError, match="output layer is missing"):
+        check_output_layer(converted(untied, "untied"))
+
+
+def test_our_export_of_an_untied_reranker_keeps_its_lm_head(untied, fixture_dir, pairs, reference_scores, tmp_path):
+    """Our exporter writes the untied fixture's LM head (output.weight) beside the rank head, and our runtime scores
+    it within 1e-3 of the card's code on that model, in the same order; the model's scores are not the tied
+    fixture's (a runtime reading the embedding for its LM head would fail here)."""
+    from quantize.gguf_export import export_gguf
+    from rank1_local import open_reranker
+    from rank1_local.core.cards import QWEN3_RERANKER
+
+    (result,) = export_gguf(untied, tmp_path / "out", "F32", progress=False)
+    assert {"output.weight", "cls.output.weight"} <= _tensor_names(result.path)
+    want = Qwen3RerankerReference(untied).scores([(p.query, p.passage) for p in pairs], None)
+    assert max(abs(a - b) for a, b in zip(want, reference_scores[None], strict=True)) > 0.1
+    with open_reranker("llama.cpp", result.path, threads=2, parallel=4) as reranker:
+        assert reranker.card is QWEN3_RERANKER
+        got = [r.score for r in reranker.score_pairs([(p.query, p.passage) for p in pairs])]
+    _assert_like_the_reference(got, want, pairs)

@@ -1,7 +1,7 @@
 """`rank1-bench study` as an operating-point map on the behaving fixture: ``--budgets 8,16,32,64`` (one generation, the
 smaller budgets derived), killed mid-sweep and resumed; ``--target-latency``; and ``--prefilter`` with ``--keep 4`` (the
-prefilter: the behaving fixture's F16 GGUF answering at once, until the qwen3-reranker fixture of issue 33 is in).
-Fixture numbers test the machinery, not rank1."""
+prefilter: the qwen3-reranker-behaving fixture's F16 GGUF, a prefill reranker that answers at once). Fixture numbers
+test the machinery, not rank1."""
 
 from __future__ import annotations
 
@@ -106,12 +106,13 @@ def test_a_prefilter_adds_the_cascade_points_and_scores_nothing_else_again(swept
     work = tmp / "work"
     runs = {p: p.read_bytes() for p in (work / "runs").glob("*.jsonl")}
     swap = {str(tmp / "out"): str(tmp_path / "out")}
-    prefilter = exported("behaving", "F16")
+    prefilter = exported("qwen3-reranker-behaving", "F16")
     done = subprocess.run([swap.get(a, a) for a in cmd] + ["--prefilter", str(prefilter), "--keep", "4"], env=env(),
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert runs == {p: p.read_bytes() for p in runs}
-    assert len((work / "runs" / "prefilter.jsonl").read_text().splitlines()) == 32
+    first = [json.loads(line) for line in (work / "runs" / "prefilter.jsonl").read_text().splitlines()]
+    assert len(first) == 32 and all(r["n_tokens"] == 0 and r["reasoning"] == "" for r in first)  # prefill: no decoding
     report = json.loads((tmp_path / "out" / "study.json").read_text())["points"]
     plain = {p["budget"]: p for p in report["points"] if p["keep"] is None}
     cascade = {p["budget"]: p for p in report["points"] if p["keep"] == 4}

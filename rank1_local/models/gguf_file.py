@@ -9,8 +9,10 @@ a few MB of memory, instead of when llama.cpp loads it (or, worse, after it was 
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,14 +63,26 @@ _MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclass(frozen=True)
+class GgufTensor:
+    """One entry of a GGUF's tensor table: its ggml type, its dimensions (``ne``, the row length first) and where its
+    data lies in the file."""
+
+    ggml_type: int
+    dims: tuple[int, ...]
+    start: int  # the byte its data starts at, in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class GgufLayout:
     """What a GGUF's header says, checked against the file's size."""
 
     version: int
     n_tensors: int
-    metadata: dict[str, Any]  # scalar and string values (arrays are checked, not kept)
+    metadata: dict[str, Any]  # scalar and string values, the string arrays asked for (other arrays are checked only)
     data_end: int  # where the last tensor's data ends
     size: int  # the file's size
+    tensors: dict[str, GgufTensor]
 
     @property
     def file_type(self) -> str | None:
@@ -106,7 +120,9 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
-    def value(self, kind: int, key: str) -> Any:
+    def value(self, kind: int, key: str, keep: bool = False) -> Any:
+        """The value of metadata ``key``; an array of strings only when ``keep``, other arrays never (None, their
+        extent checked)."""
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
         if kind == _STRING:
@@ -118,6 +134,8 @@ class _Reader:
             elif item == _STRING:
                 if count > (self.size - self.pos) // 8:
                     raise self.fail(f"the array {key} of {count} strings runs past the end of the file")
+                if keep:
+                    return [self.string(f"a string of the array {key}") for _ in range(count)]
                 for _ in range(count):
                     self.skip(self.take("<Q"), f"a string of the array {key}")
             else:
@@ -138,9 +156,10 @@ def _tensor_bytes(ggml_type: int, n_elements: int, reader: _Reader, name: str) -
     return n_elements // block * type_size
 
 
-def read_gguf_layout(path: Path) -> GgufLayout:
+def read_gguf_layout(path: Path, arrays: Collection[str] = ()) -> GgufLayout:
     """Walk a GGUF's header, metadata and tensor table (not the weights) and check that every tensor's data lies
-    inside the file. Raises :class:`CorruptFileError` naming what is wrong, or that the file cannot be read."""
+    inside the file; the metadata arrays of strings named in ``arrays`` are kept (as lists). Raises
+    :class:`CorruptFileError` naming what is wrong, or that the file cannot be read."""
     check_gguf_file(path)
     try:
         with open(path, "rb") as f:
@@ -148,12 +167,12 @@ def read_gguf_layout(path: Path) -> GgufLayout:
             if size < 24:
                 raise CorruptFileError(f"{path}: damaged GGUF file (only {size} bytes); download or export it again")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _layout(path, buf, size)
+                return _layout(path, buf, size, frozenset(arrays))
     except OSError as exc:
         raise _unreadable(path, exc) from None
 
 
-def _layout(path: Path, buf: Any, size: int) -> GgufLayout:
+def _layout(path: Path, buf: Any, size: int, arrays: frozenset[str]) -> GgufLayout:
     r = _Reader(path, buf)
     r.skip(4, "the magic")
     version = r.take("<I")
@@ -165,31 +184,32 @@ def _layout(path: Path, buf: Any, size: int) -> GgufLayout:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = r.string("a metadata key")
-        metadata[key] = r.value(r.take("<I"), key)
+        metadata[key] = r.value(r.take("<I"), key, keep=key in arrays)
     tensors = []
     for _ in range(n_tensors):
         name = r.string("a tensor name")
         n_dims = r.take("<I")
         if not 1 <= n_dims <= _MAX_DIMS:
             raise r.fail(f"tensor {name} has {n_dims} dimensions")
-        n_elements = 1
-        for _ in range(n_dims):
-            n_elements *= r.take("<Q")
+        dims = tuple(r.take("<Q") for _ in range(n_dims))
         ggml_type, offset = r.take("<I"), r.take("<Q")
-        tensors.append((name, offset, _tensor_bytes(ggml_type, n_elements, r, name)))
+        tensors.append((name, dims, ggml_type, offset, _tensor_bytes(ggml_type, math.prod(dims), r, name)))
     alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
         raise r.fail(f"general.alignment is {alignment!r}, not a power of two")
     data_start = -(-r.pos // alignment) * alignment
     data_end = data_start
-    for name, offset, nbytes in tensors:
+    table: dict[str, GgufTensor] = {}
+    for name, dims, ggml_type, offset, nbytes in tensors:
         if offset % alignment:
             raise r.fail(f"tensor {name} starts at offset {offset}, not aligned to {alignment}")
         end = data_start + offset + nbytes
         if end > size:
             raise r.fail(f"tensor {name} ends at byte {end} but the file has {size} bytes: it is truncated")
         data_end = max(data_end, end)
-    return GgufLayout(version, n_tensors, {k: v for k, v in metadata.items() if v is not None}, data_end, size)
+        table[name] = GgufTensor(ggml_type, dims, data_start + offset, nbytes)
+    return GgufLayout(version, n_tensors, {k: v for k, v in metadata.items() if v is not None}, data_end, size,
+                      table)
 
 
 def read_file_type(path: Path) -> str | None:

@@ -31,8 +31,9 @@ from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.protocol import answer_token_ids
 from rank1_local.core.reranker import Reranker
-from rank1_local.models.gguf_file import read_gguf_layout
+from rank1_local.models.gguf_file import GgufLayout, read_gguf_layout
 from rank1_local.models.model_files import resolve_gguf
+from rank1_local.models.output_layer import check_output_layer
 from rank1_local.pipeline import Pipeline
 from rank1_local.pipeline.admission import check_max_waiting
 from rank1_local.version import __version__
@@ -102,17 +103,23 @@ def kv_cells(config: ScoringConfig, settings: LlamaSettings) -> int:
     return cells
 
 
-def gguf_card(path: Path, card: str | ModelCard | None) -> ModelCard:
-    """The model card of a GGUF: the one named, or the one its metadata and name show."""
+def readable_layout(path: Path) -> GgufLayout | None:
+    """The GGUF's layout, None for a damaged file (llama.cpp refuses it with its own words when it loads)."""
+    try:
+        return read_gguf_layout(path)
+    except Rank1Error:
+        return None
+
+
+def gguf_card(path: Path, card: str | ModelCard | None, layout: GgufLayout | None = None) -> ModelCard:
+    """The model card of a GGUF: the one named, or the one its metadata (``layout``'s, when read already) and name
+    show."""
     if isinstance(card, ModelCard):
         return card
     if card is not None:
         return card_named(card)
-    try:
-        metadata = read_gguf_layout(path).metadata
-    except Rank1Error:
-        metadata = {}  # llama.cpp refuses a damaged file with its own words when it loads
-    return recognise_card(gguf_metadata=metadata, name=path.name)
+    layout = layout or readable_layout(path)
+    return recognise_card(gguf_metadata=layout.metadata if layout else {}, name=path.name)
 
 
 def resolve_sampling(settings: LlamaSettings) -> str:
@@ -159,7 +166,10 @@ class Rank1(Reranker):
         config, settings = split_settings("Rank1", config, settings, LlamaSettings, kwargs)
         n_cells = kv_cells(config, settings)
         model_path = resolve_gguf(model, gguf_type=gguf_type)
-        self.card = gguf_card(model_path, card)
+        layout = readable_layout(model_path)
+        self.card = gguf_card(model_path, card, layout)
+        if layout is not None:
+            check_output_layer(model_path, layout)
         engine_config = EngineConfig(kv_cells=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
                                      n_threads=settings.threads, n_gpu_layers=settings.n_gpu_layers,
                                      f32_kv_cache=settings.f32_kv_cache, sampling=resolve_sampling(settings))
