@@ -56,7 +56,8 @@ def _cmd_gguf(args: argparse.Namespace) -> int:
         for r in results:
             bundle = write_export_bundle(r, args.model, bundle_dir(args.bundle, r, len(results)),
                                          report=reports.get(r.type), replace=args.force)
-            print(f"{r.type:8s} bundle {bundle.path}{' (with its verification card)' if bundle.verification else ''}")
+            print(f"{r.type:8s} bundle {bundle.path} (card {bundle.card}"
+                  f"{', with its verification card' if bundle.verification else ''})")
     return 0
 
 

@@ -266,6 +266,7 @@ class ImatrixOptions:
     size: int | None = None
     seed: int = 0
     max_think_tokens: int = 256
+    card: str | None = None  # the model card whose prompts calibrate (None: recognised from the checkpoint)
 
 
 def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
@@ -278,7 +279,7 @@ def prepare_imatrix(options: ImatrixOptions, plan: ExportPlan, out_dir: Path, *,
 
         calibration = rank1_calibration(plan.checkpoint.path, path=options.calibration, size=options.size,
                                         seed=options.seed, max_think_tokens=options.max_think_tokens,
-                                        progress=progress)
+                                        progress=progress, card=options.card)
         names = {job.entry.name: job.gguf_name for job in plan.jobs
                  if job.entry is not None and job.gguf_name != CLS_OUT}
         imatrix = compute_imatrix(plan.checkpoint.path, calibration.texts, gguf_names=names,

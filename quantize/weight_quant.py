@@ -57,6 +57,7 @@ class WeightQuantOptions:
     calibration_seed: int = 0
     calibration_budget: int = 256  # reasoning tokens the source model writes per calibration pair
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1" …
+    card: str | None = None  # the model card whose prompts calibrate (None: recognised from the checkpoint)
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def export_weight_quant(model: str | Path, out_dir: str | Path, options: WeightQ
     start = time.perf_counter()
     calibration = rank1_calibration(path, path=options.calibration, size=options.calibration_size,
                                     seed=options.calibration_seed, max_think_tokens=options.calibration_budget,
-                                    progress=progress)
+                                    progress=progress, card=options.card)
     method_args: dict[str, Any] = {"bits": options.bits, "group_size": options.group_size}
     load_args: dict[str, Any] = {}
     quantize_args: dict[str, Any] = {}

@@ -116,7 +116,7 @@ def test_pull_from_the_offline_cache_writes_a_checked_bundle(tmp_path):
                                   "sha256": sha256(source_file)}]
     assert manifest["source"] == {"kind": "gguf", "repo": REPO, "revision": COMMIT, "files": ["rank1-tiny-F16.gguf"]}
     assert manifest["created"].endswith("+00:00") and manifest["rank1_local_version"]
-    assert manifest["verification"] is None
+    assert manifest["verification"] is None and manifest["card"] == "rank1"
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "rank1-tiny-F16.gguf"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
@@ -420,8 +420,8 @@ def test_list_shows_bundles_folders_and_the_hub_cache(tmp_path):
     assert ("hf-cache", "rank1-tiny-Q4_K_M-00002-of-00002.gguf") not in rows  # a split file is one model
     assert len(rows) == 5
     table = run_cli(["list"], env).stdout.splitlines()
-    assert table[0].split() == ["KIND", "NAME", "TYPE", "SIZE", "SOURCE", "PATH"]
-    assert any(line.startswith("bundle") and "rank1-tiny-GGUF-BF16" in line and "BF16" in line for line in table)
+    assert table[0].split() == ["KIND", "NAME", "TYPE", "CARD", "SIZE", "SOURCE", "PATH"]
+    assert any(line.split()[:4] == ["bundle", "rank1-tiny-GGUF-BF16", "BF16", "rank1"] for line in table)
     assert len(table) == 1 + 4
 
 
@@ -522,7 +522,7 @@ def test_export_to_a_verified_bundle_and_rerank_from_it(fixture_dir, tmp_path, m
     assert quantize(["-q", "gguf", str(source), "--out", str(tmp_path / "models"), "--types", "Q8_0", "--verify",
                      "--verify-prompts", "2", "--threads", "2", "--bundle", str(bundle_dir)]) == 0
     bundle = read_bundle(bundle_dir)
-    assert bundle.type == "Q8_0" and bundle.source.kind == "export"
+    assert bundle.type == "Q8_0" and bundle.source.kind == "export" and bundle.card == "rank1"
     assert bundle.source.path == str(source.resolve())
     assert bundle.verification is not None and bundle.verification["n_prompts"] == 2
     shutil.rmtree(tmp_path / "models")  # the bundle stands alone
@@ -775,3 +775,105 @@ def test_an_output_in_a_read_only_folder_is_refused_before_loading(open_dir):
                                          str(locked / "out.jsonl")]), capture_output=True, text=True, env=env,
                           timeout=60, cwd=ROOT)
     assert done.returncode == 2 and "out.jsonl: cannot write there (Permission denied)" in done.stderr, done.stderr
+
+
+# -- issue 33: the model card in the manifest ------------------------------------------------------------------------
+
+
+def write_reranker_gguf(path: Path) -> Path:
+    """A tiny Qwen3 GGUF whose metadata says Qwen3-Reranker (rank pooling, as our exporter and llama.cpp's converter
+    write it), under a name that says nothing."""
+    writer = gguf.GGUFWriter(path, "qwen3")
+    writer.add_file_type(LLAMA_FTYPES["Q8_0"])
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_tensor("t", np.full(16, 2.0, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.quick
+def test_the_manifest_records_the_card_and_the_bundle_opens_under_it(tmp_path, monkeypatch):
+    """``pull`` records the card (``--card``, else the one the GGUF shows); opening the bundle uses it unless
+    ``card=`` names another; a manifest without one (made before cards were recorded) is recognised as before."""
+    from rank1_local.backends.llama.facade import gguf_card
+    from rank1_local.core.cards import QWEN3_RERANKER, RANK1
+
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    plain = write_gguf(tmp_path / "plain-Q8_0.gguf", "Q8_0", 1.0)
+    reranker = write_reranker_gguf(tmp_path / "model-Q8_0.gguf")
+    recognised = {"plain": pull(str(plain), out=tmp_path / "plain"), "reranker": pull(str(reranker),
+                                                                                      out=tmp_path / "reranker")}
+    named = pull(str(plain), out=tmp_path / "named", card="Qwen3-Reranker")
+    assert (recognised["plain"].card, recognised["reranker"].card, named.card) == ("rank1", "qwen3-reranker",
+                                                                                   "qwen3-reranker")
+    assert json.loads((named.path / MANIFEST).read_text())["card"] == "qwen3-reranker"
+    assert read_bundle(named.path).card == "qwen3-reranker"
+    assert gguf_card(named.gguf, None, named.path) is QWEN3_RERANKER  # the manifest's card, not recognition's
+    assert gguf_card(named.gguf, None) is RANK1  # the same file alone
+    assert gguf_card(named.gguf, "rank1", named.path) is RANK1  # card= overrides the manifest
+    assert gguf_card(recognised["reranker"].gguf, None, recognised["reranker"].path) is QWEN3_RERANKER
+    for bundle, want in ((recognised["plain"], RANK1), (recognised["reranker"], QWEN3_RERANKER)):
+        manifest = bundle.path / MANIFEST
+        data = json.loads(manifest.read_text())
+        del data["card"]  # a manifest written before cards were recorded
+        manifest.write_text(json.dumps(data))
+        assert read_bundle(bundle.path).card is None and gguf_card(bundle.gguf, None, bundle.path) is want
+    # pulling into such a bundle: the same card as it runs under is nothing to do; another card is another bundle
+    before = (recognised["plain"].path / MANIFEST).read_bytes()
+    assert pull(str(plain), out=tmp_path / "plain").card == "rank1"
+    assert (recognised["plain"].path / MANIFEST).read_bytes() == before
+    with pytest.raises(Rank1Error, match=r"already holds a different bundle \(Q8_0 from .*, card rank1\)"):
+        pull(str(plain), out=tmp_path / "plain", card="qwen3-reranker")
+    # pulling again with another card is another bundle: kept unless --force
+    with pytest.raises(Rank1Error, match="already holds a different bundle .*card qwen3-reranker"):
+        pull(str(plain), out=tmp_path / "named", card="rank1")
+    assert pull(str(plain), out=tmp_path / "named", card="rank1", replace=True).card == "rank1"
+
+
+@pytest.mark.quick
+def test_a_card_the_gguf_contradicts_or_no_one_knows_is_refused(tmp_path, monkeypatch):
+    from rank1_local.backends.llama.facade import gguf_card
+
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    reranker = write_reranker_gguf(tmp_path / "model-Q8_0.gguf")
+    with pytest.raises(Rank1Error, match=r"model-Q8_0.gguf: --card names the model card 'rank1', but the GGUF's "
+                                         r"metadata shows a qwen3-reranker \(a qwen3 with rank pooling\)"):
+        pull(str(reranker), out=tmp_path / "b", card="rank1")
+    with pytest.raises(UnsupportedModelError, match="no model card 'bge'; the cards are: rank1"):
+        pull(str(reranker), out=tmp_path / "b", card="bge")
+    assert not (tmp_path / "b").exists()
+    bundle = pull(str(reranker), out=tmp_path / "b")
+    manifest = bundle.path / MANIFEST
+    data = json.loads(manifest.read_text())
+    for card, error, message in (
+            ("rank1", CorruptFileError, r"rank1-bundle.json: the manifest names the model card 'rank1', but the "
+                                        r"GGUF's metadata shows a qwen3-reranker .*; pass --card to choose one"),
+            ("bge-reranker", UnsupportedModelError, r"the bundle's model card 'bge-reranker' is not one this "
+                                                    r"rank1-local knows \(rank1, qwen3-reranker\)")):
+        manifest.write_text(json.dumps(data | {"card": card}))
+        with pytest.raises(error, match=message):
+            gguf_card(bundle.gguf, None, bundle.path)
+        assert gguf_card(bundle.gguf, "qwen3-reranker", bundle.path).name == "qwen3-reranker"  # --card decides
+    manifest.write_text(json.dumps(data | {"card": 5}))
+    with pytest.raises(CorruptFileError, match="not a valid bundle manifest .card must be a string, got int"):
+        read_bundle(bundle.path)
+
+
+@pytest.mark.quick
+def test_pull_and_list_show_the_card(tmp_path):
+    env = cli_env(tmp_path)
+    reranker = write_reranker_gguf(tmp_path / "model-Q8_0.gguf")
+    done = run_cli(["pull", str(reranker), "--out", str(tmp_path / "bundles" / "r")], env)
+    assert done.returncode == 0, done.stderr
+    assert "Q8_0, card qwen3-reranker, 1 file(s)" in done.stdout
+    done = run_cli(["pull", str(reranker), "--card", "rank1", "--out", str(tmp_path / "bundles" / "x")], env)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "Traceback" not in done.stderr
+    assert "shows a qwen3-reranker" in done.stderr and not (tmp_path / "bundles" / "x").exists()
+    table = run_cli(["list", str(tmp_path / "bundles"), "--no-hub-cache"], env).stdout.splitlines()
+    assert table[0].split() == ["KIND", "NAME", "TYPE", "CARD", "SIZE", "SOURCE", "PATH"]
+    assert table[1].split()[:4] == ["bundle", "r", "Q8_0", "qwen3-reranker"]
+    (row,) = json.loads(run_cli(["list", str(tmp_path / "bundles"), "--no-hub-cache", "--format", "json"], env).stdout)
+    assert row["card"] == "qwen3-reranker"

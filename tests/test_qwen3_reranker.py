@@ -172,6 +172,51 @@ def test_a_named_card_scores_a_plain_qwen3_like_the_reference(fixture_dir, expor
     _assert_like_the_reference(got, want, some)
 
 
+def test_a_bundle_runs_under_the_card_its_manifest_records(fixture_dir, exported, pairs, tmp_path, monkeypatch):
+    """``rank1-local pull GGUF --card qwen3-reranker`` on a plain Qwen3 GGUF (which alone is taken for rank1): the
+    bundle runs under the recorded card with no ``--card`` given, scores like the card's code, and the run header
+    says so."""
+    import json
+
+    from rank1_local.cli.main import main
+
+    monkeypatch.setenv("RANK1_LOCAL_HOME", str(tmp_path / "home"))
+    bundle = tmp_path / "qwen3-bundle"
+    assert main(["-q", "pull", str(exported("qwen3", "F32")), "--card", "qwen3-reranker", "--out", str(bundle)]) == 0
+    some = pairs[::5]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"qid": p.query, "query": p.query, "docid": str(i), "text": p.passage})
+                                  + "\n" for i, p in enumerate(some)))
+    out = tmp_path / "run.jsonl"
+    assert main(["-q", "rerank", "--model", str(bundle), "--pairs", str(pairs_file), "--output", str(out),
+                 "--threads", "2"]) == 0
+    header = json.loads(out.with_name("run.header.json").read_text())
+    assert header["settings"]["card"] == "qwen3-reranker"
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: int(r["docid"]))
+    assert all(r["n_tokens"] == 0 and r["reasoning"] == "" for r in rows)  # read at once, no reasoning
+    want = Qwen3RerankerReference(fixture_dir("qwen3")).scores([(p.query, p.passage) for p in some], None)
+    _assert_like_the_reference([r["score"] for r in rows], want, some)
+
+
+def test_a_ray_serve_replica_opens_its_model_under_the_card(exported, pairs):
+    """A Ray Serve replica (the plain class Serve deploys, made here without a cluster) opens a plain Qwen3 GGUF under
+    the spec's card, and serves the card's scores (``rank1-local serve --ray --card``)."""
+    from rank1_local.backends.llama.facade import LlamaSettings
+    from rank1_local.core.cards import QWEN3_RERANKER
+    from rank1_local.core.config import ScoringConfig
+    from rank1_local.integrations.ray_serve import Rank1Replica, ReplicaSpec
+
+    gguf = exported("qwen3", "F32")
+    replica = Rank1Replica(ReplicaSpec(str(gguf), ScoringConfig(), settings=LlamaSettings(threads=2),
+                                       card="qwen3-reranker"))
+    try:
+        assert replica.model.card is QWEN3_RERANKER
+        results = replica.model.score_pairs([(p.query, p.passage) for p in pairs[:4]])
+        assert all(r.n_tokens == 0 for r in results)
+    finally:
+        replica.model.close()
+
+
 def test_the_cli_ranks_like_the_reference(llama_cpp_gguf, pairs, reference_scores, tmp_path, capsys):
     """``rank1-local rerank --model <our GGUF> --query … --docs …``: the card's order and scores (within 1e-3)."""
     import json

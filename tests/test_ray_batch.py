@@ -172,6 +172,27 @@ def test_a_killed_driver_resumes_with_only_the_rest_scored(ray_cluster, model, p
     assert set(by_key(read_run(out))) == set(pairs[1])
 
 
+@pytest.mark.parametrize("fixture, card", [("qwen3-reranker-behaving", None), ("qwen3", "qwen3-reranker")],
+                         ids=["recognised", "named"])
+def test_a_qwen3_reranker_scores_on_ray_as_in_one_process(ray_cluster, exported, fixture, card, tmp_path):
+    """A Qwen3-Reranker on 2 Ray workers: recognised from its GGUF, or a plain Qwen3 GGUF under ``--card``, which
+    every worker gets. Rows, scores (within 1e-3) and the header (its card included) are the single process's."""
+    model = str(exported(fixture, "F32"))
+    pairs_file = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_file, n_queries=6, per_query=4)
+    scoring = [*SCORING, *(["--card", card] if card else [])]
+    single, on_ray = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
+    assert main(["-q", "rerank", "--model", model, "--pairs", str(pairs_file), "--output", str(single), "--threads",
+                 "1", *scoring]) == 0
+    assert main(["-q", "rerank", "--model", model, "--pairs", str(pairs_file), "--output", str(on_ray), *scoring,
+                 "--ray", "--workers", "2", "--threads-per-worker", "1", "--pairs-per-block", "8"]) == 0
+    rows, ref_rows = read_run(on_ray), read_run(single)
+    assert all(r["n_tokens"] == 0 for r in rows)  # the answer read at once: no reasoning
+    assert compare_runs(rows, ref_rows) <= TOLERANCE
+    header, ref_header = (json.loads(p.with_name(p.stem + ".header.json").read_text()) for p in (on_ray, single))
+    assert header["settings"] == ref_header["settings"] and header["settings"]["card"] == "qwen3-reranker"
+
+
 @pytest.mark.parametrize("what", ["missing", "not a GGUF"])
 def test_a_model_the_nodes_cannot_find_fails_fast_naming_the_node(ray_cluster, pairs, tmp_path, capsys, what):
     if what == "missing":

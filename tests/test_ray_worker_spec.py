@@ -48,3 +48,37 @@ def test_ray_rows_have_every_field_of_a_run_files_row():
     result = Rank1Result(index=0, score=0.9, reasoning="r", n_tokens=3, forced=False, truncated=False,
                          passage_tokens_dropped=0, n_prompt_tokens=40, seconds=0.1)
     assert RESULT_COLUMNS == tuple(result_dict(result, qid="q", docid="d"))
+
+
+def test_the_card_goes_to_every_worker_and_an_unknown_one_fails_on_the_driver():
+    """``--card`` (or ``card=`` among the engine settings) rides in the spec each worker opens its model with; left
+    out, each worker recognises the card from the model as a local run does."""
+    import argparse
+
+    from rank1_local.cli.main import backend_choice
+    from rank1_local.cli.ray_commands import _engine
+
+    args = argparse.Namespace(backend="llama.cpp", card="Qwen3-Reranker", parallel=2)
+    engine = _engine(backend_choice(args))
+    assert engine["card"] == "Qwen3-Reranker"
+    spec = worker_spec("llama.cpp", "m.gguf", CONFIG, engine, threads_per_worker=1)
+    assert spec.card == "qwen3-reranker" and pickle.loads(pickle.dumps(spec)) == spec
+    assert worker_spec("transformers", "ckpt", CONFIG, {"card": "rank1"}, threads_per_worker=1).card == "rank1"
+    assert worker_spec("llama.cpp", "m.gguf", CONFIG, {}, threads_per_worker=1).card is None
+    assert "card" not in _engine(backend_choice(argparse.Namespace(backend="llama.cpp")))
+    with pytest.raises(Rank1Error, match="no model card 'bge'; the cards are: rank1"):
+        worker_spec("llama.cpp", "m.gguf", CONFIG, {"card": "bge"}, threads_per_worker=1)
+
+
+def test_serve_on_ray_gives_each_replica_the_card(monkeypatch, tmp_path):
+    """``rank1-local serve --ray --card NAME``: the replica spec carries the card (a replica opens its model with
+    ``ReplicaSpec.card``, see tests/test_ray_serve.py)."""
+    import rank1_local.integrations.ray_serve as ray_serve
+    from rank1_local.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(ray_serve, "serve_on_ray", lambda spec, options, **kw: seen.append(spec))
+    assert main(["-q", "serve", "--model", str(tmp_path / "m.gguf"), "--card", "qwen3-reranker", "--ray",
+                 "--insecure-no-auth"]) == 0
+    (spec,) = seen
+    assert spec.card == "qwen3-reranker"

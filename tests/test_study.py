@@ -219,3 +219,80 @@ def test_a_study_on_ray_scores_as_the_local_one(studied, ray_cluster, tmp_path):
             assert abs(row.score - local.rows[key].score) <= 2e-3 and row.reasoning == local.rows[key].reasoning
     report = json.loads((tmp_path / "out" / "study.json").read_text())
     assert report["types"][0]["label"] == "Q8_0" and report["types"][0]["common"] == 48
+
+
+# -- issue 33: a Qwen3-Reranker study ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_studied(fixture_dir, tmp_path_factory):
+    """The study of F16, Q8_0 and Q4_K_M+imatrix on 4 queries (32 pairs) of the qwen3-reranker-behaving fixture, in a
+    folder whose name says nothing (``--card qwen3-reranker`` decides), the reference left to the study."""
+    pytest.importorskip("scipy")
+    tmp = tmp_path_factory.mktemp("qwen3-study")
+    model = tmp / "my-model"
+    model.mkdir()
+    for f in fixture_dir("qwen3-reranker-behaving").iterdir():
+        if f.name != "fixture.json":
+            (model / f.name).symlink_to(f)
+    pairs, qrels = write_pairs(tmp / "in", 4)
+    cmd = [sys.executable, "-m", "benchmarks.cli", "-q", "study", "--model", str(model), "--card", "qwen3-reranker",
+           "--types", "F16,Q8_0,Q4_K_M+imatrix", "--pairs", str(pairs), "--qrels", str(qrels), "--max-think-tokens",
+           str(BUDGET), "--n-ctx", str(N_CTX), "--threads", "2", "--work", str(tmp / "work"), "--out",
+           str(tmp / "out")]
+    subprocess.run(cmd, check=True, env=env(), cwd=ROOT)
+    return cmd, tmp
+
+
+def test_a_qwen3_reranker_study_end_to_end(qwen3_studied, fixture_dir):
+    """The card goes through every step: the reference is transformers fp32 scoring as the model card's own code does
+    (the independent re-typing, within 1e-3), the exports carry the rerank head and an importance matrix over the
+    card's prompts, every run is scored under the card, and the table is sensible: F16 and Q8_0 keep every decision
+    within a few thousandths."""
+    from qwen3_reranker_reference import Qwen3RerankerReference
+
+    from benchmarks.runfile import read_run
+    from quantize.imatrix import read_imatrix
+    from rank1_local.models.gguf_file import read_gguf_layout
+
+    _, tmp = qwen3_studied
+    work, out = tmp / "work", tmp / "out"
+    report = json.loads((out / "study.json").read_text())
+    assert report["settings"]["card"] == "qwen3-reranker" and report["reference"]["backend"] == "transformers"
+    (ref_file,) = (work / "runs").glob("reference-*.jsonl")
+    ref = read_run(ref_file).rows
+    pairs = [json.loads(line) for line in (tmp / "in" / "pairs.jsonl").read_text().splitlines()]
+    want = Qwen3RerankerReference(fixture_dir("qwen3-reranker-behaving")).scores(
+        [(p["query"], p["text"]) for p in pairs], None)
+    assert max(abs(ref[(p["qid"], p["docid"])].score - w) for p, w in zip(pairs, want, strict=True)) <= 1e-3
+    for run in (work / "runs").glob("*.header.json"):
+        assert json.loads(run.read_text())["settings"]["card"] == "qwen3-reranker", run.name
+    for gguf in (work / "exports").rglob("my-model-*.gguf"):
+        assert read_gguf_layout(gguf).metadata["qwen3.pooling_type"] == 4, gguf.name  # llama-server's rerank head
+    (matrix,) = (work / "exports" / "gguf-imatrix").glob("*.imatrix.gguf")
+    assert read_imatrix(matrix).datasets[0].startswith("qwen3-reranker calibration: 32 pairs")
+    types = {t["label"]: t for t in report["types"]}
+    assert list(types) == ["F16", "Q8_0", "Q4_K_M+imatrix"] and all(t["common"] == 32 for t in types.values())
+    for label in ("F16", "Q8_0"):
+        assert types[label]["flip_count"] == 0 and types[label]["abs_diff_max"] < 0.02, label
+    assert types["F16"]["kl_mean"]["value"] < 1e-6 and types["Q8_0"]["kl_mean"]["value"] < 1e-3
+    assert types["Q4_K_M+imatrix"]["flip_count"] <= 2 and types["Q4_K_M+imatrix"]["spearman"]["value"] > 0.9
+    assert report["reference"]["quality"]["queries"] == 4 and types["F16"]["ndcg10_delta"]["value"] == 0
+    md = (out / "study.md").read_text()
+    assert "Model card qwen3-reranker (no reasoning" in md and "## Cost" in md and "Reasoning and cost" not in md
+
+
+@pytest.mark.ray
+def test_a_qwen3_reranker_study_on_ray_scores_as_the_local_one(qwen3_studied, ray_cluster, tmp_path):
+    """`--ray`: the workers score under the study's card too (the folder's name says nothing)."""
+    from benchmarks.runfile import read_run
+
+    cmd, tmp = qwen3_studied
+    swap = {str(tmp / "work"): str(tmp_path / "work"), str(tmp / "out"): str(tmp_path / "out"),
+            "F16,Q8_0,Q4_K_M+imatrix": "Q8_0"}
+    subprocess.run([swap.get(a, a) for a in cmd] + ["--ray", ray_cluster, "--workers", "2"], check=True, env=env(),
+                   cwd=ROOT)
+    for name in ("reference-transformers-auto", "Q8_0"):
+        local, on_ray = (read_run(w / "runs" / f"{name}.jsonl") for w in (tmp / "work", tmp_path / "work"))
+        assert set(on_ray.rows) == set(local.rows) and len(on_ray.rows) == 32
+        assert all(abs(row.score - local.rows[key].score) <= 2e-3 for key, row in on_ray.rows.items())

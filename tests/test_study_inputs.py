@@ -179,6 +179,14 @@ def test_study_types():
     (["--target-latency", "2"], "--target-latency picks the point with the best nDCG@10, which needs qrels"),
     (["--budgets", "8,64", "--ray", "local"], "--budgets and --prefilter do not run on Ray"),
     (["--budgets", "8,64", "--types", "gptq-4bit", "--weight-quant-backend", "vllm"], "GPTQ/AWQ types with --budgets"),
+    (["--card", "bge"], "no model card 'bge'; the cards are: rank1"),
+    (["--card", "qwen3-reranker", "--budgets", "8,64"], "--budgets maps reasoning budgets, but the qwen3-reranker card "
+                                                       "does not reason"),
+    (["--model", "Qwen/Qwen3-Reranker-0.6B", "--budgets", "8,64"], "the qwen3-reranker card does not reason"),
+    (["--card", "qwen3-reranker", "--reference", "vllm"], "--reference vllm: the vLLM backend runs rank1's official "
+                                                         "flow only, not the qwen3-reranker card"),
+    (["--card", "qwen3-reranker", "--types", "gptq-4bit", "--weight-quant-backend", "vllm"],
+     "GPTQ/AWQ types run on --weight-quant-backend transformers"),
 ])
 def test_study_errors_are_one_line_and_early(tmp_path, capsys, args, message):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"qid": "q", "query": "x", "docid": "d", "text": "y"}) + "\n")

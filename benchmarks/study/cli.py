@@ -9,6 +9,7 @@ from pathlib import Path
 from rank1_local.cli.main import add_scoring_args, scoring_config
 from rank1_local.cli.ray_commands import add_ray_rerank_args, uses_ray
 from rank1_local.cli.support import add_subcommand
+from rank1_local.core.cards import CARDS
 from rank1_local.core.config import OFFICIAL_BUDGET, OFFICIAL_CONTEXT
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import require
@@ -82,14 +83,17 @@ def cmd_study(args: argparse.Namespace) -> int:
     from benchmarks.study.study import (
         StudySettings,
         Sweep,
+        check_card,
         check_engines,
         check_sweep,
         check_vllm_python,
         default_reference,
         run_study,
+        study_card,
     )
 
     config = sweep_config(args)  # a bad budget is refused before anything else
+    card = study_card(args.model, args.card)
     sweep = Sweep(args.prefilter, args.prefilter_backend, counts(args.keep, "--keep", all_word=True),
                   args.target_latency)
     ray = None
@@ -101,7 +105,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     scorer = make_scorer(ray)
     types = parse_study_types(args.types)
     check_sweep(config, types, args.weight_quant_backend)
+    check_card(card, config, args.reference, types, args.weight_quant_backend)
     check_vllm_python(args.vllm_python)
+    if args.reference is None and not card.reasons:
+        args.reference = "transformers"  # the model card's own code; the vLLM backend runs rank1's flow only
     if args.reference is None:
         args.reference = "vllm" if ray is not None else default_reference(args.vllm_python)
     if ray is None:  # before the inputs are read (an ir_datasets id or MTEB task may download) or anything exported
@@ -125,7 +132,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         calibration=Calibration(args.calibration, args.calibration_size, args.calibration_seed,
                                 args.calibration_budget),
         recall_k=args.recall_k, drop_queries_without_relevant=args.drop_queries_without_relevant, title=args.title,
-        note=args.note, progress=not args.quiet, sweep=sweep)
+        note=args.note, progress=not args.quiet, sweep=sweep, card=card.name)
     runs = run_study(study_inputs, settings, scorer)
     report = analyse_study(runs, study_inputs, settings)
     files = write_report(report, args.out)
@@ -141,6 +148,10 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
                     "with paired tests, reasoning fidelity and cost, with 95% confidence intervals. Every step "
                     "resumes from --work.")
     p.add_argument("--model", required=True, help="the source checkpoint: a folder or a hub id")
+    p.add_argument("--card", default=None, metavar="|".join(CARDS),
+                   help="the model card every run scores under (default: recognised from the checkpoint's config and "
+                        "name); a card that does not reason (qwen3-reranker) takes no --budgets, and its reference is "
+                        "transformers")
     p.add_argument("--types", default=DEFAULT_TYPES,
                    help=f"comma-separated: GGUF types (F16, Q8_0, Q4_K_M, IQ3_M …), TYPE+imatrix (quantized with the "
                         f"rank1 importance matrix), gptq-4bit, gptq-8bit, awq-4bit (default {DEFAULT_TYPES})")
@@ -157,7 +168,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="BEIR/MTEB split (default test)")
     p.add_argument("--reference", choices=["vllm", "transformers"], default=None,
                    help="vllm: the official engine, float16; transformers: float16 on CUDA, float32 on CPU (default: "
-                        "vllm where it is installed, in this Python or --vllm-python, else transformers)")
+                        "vllm where it is installed, in this Python or --vllm-python, else transformers; "
+                        "transformers for a card that does not reason)")
     p.add_argument("--reference-dtype", default=None, help="override the reference's dtype (float16, bfloat16, "
                    "float32)")
     p.add_argument("--vllm-python", default=None, metavar="PYTHON",

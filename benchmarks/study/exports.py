@@ -104,9 +104,12 @@ def export_path(t: StudyType, exports: Path, model_name: str) -> Path:
 
 
 def export_all(types: list[StudyType], source: Path, exports: Path, *, calibration: Calibration = Calibration(),
-               threads: int | None = None, progress: bool = True) -> dict[str, Path]:
-    """Export every type not yet in ``exports``; returns label -> export path."""
+               threads: int | None = None, progress: bool = True, card: str | None = None) -> dict[str, Path]:
+    """Export every type not yet in ``exports``; returns label -> export path. ``card``: the model card, whose
+    prompts calibrate importance matrices and GPTQ/AWQ (a Qwen3-Reranker's GGUFs also get llama-server's rerank
+    head); None: recognised from the checkpoint."""
     from quantize.gguf_export import ImatrixOptions, export_gguf, load_checkpoint
+    from rank1_local.core.cards import QWEN3_RERANKER
 
     name = load_checkpoint(source).name
     paths = {t.label: export_path(t, exports, name) for t in types}
@@ -119,10 +122,11 @@ def export_all(types: list[StudyType], source: Path, exports: Path, *, calibrati
         if with_imatrix:
             matrix = folder / f"{name}.imatrix.gguf"
             options = ImatrixOptions(matrix if matrix.exists() else "auto", calibration=calibration.file,
-                                     size=calibration.size, seed=calibration.seed, max_think_tokens=calibration.budget)
+                                     size=calibration.size, seed=calibration.seed, max_think_tokens=calibration.budget,
+                                     card=card)
         logger.info("exporting %s", ", ".join(t.label for t in todo))
         export_gguf(source, folder, [t.gguf_type or "" for t in todo], threads=threads, progress=progress,
-                    imatrix=options, allow_no_imatrix=True)
+                    imatrix=options, allow_no_imatrix=True, rerank=True if card == QWEN3_RERANKER.name else None)
     for t in types:
         if t.is_gguf or paths[t.label].exists():
             continue
@@ -132,7 +136,7 @@ def export_all(types: list[StudyType], source: Path, exports: Path, *, calibrati
         export_weight_quant(source, paths[t.label], WeightQuantOptions(
             method=t.family, bits=t.bits or 4, group_size=GROUP_SIZE, calibration=calibration.file,
             calibration_size=calibration.size, calibration_seed=calibration.seed,
-            calibration_budget=calibration.budget), progress=progress)
+            calibration_budget=calibration.budget, card=card), progress=progress)
     return paths
 
 

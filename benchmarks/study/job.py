@@ -36,7 +36,8 @@ def run_job(spec: dict) -> int:
     config = ScoringConfig(**spec["config"])
     run_file = Path(spec["run_file"])
     n = score_pairs_file(Path(spec["pairs_file"]), run_file,
-                         lambda: open_reranker(spec["backend"], spec["model"], config, **spec["settings"]),
+                         lambda: open_reranker(spec["backend"], spec["model"], config, card=spec.get("card"),
+                                               **spec["settings"]),
                          model_arg=spec["model"], backend=spec["backend"], progress=spec.get("progress", True))
     if n:
         record_session(run_file, n, peak_rss_bytes())

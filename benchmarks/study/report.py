@@ -36,6 +36,7 @@ from benchmarks.study.operating_points import (
     points_from_json,
 )
 from benchmarks.study.study import StudyRuns, StudySettings, machine, run_cost
+from rank1_local.core.cards import RANK1, ModelCard, card_named
 from rank1_local.core.pairs import passage_text
 from rank1_local.runs.atomic import atomic_path, write_text_atomic
 
@@ -138,7 +139,7 @@ def analyse_study(runs: StudyRuns, inputs: StudyInputs, settings: StudySettings,
                        "tokens" if tokenize else "characters", {p.qid: p.query for p in inputs.pairs},
                        {(p.qid, p.docid): passage_text(p.passage) for p in inputs.pairs})
     return StudyReport(settings.title, settings.note, inputs.source, str(settings.model), len(ref.rows),
-                       len(set(groups)), judged, inputs.dataset, settings.config.to_dict(), machine(), reference,
+                       len(set(groups)), judged, inputs.dataset, settings.scoring_settings, machine(), reference,
                        results, order, imatrix, runs.seconds, pair_set, points)
 
 
@@ -306,24 +307,30 @@ def summary_tables(report: StudyReport) -> list[Table]:
         tables.append(Table(f"Ranking quality against the qrels ({ref.quality.queries} queries)",
                             ["run", "nDCG@10", "ΔnDCG@10 [95% CI]", "p (paired randomization, Holm)"]
                             + [f"Recall@{k}" for k in ks], rows, _queries_in_the_mean(ref.quality)))
-    rows = [[f"reference ({ref.name})", _mb(ref.cost.model_bytes), "", "", f"{ref.tokens:.1f}", "",
-             _est(ref.forced, ".1f", 100), _num(ref.cost.pairs_per_second, ".2f"), _mb(ref.cost.peak_rss_bytes)]]
-    for r in report.types:
-        rows.append([r.label, _mb(r.cost.model_bytes), _est(r.identical_chains, ".1f", 100),
-                     "–" if r.median_divergence is None else f"{r.median_divergence:g} {r.divergence_unit}",
-                     f"{r.tokens_run:.1f}", _est(r.tokens_ratio, ".3f"), _est(r.forced, ".1f", 100),
-                     _num(r.cost.pairs_per_second, ".2f"), _mb(r.cost.peak_rss_bytes)])
-    tables.append(Table("Reasoning and cost", [
-        "run", "size MB", "identical chains % [95% CI]", "median divergence", "tokens/pair",
-        "tokens vs reference [95% CI]", "forced % [95% CI]", "pairs/s", "peak RSS MB"], rows))
+    card = _card(report)
+    if card.reasons:
+        rows = [[f"reference ({ref.name})", _mb(ref.cost.model_bytes), "", "", f"{ref.tokens:.1f}", "",
+                 _est(ref.forced, ".1f", 100), _num(ref.cost.pairs_per_second, ".2f"), _mb(ref.cost.peak_rss_bytes)]]
+        for r in report.types:
+            rows.append([r.label, _mb(r.cost.model_bytes), _est(r.identical_chains, ".1f", 100),
+                         "–" if r.median_divergence is None else f"{r.median_divergence:g} {r.divergence_unit}",
+                         f"{r.tokens_run:.1f}", _est(r.tokens_ratio, ".3f"), _est(r.forced, ".1f", 100),
+                         _num(r.cost.pairs_per_second, ".2f"), _mb(r.cost.peak_rss_bytes)])
+        tables.append(Table("Reasoning and cost", [
+            "run", "size MB", "identical chains % [95% CI]", "median divergence", "tokens/pair",
+            "tokens vs reference [95% CI]", "forced % [95% CI]", "pairs/s", "peak RSS MB"], rows))
+    else:  # no chains, no generated tokens: the cost alone
+        tables.append(Table("Cost", ["run", "size MB", "pairs/s", "peak RSS MB"], [
+            [name, _mb(cost.model_bytes), _num(cost.pairs_per_second, ".2f"), _mb(cost.peak_rss_bytes)]
+            for name, cost in [(f"reference ({ref.name})", ref.cost)] + [(r.label, r.cost) for r in report.types]]))
     if report.points is not None:
         tables.append(points_table(report))
     for title, comparisons, intro in (
             ("Order of damage", report.order, "Each GGUF type (without an importance matrix) against the next larger "
              "one: per-query differences (smaller − larger) of the flip rate, the mean KL and the mean |Δscore| "
              "against the reference; a positive difference with a small p means the smaller type damages more."),
-            ("Importance matrix", report.imatrix, "Each type with the rank1 importance matrix against the same type "
-             "without: per-query differences (with − without); negative means the importance matrix helps.")):
+            ("Importance matrix", report.imatrix, f"Each type with the {card.name} importance matrix against the same "
+             "type without: per-query differences (with − without); negative means the importance matrix helps.")):
         if comparisons:
             tables.append(Table(title, [
                 "first → second", "Δ flip rate % [95% CI]", "p (Holm)", "Δ mean KL [95% CI]", "p (Holm)",
@@ -395,6 +402,20 @@ def points_notes(report: StudyReport) -> list[str]:
     return notes
 
 
+def _card(report: StudyReport) -> ModelCard:
+    """The model card the study scored under (rank1's settings name none)."""
+    return card_named(report.settings.get("card", RANK1.name))
+
+
+def _protocol_words(report: StudyReport) -> str:
+    """How pairs were scored: rank1's protocol and reasoning budget, or a card that answers at once."""
+    s, card = report.settings, _card(report)
+    if not card.reasons:
+        return (f"Model card {card.name} (no reasoning: the answer is read at the last prompt position), context "
+                f"{s['n_ctx']}")
+    return f"Protocol {s['protocol']}, reasoning budget {_budget_words(s)}, context {s['n_ctx']}"
+
+
 def _budget_words(settings: dict[str, Any]) -> str:
     derived = settings.get("derive_budgets") or []
     if not derived:
@@ -422,7 +443,6 @@ def _closing_notes(report: StudyReport) -> list[str]:
 
 def render_markdown(report: StudyReport, plot_name: str | None = "study.png") -> str:
     ref = report.reference
-    s = report.settings
     lines = [f"# {report.title}", ""]
     if report.note:
         lines += [report.note, ""]
@@ -430,8 +450,8 @@ def render_markdown(report: StudyReport, plot_name: str | None = "study.png") ->
         ", no qrels" if report.judged_queries is None else ""
     lines += [
         f"Model `{report.model}`; {report.pairs} pairs over {report.queries} queries{judged} ({report.source}). "
-        f"Protocol {s['protocol']}, reasoning budget {_budget_words(s)}, context {s['n_ctx']}, "
-        f"{_prompt_words(report)}. Reference: {ref.backend} ({ref.device}). Machine: {report.machine}.", "",
+        f"{_protocol_words(report)}, {_prompt_words(report)}. Reference: {ref.backend} ({ref.device}). Machine: "
+        f"{report.machine}.", "",
         METHODS, ""]
     if plot_name:
         lines += [f"![size against ΔnDCG@10 and flip rate]({plot_name})", ""]
@@ -455,10 +475,11 @@ def html_section(report: StudyReport, plot_png: bytes | None) -> Section:
     s = report.settings
     judged = f"{report.judged_queries} with a relevant document in the qrels" if report.judged_queries else \
         "no qrels" if report.judged_queries is None else "none with a relevant document"
+    scoring = (("Protocol", f"{s['protocol']}, reasoning budget {_budget_words(s)}, context {s['n_ctx']}, "
+                            f"{s.get('rethink_rounds', 0)} rethink rounds, {_prompt_words(report)}")
+               if _card(report).reasons else ("Scoring", f"{_protocol_words(report)}, {_prompt_words(report)}"))
     facts = [("Model", report.model), ("Types", ", ".join(r.label for r in report.types)),
-             ("Reference", f"{ref.name}: {ref.backend} ({ref.device})"),
-             ("Protocol", f"{s['protocol']}, reasoning budget {_budget_words(s)}, context {s['n_ctx']}, "
-                          f"{s.get('rethink_rounds', 0)} rethink rounds, {_prompt_words(report)}"),
+             ("Reference", f"{ref.name}: {ref.backend} ({ref.device})"), scoring,
              ("Pairs", f"{report.pairs} over {report.queries} queries, {judged} ({report.source})"),
              ("Machine", report.machine)]
     notes = ([report.note] if report.note else []) + [METHODS] + _closing_notes(report)

@@ -35,7 +35,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding benchma
 @dataclass(frozen=True)
 class ScoringJob:
     """Score ``pairs_file`` into ``run_file`` with ``model`` on ``backend`` (``llama.cpp``, ``transformers`` or
-    ``vllm``), its engine ``settings`` and the protocol ``config`` (a :class:`ScoringConfig` as a dict)."""
+    ``vllm``), its engine ``settings``, the protocol ``config`` (a :class:`ScoringConfig` as a dict) and the model
+    ``card`` (None: recognised from the model)."""
 
     name: str
     backend: str
@@ -47,6 +48,7 @@ class ScoringJob:
     python: str | None = None  # the interpreter to run it with (vLLM's own virtualenv); None: this one
     env: dict[str, str] = field(default_factory=dict)
     progress: bool = True
+    card: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +149,8 @@ def ray_scorer(options: RayOptions) -> Scorer:
         if job.python:
             logger.info("%s: on Ray the workers' own Python runs %s (not %s)", job.name, job.backend, job.python)
         engine = {k: v for k, v in job.settings.items() if k != "threads"}  # llama.cpp: threads per worker
+        if job.card is not None:
+            engine["card"] = job.card
         logger.info("%s: scoring on Ray with %s (%s), %d worker(s)", job.name, job.backend, Path(job.model).name,
                     options.workers)
         score_pairs_file_on_ray(job.pairs_file, Path(job.run_file), job.model, ScoringConfig(**job.config),

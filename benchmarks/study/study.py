@@ -30,6 +30,7 @@ from typing import Any
 from benchmarks.study.exports import Calibration, StudyType, export_all, export_bytes
 from benchmarks.study.inputs import StudyInputs, write_inputs
 from benchmarks.study.scoring import Scorer, ScoringJob, read_job_record, subprocess_scorer
+from rank1_local.core.cards import RANK1, ModelCard, card_named, recognise_card
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.extras import MissingExtraError, install_hint
@@ -71,6 +72,36 @@ def check_sweep(config: ScoringConfig, types: list[StudyType], weight_quant_back
                          "types with --budgets run on --weight-quant-backend transformers")
 
 
+def study_card(model: str | Path, card: str | None) -> ModelCard:
+    """The model card a study scores under: the one named (``--card``), else the one the source checkpoint's
+    config.json and name show (a hub id by its name alone: nothing is fetched to decide)."""
+    if card is not None:
+        return card_named(card)
+    from rank1_local.backends.hf import checkpoint_card
+
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return checkpoint_card(path, None)
+    return recognise_card(name=str(model))
+
+
+def check_card(card: ModelCard, config: ScoringConfig, reference: str | None, types: list[StudyType],
+               weight_quant_backend: str) -> None:
+    """What a card that does not reason cannot do: map reasoning budgets, or run on the vLLM backend (rank1's official
+    flow only); its reference is transformers, the model card's own code (float16 on CUDA, float32 on the CPU)."""
+    if card.reasons:
+        return
+    if config.derive_budgets:
+        raise Rank1Error(f"--budgets maps reasoning budgets, but the {card.name} card does not reason (its answer is "
+                         "read at the last prompt position): leave out --budgets")
+    if reference == "vllm":
+        raise Rank1Error(f"--reference vllm: the vLLM backend runs rank1's official flow only, not the {card.name} "
+                         "card; its reference is --reference transformers (float16 on CUDA, float32 on the CPU)")
+    if weight_quant_backend == "vllm" and any(not t.is_gguf for t in types):
+        raise Rank1Error(f"--weight-quant-backend vllm: the vLLM backend runs rank1's official flow only, not the "
+                         f"{card.name} card; GPTQ/AWQ types run on --weight-quant-backend transformers")
+
+
 def calibration_budget(config: ScoringConfig, sweep: Sweep) -> int | None:
     """The budget of each type's one measured point, scored directly: the smallest of several budgets, or 1 token
     when a prefilter is the only sweep (None: one point per type, its own run measured). With the budget sweep's own
@@ -104,6 +135,7 @@ class StudySettings:
     note: str | None = None  # a paragraph for the top of study.md
     progress: bool = True
     sweep: Sweep = field(default_factory=Sweep)
+    card: str = RANK1.name  # the model card every run scores under (reference, exports)
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
@@ -111,7 +143,13 @@ class StudySettings:
         if self.weight_quant_backend not in ("transformers", "vllm"):
             raise Rank1Error("--weight-quant-backend must be transformers or vllm")
         check_sweep(self.config, self.types, self.weight_quant_backend)
+        check_card(card_named(self.card), self.config, self.reference, self.types, self.weight_quant_backend)
         check_vllm_python(self.vllm_python)
+
+    @property
+    def scoring_settings(self) -> dict[str, Any]:
+        """The protocol settings and, for a card other than rank1, the card (as run headers write them)."""
+        return self.config.to_dict() | ({"card": self.card} if self.card != RANK1.name else {})
 
     @property
     def budgets(self) -> tuple[int, ...]:
@@ -169,9 +207,9 @@ def reference_job(settings: StudySettings, source: Path, pairs_file: Path, runs:
         engine: dict[str, Any] = {"dtype": dtype}
         return ScoringJob("reference", "vllm", str(source), engine, config, str(pairs_file),
                           str(run_file), python=settings.vllm_python, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                          progress=settings.progress)
+                          progress=settings.progress, card=settings.card)
     return ScoringJob("reference", "transformers", str(source), {"dtype": dtype, "device": "auto"},
-                      config, str(pairs_file), str(run_file), progress=settings.progress)
+                      config, str(pairs_file), str(run_file), progress=settings.progress, card=settings.card)
 
 
 def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Path, runs: Path,
@@ -186,13 +224,13 @@ def type_job(settings: StudySettings, t: StudyType, export: Path, pairs_file: Pa
     if t.is_gguf:
         engine = {"parallel": settings.parallel, "threads": settings.threads, "n_gpu_layers": settings.n_gpu_layers}
         return ScoringJob(t.label, "llama.cpp", str(export), engine, config, str(pairs_file), run_file,
-                          progress=settings.progress)
+                          progress=settings.progress, card=settings.card)
     if settings.weight_quant_backend == "vllm":
         return ScoringJob(t.label, "vllm", str(export), {"dtype": "float16"}, config, str(pairs_file), run_file,
                           python=settings.vllm_python, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                          progress=settings.progress)
+                          progress=settings.progress, card=settings.card)
     return ScoringJob(t.label, "transformers", str(export), {"dtype": "auto", "device": "auto"}, config,
-                      str(pairs_file), run_file, progress=settings.progress)
+                      str(pairs_file), run_file, progress=settings.progress, card=settings.card)
 
 
 def prefilter_job(settings: StudySettings, pairs_file: Path, runs: Path) -> ScoringJob:
@@ -271,9 +309,9 @@ def run_study(inputs: StudyInputs, settings: StudySettings, scorer: Scorer = sub
     work = settings.work
     written = write_inputs(inputs, work / "inputs")
     check_state(work, {"inputs": written.digest, "source": source_fingerprint(source),
-                       "config": settings.config.to_dict(), "model": str(settings.model)})
+                       "config": settings.scoring_settings, "model": str(settings.model)})
     exports = export_all(settings.types, source, work / "exports", calibration=settings.calibration,
-                         threads=settings.threads, progress=settings.progress)
+                         threads=settings.threads, progress=settings.progress, card=settings.card)
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     ref = reference_job(settings, source, written.pairs_file, runs)

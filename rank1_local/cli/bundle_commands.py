@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rank1_local.cli.cache_commands import FORMATS, output_format
 from rank1_local.cli.support import add_subcommand
+from rank1_local.core.cards import CARDS
 from rank1_local.models.local_models import LocalModel
 
 
@@ -19,17 +20,18 @@ def _size(n_bytes: int) -> str:
 def _cmd_pull(args: argparse.Namespace) -> int:
     from rank1_local.models.pull import pull
 
-    bundle = pull(args.model, args.gguf_type, args.out, replace=args.force, link=args.link)
+    bundle = pull(args.model, args.gguf_type, args.out, replace=args.force, link=args.link, card=args.card)
     checked = "verified" if bundle.verification else "no verification card"
-    print(f"{bundle.path}\n  {bundle.type}, {len(bundle.files)} file(s), {_size(bundle.size)}, from "
+    print(f"{bundle.path}\n  {bundle.type}, card {bundle.card}, {len(bundle.files)} file(s), "
+          f"{_size(bundle.size)}, from "
           f"{bundle.source.describe()}, {checked}\n  use: rank1-local rerank --model {bundle.path} …  "
           "(copy the folder as it is to another machine)")
     return 0
 
 
 def render_table(rows: list[LocalModel]) -> list[str]:
-    header = ("KIND", "NAME", "TYPE", "SIZE", "SOURCE", "PATH")
-    cells = [header] + [(r.kind, r.name, r.type or "?", _size(r.size) if r.size else "-",
+    header = ("KIND", "NAME", "TYPE", "CARD", "SIZE", "SOURCE", "PATH")
+    cells = [header] + [(r.kind, r.name, r.type or "?", r.card or "-", _size(r.size) if r.size else "-",
                          r.source if not r.problem else f"DAMAGED: {r.problem}", str(r.path)) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
     return ["  ".join([*(c[i].ljust(widths[i]) for i in range(len(widths))), c[-1]]).rstrip() for c in cells]
@@ -61,6 +63,9 @@ def add_bundle_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="bundle folder (default: <name>-<TYPE> in the bundles folder, ~/.cache/rank1-local/bundles "
                         "or $RANK1_LOCAL_HOME/bundles)")
+    p.add_argument("--card", default=None, metavar="|".join(CARDS),
+                   help="the model card the manifest records, used whenever the bundle is opened (default: recognised "
+                        "from the GGUF's metadata and names)")
     p.add_argument("--force", action="store_true", help="replace a different bundle already in --out")
     p.add_argument("--link", action="store_true",
                    help="hard-link the GGUF into the bundle instead of copying it (no extra disk space, but the "

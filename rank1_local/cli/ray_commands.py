@@ -76,10 +76,13 @@ def _at_least(value: int | None, default: int, flag: str) -> int:
 
 
 def _engine(choice: BackendChoice) -> dict[str, Any]:
-    """The chosen backend's settings as keywords for the workers (the cache as a path each node opens)."""
+    """The chosen backend's settings as keywords for the workers (the cache as a path each node opens), with the GGUF
+    type and the model card when given."""
     engine = {k: v for k, v in asdict(choice.settings).items() if v is not None}
     if choice.gguf_type is not None:
         engine["gguf_type"] = choice.gguf_type
+    if choice.card is not None:
+        engine["card"] = choice.card
     if choice.cache is not None:
         engine["cache"] = str(choice.cache)
     return engine
@@ -121,6 +124,6 @@ def serve_on_ray(args: argparse.Namespace, config: ScoringConfig, choice: Backen
                            threads_per_replica=threads, gpus_per_replica=args.gpus_per_replica or 0.0,
                            shutdown_timeout=server.get("shutdown_timeout", 30.0))
     spec = ReplicaSpec(str(args.model), config, choice.spec.name, settings,
-                       str(choice.cache) if choice.cache is not None else None, choice.gguf_type, server)
+                       str(choice.cache) if choice.cache is not None else None, choice.gguf_type, server, choice.card)
     run(spec, options, address=args.ray, host=args.host, port=args.port)
     return 0

@@ -97,6 +97,14 @@ def card_named(name: str) -> ModelCard:
     return card
 
 
+def metadata_card(gguf_metadata: Mapping[str, Any]) -> ModelCard | None:
+    """The card a GGUF's metadata plainly shows, whatever its names say: a Qwen3 with rank pooling (the classifier
+    head that llama.cpp's converter and ours write for Qwen3-Reranker) is Qwen3-Reranker. None when the metadata
+    shows none: a plain model may be run under any card."""
+    arch = str(gguf_metadata.get("general.architecture", ""))
+    return QWEN3_RERANKER if arch == "qwen3" and gguf_metadata.get(f"{arch}.pooling_type") == 4 else None
+
+
 def recognise_card(*, gguf_metadata: Mapping[str, Any] | None = None, hf_config: Mapping[str, Any] | None = None,
                    name: str = "") -> ModelCard:
     """The card of a model from what it says about itself: a Qwen3 model whose GGUF says it is a reranker (pooling
@@ -107,7 +115,7 @@ def recognise_card(*, gguf_metadata: Mapping[str, Any] | None = None, hf_config:
         arch = str(gguf_metadata.get("general.architecture", ""))
         words += " " + " ".join(str(gguf_metadata.get(k, "")) for k in ("general.name", "general.basename",
                                                                         "general.finetune")).lower()
-        if arch == "qwen3" and (gguf_metadata.get(f"{arch}.pooling_type") == 4 or "reranker" in words):
+        if metadata_card(gguf_metadata) is QWEN3_RERANKER or (arch == "qwen3" and "reranker" in words):
             return QWEN3_RERANKER
     if hf_config:
         architectures = hf_config.get("architectures") or []

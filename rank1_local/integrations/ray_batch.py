@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import card_named
 from rank1_local.core.config import ScoringConfig
 from rank1_local.core.errors import Rank1Error
 from rank1_local.core.pairs import Pair, make_passage
@@ -94,8 +95,9 @@ def group_by_query(ds: Any, pairs_per_block: int = PAIRS_PER_BLOCK) -> Any:
 @dataclass(frozen=True)
 class WorkerSpec:
     """What every worker loads: the backend, the model argument, the protocol settings, the backend's typed settings
-    (e.g. :class:`~rank1_local.backends.llama.facade.LlamaSettings`), a judgment cache path (each node opens its own)
-    and the GGUF type for a hub id."""
+    (e.g. :class:`~rank1_local.backends.llama.facade.LlamaSettings`), a judgment cache path (each node opens its own),
+    the GGUF type for a hub id and the model card (None: each worker recognises it from the model, as a local run
+    does)."""
 
     backend: str
     model: str
@@ -103,6 +105,7 @@ class WorkerSpec:
     settings: Any
     cache: str | None = None
     gguf_type: str | None = None
+    card: str | None = None
 
 
 class BlockAttempts:
@@ -132,7 +135,7 @@ class PairScorer:
         self.where = this_worker()
         try:
             self.model = backend_spec(spec.backend).open(spec.model, spec.config, spec.settings, cache=spec.cache,
-                                                         gguf_type=spec.gguf_type)
+                                                         gguf_type=spec.gguf_type, card=spec.card)
         except Rank1Error as exc:
             raise Rank1Error(f"{self.where}: cannot load the model: {exc}") from None
         self.settings = json.dumps(self.model.score_settings(), sort_keys=True)
@@ -202,11 +205,12 @@ def worker_spec(backend: str, model: str | Path, config: ScoringConfig, engine: 
                 threads_per_worker: int) -> WorkerSpec:
     """What each worker opens: ``engine``'s values as the backend's typed settings (a name the backend does not know
     is an error now, before any worker starts; llama.cpp runs ``threads_per_worker`` threads), a judgment cache as a
-    path (each node opens its own) and the GGUF type."""
+    path (each node opens its own), the GGUF type and the model card (an unknown one is an error now, naming the
+    cards)."""
     from rank1_local.backends import backend_spec
 
     values = dict(engine)
-    cache, gguf_type = values.pop("cache", None), values.pop("gguf_type", None)
+    cache, gguf_type, card = values.pop("cache", None), values.pop("gguf_type", None), values.pop("card", None)
     spec = backend_spec(backend)
     if backend == "llama.cpp":
         values["threads"] = threads_per_worker
@@ -218,7 +222,9 @@ def worker_spec(backend: str, model: str | Path, config: ScoringConfig, engine: 
         cache = str(Path(cache).expanduser())
     if gguf_type is not None and not spec.takes_gguf_type:
         raise Rank1Error(f"--gguf-type picks a GGUF for llama.cpp; the {backend} backend runs checkpoints")
-    return WorkerSpec(backend, str(model), config, spec.settings(**values), cache, gguf_type)
+    if card is not None:
+        card = card_named(str(getattr(card, "name", card))).name
+    return WorkerSpec(backend, str(model), config, spec.settings(**values), cache, gguf_type, card)
 
 
 def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = None, *, workers: int = 1,
@@ -241,7 +247,9 @@ def score_dataset(ds: Any, model: str | Path, config: ScoringConfig | None = Non
             by ``qid`` into blocks of about ``pairs_per_block`` pairs (:func:`group_by_query`).
         max_task_retries: how often a block whose worker died is retried (on the restarted worker) before the run
             fails; -1: without end.
-        engine: the backend's engine settings (llama.cpp: ``parallel``, ``n_gpu_layers``, ``gguf_type`` …).
+        engine: the backend's engine settings (llama.cpp: ``parallel``, ``n_gpu_layers``, ``gguf_type`` …), and
+            ``card``: the model card every worker uses (``rank1``, ``qwen3-reranker``; default: recognised from the
+            model).
 
     Returns:
         a lazy Ray Dataset with the columns ``qid, docid, score, relevant, reasoning, n_tokens, forced, truncated,

@@ -44,8 +44,9 @@ REPLICA_HEADER = "x-rank1-replica"
 class ReplicaSpec:
     """What every replica loads and serves: the model argument, the protocol settings, the backend and its settings
     (a typed settings object, e.g. :class:`~rank1_local.backends.llama.facade.LlamaSettings`; None: its defaults), a
-    judgment cache path (each node opens its own), the GGUF type for a hub id, and the HTTP settings
-    (:class:`~rank1_local.server.app.ServerSettings`' fields; ``model_name`` None: the model file's stem)."""
+    judgment cache path (each node opens its own), the GGUF type for a hub id, the HTTP settings
+    (:class:`~rank1_local.server.app.ServerSettings`' fields; ``model_name`` None: the model file's stem), and the
+    model card (None: each replica recognises it from the model, as ``rank1-local serve`` does)."""
 
     model: str
     config: ScoringConfig
@@ -54,6 +55,7 @@ class ReplicaSpec:
     cache: str | None = None
     gguf_type: str | None = None
     server: dict[str, Any] = field(default_factory=dict)
+    card: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class Rank1Replica:
         self.where = this_worker()
         try:
             self.model = backend_spec(spec.backend).open(spec.model, spec.config, spec.settings, cache=spec.cache,
-                                                         gguf_type=spec.gguf_type)
+                                                         gguf_type=spec.gguf_type, card=spec.card)
         except Rank1Error as exc:
             raise Rank1Error(f"{self.where}: cannot load the model: {exc}") from None
         server = dict(spec.server)

@@ -1,12 +1,15 @@
 """Bundles: a self-contained folder with a GGUF model and its manifest, for offline and air-gapped use.
 
 A bundle holds the GGUF file (every part of a split file) and ``rank1-bundle.json``: the format and its version, the
-files with their size and SHA-256, the GGUF type, where it came from (hub repository and commit, or a local file), when
-it was made, the rank1-local version, and the verification card when the export was verified. It is made by
+files with their size and SHA-256, the GGUF type, the model card (:mod:`rank1_local.core.cards`: ``rank1``,
+``qwen3-reranker``), where it came from (hub repository and commit, or a local file), when it was made, the
+rank1-local version, and the verification card when the export was verified. It is made by
 ``rank1-local pull`` or ``rank1-quantize gguf --bundle``, copied as a folder, and opened with
 ``--model BUNDLE_DIR``: every file is checked against the manifest (hashed once, then remembered while the file stays
-the same file, see :mod:`rank1_local.models.file_digest`) before it is used. The GGUF is copied into the bundle (a hard
-link only when asked), so a change to the source never reaches it.
+the same file, see :mod:`rank1_local.models.file_digest`) before it is used, and the model runs under the manifest's
+card unless ``--card`` names another (a manifest written before cards were recorded has none: the card is recognised
+from the GGUF, as for a loose file). The GGUF is copied into the bundle (a hard link only when asked), so a change to
+the source never reaches it.
 
 A bundle is written into a hidden temporary folder and renamed into place, so a reader never sees half of one.
 """
@@ -19,12 +22,14 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as replace_field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import CARDS, ModelCard, card_named, metadata_card, recognise_card
 from rank1_local.core.errors import CorruptFileError, ModelNotFoundError, Rank1Error, UnsupportedModelError
 from rank1_local.models.file_digest import file_digest, remember_digest
 from rank1_local.models.gguf_file import LLAMA_FTYPES, check_gguf_file, read_gguf_layout
@@ -74,6 +79,7 @@ class Bundle:
     created: str
     rank1_local_version: str
     verification: dict[str, Any] | None = field(default=None, compare=False)
+    card: str | None = None  # the model card's name; None in a manifest written before cards were recorded
 
     @property
     def gguf(self) -> Path:
@@ -92,7 +98,7 @@ def is_bundle(path: Path) -> bool:
 def _manifest_json(bundle: Bundle) -> str:
     source = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(bundle.source).items()
               if v not in (None, ())}
-    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "type": bundle.type,
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "type": bundle.type, "card": bundle.card,
             "files": [asdict(f) for f in bundle.files], "source": source, "created": bundle.created,
             "rank1_local_version": bundle.rank1_local_version, "verification": bundle.verification}
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -161,11 +167,40 @@ def read_bundle(path: Path) -> Bundle:
             raise ValueError(f"type {json.dumps(data.get('type'))[:20]} is not a GGUF type "
                              f"({', '.join(LLAMA_FTYPES)})")
         source = _parse_source(data.get("source"))
+        card = _optional_str(data, "card", "")
         verification = data.get("verification")
         return Bundle(path, data["type"], files, source, str(data.get("created", "")),
-                      str(data.get("rank1_local_version", "")), verification if isinstance(verification, dict) else None)
+                      str(data.get("rank1_local_version", "")),
+                      verification if isinstance(verification, dict) else None, card)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptFileError(f"{manifest}: not a valid bundle manifest ({exc})") from None
+
+
+def check_card(card: ModelCard, metadata: Mapping[str, Any], what: str) -> None:
+    """Refuse ``card`` for a GGUF whose metadata plainly shows another (:func:`~rank1_local.core.cards.metadata_card`);
+    ``what`` says where ``card`` was named."""
+    shown = metadata_card(metadata)
+    if shown is not None and shown is not card:
+        raise Rank1Error(f"{what} the model card {card.name!r}, but the GGUF's metadata shows a {shown.name} (a "
+                         f"{metadata.get('general.architecture')} with rank pooling)")
+
+
+def bundle_card(bundle: Bundle, metadata: Mapping[str, Any]) -> ModelCard | None:
+    """The model card the bundle's manifest records, for its GGUF's ``metadata``; None when it records none (a
+    manifest from before cards were recorded). A card this rank1-local does not know, or one the metadata plainly
+    contradicts, is an error naming both."""
+    if bundle.card is None:
+        return None
+    manifest = bundle.path / MANIFEST
+    card = CARDS.get(bundle.card)
+    if card is None:
+        raise UnsupportedModelError(f"{manifest}: the bundle's model card {bundle.card!r} is not one this rank1-local "
+                                    f"knows ({', '.join(CARDS)}); upgrade rank1-local, or pass --card to choose one")
+    try:
+        check_card(card, metadata, f"{manifest}: the manifest names")
+    except Rank1Error as exc:
+        raise CorruptFileError(f"{exc}; pass --card to choose one, or make the bundle again") from None
+    return card
 
 
 def file_problem(bundle: Bundle, entry: BundleFile) -> str | None:
@@ -240,7 +275,9 @@ def _place(src: Path, dst: Path, link: bool) -> str:
     return _copy_hashing(real, dst)
 
 
-def _same_content(existing: Bundle, files: Sequence[Path], gguf_type: str) -> bool:
+def _same_content(existing: Bundle, files: Sequence[Path], gguf_type: str, card: str) -> bool:
+    if existing.card != card:
+        return False
     if existing.type != gguf_type or [f.name for f in existing.files] != [p.name for p in files]:
         return False
     if any(f.size != p.stat().st_size for f, p in zip(existing.files, files)):
@@ -254,9 +291,11 @@ def _same_content(existing: Bundle, files: Sequence[Path], gguf_type: str) -> bo
     return True
 
 
-def _check_target(out: Path, files: Sequence[Path], gguf_type: str, replace: bool) -> Bundle | None:
-    """The bundle already in ``out`` when it holds the same files; raises if ``out`` holds something else (another
-    bundle may be replaced when ``replace``; a folder that is not a bundle never is)."""
+def _check_target(out: Path, files: Sequence[Path], gguf_type: str, card: str, unrecorded: str,
+                  replace: bool) -> Bundle | None:
+    """The bundle already in ``out`` when it holds the same files for the same card (``unrecorded``: the card a
+    manifest without one runs under); raises if ``out`` holds something else (another bundle may be replaced when
+    ``replace``; a folder that is not a bundle never is)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -270,10 +309,14 @@ def _check_target(out: Path, files: Sequence[Path], gguf_type: str, replace: boo
         existing = read_bundle(out)
     except CorruptFileError:
         existing = None
-    if existing is not None and _same_content(existing, files, gguf_type):
+    if existing is not None and existing.card is None:
+        existing = replace_field(existing, card=unrecorded)
+    if existing is not None and _same_content(existing, files, gguf_type, card):
         return existing
     if not replace:
         what = f"{existing.type} from {existing.source.describe()}" if existing else "with an unreadable manifest"
+        if existing is not None and existing.card != card:
+            what += f", card {existing.card}"
         raise Rank1Error(f"{out} already holds a different bundle ({what}); choose another folder or pass --force "
                          "to replace it")
     return None
@@ -305,13 +348,25 @@ def _remove_leftovers(out: Path) -> None:
     remove_stale(out.parent, rf"\.{re.escape(out.name)}\.(?P<pid>\d+)\.(partial|old)", "bundle write")
 
 
+def new_bundle_card(metadata: Mapping[str, Any], card: str | None, source: BundleSource, first: Path) -> str:
+    """The model card a new bundle records: ``card`` when named (unless the GGUF's metadata plainly shows another),
+    else the one the GGUF's metadata and names (the file's, the source repository's or folder's) show."""
+    if card is not None:
+        chosen = card_named(card)
+        check_card(chosen, metadata, f"{first}: --card names")
+        return chosen.name
+    names = " ".join(n for n in (first.name, source.repo, Path(source.path).name if source.path else None) if n)
+    return recognise_card(gguf_metadata=metadata, name=names).name
+
+
 def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: BundleSource, *,
                  verification: dict[str, Any] | None = None, expected_sha256: Sequence[str | None] = (),
-                 replace: bool = False, link: bool = False) -> Bundle:
-    """Make the bundle folder ``out`` from the GGUF ``files`` (every part of a split file, first part first).
+                 replace: bool = False, link: bool = False, card: str | None = None) -> Bundle:
+    """Make the bundle folder ``out`` from the GGUF ``files`` (every part of a split file, first part first), for the
+    model card ``card`` (None: the one the first file's metadata and names show; see :func:`new_bundle_card`).
 
-    Nothing is written when ``out`` already holds the same files. A different bundle there is refused unless
-    ``replace``; a folder that is not a bundle is never touched. ``expected_sha256`` (per file, None when unknown),
+    Nothing is written when ``out`` already holds the same files for the same card. A different bundle there is
+    refused unless ``replace``; a folder that is not a bundle is never touched. ``expected_sha256`` (per file, None when unknown),
     e.g. from the hub, is checked against the bytes placed in the bundle. The files are copied; with ``link`` they are
     hard links where the file system allows (no extra space, but the bundle changes with its source)."""
     from rank1_local.version import __version__
@@ -323,10 +378,11 @@ def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: Bundl
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise Rank1Error(f"files with the same name cannot share a bundle: {', '.join(names)}")
-    for f in files:
-        read_gguf_layout(f)  # a damaged GGUF is refused here, not sealed into a bundle
+    layouts = [read_gguf_layout(f) for f in files]  # a damaged GGUF is refused here, not sealed into a bundle
+    card = new_bundle_card(layouts[0].metadata, card, source, files[0])
+    unrecorded = recognise_card(gguf_metadata=layouts[0].metadata, name=files[0].name).name  # as a loose file
     gguf_type = gguf_type.upper()
-    existing = _check_target(out, files, gguf_type, replace)
+    existing = _check_target(out, files, gguf_type, card, unrecorded, replace)
     if existing is not None:
         logger.info("%s already holds this bundle: nothing to do", out)
         return existing
@@ -346,12 +402,12 @@ def write_bundle(out: Path, files: Sequence[Path], gguf_type: str, source: Bundl
                                        "download is corrupt; delete it (hf cache delete) and pull again")
             entries.append(BundleFile(src.name, (tmp / src.name).stat().st_size, digest))
         bundle = Bundle(out, gguf_type, tuple(entries), source,
-                        datetime.now(timezone.utc).isoformat(timespec="seconds"), __version__, verification)
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"), __version__, verification, card)
         write_text_atomic(tmp / MANIFEST, _manifest_json(bundle))
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for entry in entries:
         remember_digest(out / entry.name, entry.sha256)
-    logger.info("bundle %s: %s, %d file(s), %.1f MB", out, gguf_type, len(entries), bundle.size / 1e6)
+    logger.info("bundle %s: %s, card %s, %d file(s), %.1f MB", out, gguf_type, card, len(entries), bundle.size / 1e6)
     return bundle

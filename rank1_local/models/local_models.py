@@ -28,6 +28,7 @@ class LocalModel:
     source: str
     path: Path
     problem: str | None = None  # e.g. an unreadable bundle manifest
+    card: str | None = None  # a bundle's model card, as its manifest records it (None: not recorded, or not a bundle)
 
 
 def _bundle_row(folder: Path, verify: bool = False) -> LocalModel:
@@ -41,7 +42,7 @@ def _bundle_row(folder: Path, verify: bool = False) -> LocalModel:
     except OSError as exc:
         return LocalModel("bundle", folder.name, None, 0, "?", folder, problem=f"cannot be read ({exc})")
     return LocalModel("bundle", folder.name, bundle.type, bundle.size, bundle.source.describe(), folder,
-                      problem=problem)
+                      problem=problem, card=bundle.card)
 
 
 def _gguf_groups(paths: list[Path]) -> list[tuple[Path, int]]:

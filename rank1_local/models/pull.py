@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rank1_local.core.cards import card_named
 from rank1_local.core.errors import ModelNotFoundError
 from rank1_local.models.bundle import Bundle, BundleSource, write_bundle
 from rank1_local.models.gguf_file import read_gguf_layout
@@ -26,16 +27,19 @@ VERIFY_CARD_SUFFIX = ".verify.json"  # written beside an export by ``rank1-quant
 
 
 def pull(model: str, gguf_type: str | None = None, out: Path | None = None, *, replace: bool = False,
-         link: bool = False) -> Bundle:
+         link: bool = False, card: str | None = None) -> Bundle:
     """Write the bundle of ``model`` (hub id or local .gguf file) into ``out`` (default: the bundles folder,
     ``<name>-<TYPE>``) and return it. The GGUF's header and tensor table are checked first (a damaged file is
-    refused); it is copied into the bundle, or hard-linked with ``link``."""
+    refused); it is copied into the bundle, or hard-linked with ``link``. The manifest records the model card:
+    ``card``, or the one the GGUF's metadata and names show."""
     path = Path(model).expanduser()
     if path.is_dir():
         raise ModelNotFoundError(f"{path}: a folder; pull takes a hub id or a .gguf file (a bundle folder is "
                                  "moved by copying it as it is)")
+    if card is not None:
+        card_named(card)  # an unknown card is refused before anything is fetched
     if path.exists():
-        return _pull_file(path, gguf_type, out, replace, link)
+        return _pull_file(path, gguf_type, out, replace, link, card)
     if not is_hub_id(model):
         raise ModelNotFoundError(missing_model(model, "file"))
     wanted = check_type(gguf_type or default_type(model))
@@ -43,7 +47,7 @@ def pull(model: str, gguf_type: str | None = None, out: Path | None = None, *, r
     published = find_published_gguf(model, wanted, bundle_hint=out)
     source = BundleSource(repo=model, revision=published.revision, files=tuple(published.files))
     return write_bundle(out, published.paths, wanted, source, expected_sha256=published.sha256, replace=replace,
-                        link=link)
+                        link=link, card=card)
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -75,7 +79,8 @@ def _verification_card(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: bool, link: bool) -> Bundle:
+def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: bool, link: bool,
+               card: str | None) -> Bundle:
     parts = split_parts(path)
     layouts = [read_gguf_layout(part) for part in parts]  # a damaged file is refused before anything is written
     declared = layouts[0].file_type or gguf_file_type(path.name)
@@ -91,7 +96,7 @@ def _pull_file(path: Path, gguf_type: str | None, out: Path | None, replace: boo
         name = f"{name}-{wanted}"
     out = Path(out).expanduser() if out is not None else default_bundles_dir() / name
     source = BundleSource(path=str(path.resolve()), files=tuple(p.name for p in parts))
-    card = _verification_card(path)
-    if card is not None:
+    verification = _verification_card(path)
+    if verification is not None:
         logger.info("including the verification card %s%s", path.name, VERIFY_CARD_SUFFIX)
-    return write_bundle(out, parts, wanted, source, verification=card, replace=replace, link=link)
+    return write_bundle(out, parts, wanted, source, verification=verification, replace=replace, link=link, card=card)

@@ -31,6 +31,7 @@ from rank1_local.core.config import ScoringConfig, split_settings
 from rank1_local.core.errors import Rank1Error, UnsupportedModelError
 from rank1_local.core.protocol import answer_token_ids
 from rank1_local.core.reranker import Reranker
+from rank1_local.models.bundle import bundle_card, is_bundle, read_bundle
 from rank1_local.models.gguf_file import GgufLayout, read_gguf_layout
 from rank1_local.models.model_files import resolve_gguf
 from rank1_local.models.output_layer import check_output_layer
@@ -111,15 +112,18 @@ def readable_layout(path: Path) -> GgufLayout | None:
         return None
 
 
-def gguf_card(path: Path, card: str | ModelCard | None, layout: GgufLayout | None = None) -> ModelCard:
-    """The model card of a GGUF: the one named, or the one its metadata (``layout``'s, when read already) and name
-    show."""
+def gguf_card(path: Path, card: str | ModelCard | None, bundle: Path | None = None,
+              layout: GgufLayout | None = None) -> ModelCard:
+    """The model card of a GGUF: the one named, else the one the manifest of ``bundle`` (the bundle folder it was
+    opened from) records, else the one its metadata (``layout``'s, when read already) and name show."""
     if isinstance(card, ModelCard):
         return card
     if card is not None:
         return card_named(card)
     layout = layout or readable_layout(path)
-    return recognise_card(gguf_metadata=layout.metadata if layout else {}, name=path.name)
+    metadata = layout.metadata if layout else {}
+    recorded = bundle_card(read_bundle(bundle), metadata) if bundle is not None else None
+    return recorded or recognise_card(gguf_metadata=metadata, name=path.name)
 
 
 def resolve_sampling(settings: LlamaSettings) -> str:
@@ -155,6 +159,8 @@ class Rank1(Reranker):
         gguf_type: the GGUF type to fetch for a hub id.
         cache: a judgment cache (:class:`~rank1_local.cache.store.JudgmentCache`, or the path of its SQLite
             file): pairs already judged by this model file under the same settings are served from it.
+        card: the model card (``rank1``, ``qwen3-reranker``); default: the one a bundle's manifest records, else the
+            one the GGUF's metadata and name show (:func:`gguf_card`).
     """
 
     backend = "llama.cpp"
@@ -167,7 +173,8 @@ class Rank1(Reranker):
         n_cells = kv_cells(config, settings)
         model_path = resolve_gguf(model, gguf_type=gguf_type)
         layout = readable_layout(model_path)
-        self.card = gguf_card(model_path, card, layout)
+        folder = Path(model).expanduser()
+        self.card = gguf_card(model_path, card, folder if is_bundle(folder) else None, layout)
         if layout is not None:
             check_output_layer(model_path, layout)
         engine_config = EngineConfig(kv_cells=n_cells, n_seq_max=settings.parallel + 1, n_batch=settings.n_batch,
