@@ -7,7 +7,7 @@ OMP_WAIT_POLICY=ACTIVE (spin), OMP_WAIT_POLICY=PASSIVE (sleep at once), and a sh
 1 thread, with every core, and with ``auto`` (no thread count given: the runtime's default, which follows the cores
 the other processes leave free, ``rank1_local.backends.llama.threads.CoreShare``).
 
-    python -m benchmarks.busy [--pairs 32] [--parallel 8] [--budget 48] [--waiting "GNU default (spin 300k),spin 10k"]
+    python -m benchmarks.busy [--pairs 32] [--parallel 8] [--budget 48] [--waiting "GNU default (spin 300k),spin 1k"]
         [--threads 1,all,auto]
 """
 
@@ -25,7 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WAITING = {"GNU default (spin 300k)": {"GOMP_SPINCOUNT": "300000"}, "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
            "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 10k": {"GOMP_SPINCOUNT": "10000"},
-           "spin 100k": {"GOMP_SPINCOUNT": "100000"}}
+           "spin 100k": {"GOMP_SPINCOUNT": "100000"}, "spin 1k": {"GOMP_SPINCOUNT": "1000"},
+           "spin 3k": {"GOMP_SPINCOUNT": "3000"}}
 BUSY = "while True: pass"
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 # GNU OpenMP's spin count before a waiting thread sleeps (its default: 300,000; with OMP_WAIT_POLICY=PASSIVE, 0)
-SPIN_COUNT = "10000"
+SPIN_COUNT = "1000"
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
